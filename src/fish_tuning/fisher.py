@@ -1,0 +1,321 @@
+"""Diagonal Fisher information from **per-sample** gradients (FISH-Tuning Eq. 2-3).
+
+F̂_j = 1/N Σᵢ (∂/∂θ_j log p(yᵢ|xᵢ))².  Squaring the gradient of a batch mean is a different quantity (it
+cancels signs across samples), so every path here squares each sample's own gradient before summing.
+
+Two exact engines:
+- ``vectorized``: one batched forward/backward. Hooks on ``nn.Linear`` modules whose weight/bias is a candidate
+  record activations ``a`` and output gradients ``g`` and form per-sample gradients ``Σ_t g_tᵀ a_t`` (as opacus
+  does). This covers LoRA's A and B. After every batch the per-sample gradients are checked against autograd's
+  summed gradient; a mismatch (a weight also used outside its module, as DoRA does) switches to the loop.
+- ``loop``: one forward/backward per sample; always exact, N times slower.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+Kind = Literal["empirical", "expected"]
+Method = Literal["auto", "vectorized", "loop"]
+LogLikFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class ZeroFisherWarning(UserWarning):
+    """A whole candidate tensor has zero Fisher information, so no mask strategy based on it can pick it."""
+
+
+# --------------------------------------------------------------------------------------------- log-likelihood
+def per_sample_log_likelihood(logits: Tensor, labels: Tensor) -> Tensor:
+    """Log-likelihood of each sample, shape ``[B]``.
+
+    - ``logits [B, T, V]`` with ``labels [B, T]``: causal LM; position t predicts label t+1; ``-100`` is ignored and a
+      sample's log-likelihood is the sum over its label tokens.
+    - ``logits [B, 1]`` or floating labels of shape ``[B]``: regression with unit-variance Gaussian (matches MSE).
+    - ``logits [B, C]`` with float labels ``[B, C]``: multi-label Bernoulli.
+    - ``logits [B, C]`` with integer labels ``[B]``: categorical.
+    """
+    logits = logits.float()
+    if logits.dim() == 3:
+        if labels.dim() != 2:
+            raise ValueError(f"causal-LM logits {tuple(logits.shape)} need labels [B, T]; got {tuple(labels.shape)}")
+        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+        keep = shift_labels != -100
+        logp = torch.log_softmax(shift_logits, dim=-1)
+        tok = logp.gather(-1, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (tok * keep).sum(dim=1)
+    if logits.dim() != 2:
+        raise ValueError(f"unsupported logits shape {tuple(logits.shape)}: pass loglik_fn= for this model")
+    if logits.shape[1] == 1 and (labels.is_floating_point() or labels.dim() == 1):
+        return -0.5 * (logits.squeeze(1) - labels.float().view(-1)) ** 2
+    if labels.is_floating_point() and labels.shape == logits.shape:
+        return -nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(1)
+    return torch.log_softmax(logits, dim=-1).gather(1, labels.long().view(-1, 1)).squeeze(1)
+
+
+@torch.no_grad()
+def sample_labels(logits: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Draw labels from the model's own predictive distribution (expected Fisher, Eq. 2), same layout as ``labels``."""
+    logits = logits.float()
+    if logits.dim() == 3:  # causal LM: sample every scored position independently (teacher forcing)
+        probs = torch.softmax(logits[:, :-1], dim=-1)
+        drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
+        out = labels.clone()
+        scored = labels[:, 1:] != -100
+        out[:, 1:] = torch.where(scored, drawn, labels[:, 1:])
+        return out
+    if logits.shape[1] == 1 and (labels.is_floating_point() or labels.dim() == 1):
+        noise = torch.randn(logits.shape[0], generator=generator, device=logits.device)
+        return (logits.squeeze(1) + noise).to(labels.dtype if labels.is_floating_point() else torch.float32)
+    if labels.is_floating_point() and labels.shape == logits.shape:
+        return torch.bernoulli(torch.sigmoid(logits), generator=generator).to(labels.dtype)
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).view(-1).to(labels.dtype)
+
+
+# --------------------------------------------------------------------------------------------- batches
+def _batch_size(batch: Mapping[str, object]) -> int:
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    if labels is None:
+        keys = list(batch.keys()) if isinstance(batch, Mapping) else type(batch).__name__
+        raise ValueError(
+            f"compute_fisher needs batches that are dicts with a 'labels' entry (got {keys}). "
+            "Add labels to each batch (e.g. a DataCollator that sets 'labels'); the Fisher is the gradient of "
+            "log p(labels | inputs)."
+        )
+    return int(torch.as_tensor(labels).shape[0])
+
+
+def _slice(batch: Mapping[str, object], start: int, stop: int, size: int, device: torch.device) -> dict:
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, Tensor):
+            value = value[start:stop] if value.dim() > 0 and value.shape[0] == size else value
+            value = value.to(device)
+        out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------- engines
+class _LinearPerSampleHooks:
+    """Per-sample gradients of nn.Linear weight/bias candidates from one batched backward pass."""
+
+    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter]):
+        by_id = {id(p): n for n, p in params.items()}
+        self.grad_sample: dict[str, Tensor] = {}
+        self.covered: set[str] = set()
+        self._handles = []
+        for module in model.modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            names = {
+                attr: by_id[id(getattr(module, attr))]
+                for attr in ("weight", "bias")
+                if getattr(module, attr, None) is not None and id(getattr(module, attr)) in by_id
+            }
+            if names:
+                self.covered.update(names.values())
+                self._handles.append(module.register_forward_hook(self._forward_hook(names)))
+
+    def _forward_hook(self, names: dict[str, str]):
+        def hook(module, inputs, output):
+            if not (torch.is_grad_enabled() and output.requires_grad):
+                return
+            act = inputs[0].detach()
+
+            def on_grad(grad: Tensor) -> None:
+                a = act.reshape(act.shape[0], -1, act.shape[-1]).float()
+                g = grad.reshape(grad.shape[0], -1, grad.shape[-1]).float()
+                if "weight" in names:
+                    self._add(names["weight"], torch.einsum("bto,bti->boi", g, a))
+                if "bias" in names:
+                    self._add(names["bias"], g.sum(1))
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    def _add(self, name: str, per_sample: Tensor) -> None:
+        # A module called several times in one forward contributes the sum of its uses per sample.
+        prev = self.grad_sample.get(name)
+        self.grad_sample[name] = per_sample if prev is None else prev + per_sample
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _loss_for(model: nn.Module, batch: dict, kind: Kind, loglik_fn: LogLikFn, gen) -> Tensor:
+    labels = batch.pop("labels")
+    logits = model(**batch).logits
+    if kind == "expected":
+        labels = sample_labels(logits, labels, generator=gen)
+    # Minus the *sum* of per-sample log-likelihoods: its gradient w.r.t. sample i's activations is sample i's own.
+    return -loglik_fn(logits, labels).sum()
+
+
+def _check_finite(name: str, value: Tensor) -> None:
+    if not torch.isfinite(value).all():
+        raise FloatingPointError(
+            f"non-finite (NaN/inf) gradient for parameter '{name}' while computing Fisher. Check the inputs "
+            "and labels of the calibration batches, and compute Fisher in float32 rather than half precision."
+        )
+
+
+# --------------------------------------------------------------------------------------------- public API
+def compute_fisher(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, object]],
+    num_samples: int = 128,
+    kind: Kind = "empirical",
+    params: Sequence[str] | None = None,
+    method: Method = "auto",
+    loglik_fn: LogLikFn = per_sample_log_likelihood,
+    seed: int = 0,
+    progress: bool = True,
+    distributed: bool | None = None,
+) -> dict[str, Tensor]:
+    """Mean squared per-sample gradient of log p(y|x) for each candidate parameter (float32, same shape).
+
+    Args:
+        batches: any iterable of model-input dicts with ``labels`` (a DataLoader, a list), any batch size.
+        num_samples: how many samples (rows, not batches) to score; the paper uses 128 (256 for generation).
+        kind: ``"empirical"`` uses the data labels (Eq. 3); ``"expected"`` samples y from the model (Eq. 2).
+        params: candidate parameter names; default every parameter with ``requires_grad``.
+        method: ``"auto"`` (vectorised where exact, else loop), ``"vectorized"`` or ``"loop"``.
+        distributed: all-reduce sums and counts over the default process group (default: when initialised).
+    """
+    if kind not in ("empirical", "expected"):
+        raise ValueError(f"kind must be 'empirical' or 'expected', got {kind!r}")
+    if method not in ("auto", "vectorized", "loop"):
+        raise ValueError(f"method must be 'auto', 'vectorized' or 'loop', got {method!r}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+
+    named = dict(model.named_parameters())
+    if params is None:
+        params = [n for n, p in named.items() if p.requires_grad]
+    else:
+        params = list(params)
+        unknown = [n for n in params if n not in named]
+        if unknown:
+            raise ValueError(f"params names a parameter the model does not have: {unknown[0]!r}")
+    if not params:
+        raise ValueError(
+            "no candidate parameters: nothing requires grad and params= is empty. Wrap the model with a PEFT "
+            "method (e.g. peft.get_peft_model) or pass params=[...] names."
+        )
+    cand = {n: named[n] for n in params}
+
+    device = next(iter(cand.values())).device
+    gen = torch.Generator(device=device).manual_seed(seed) if kind == "expected" else None
+    sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in cand.items()}
+    saved_flags = {n: p.requires_grad for n, p in named.items()}
+    was_training = model.training
+    hooks = _LinearPerSampleHooks(model, cand) if method != "loop" else None
+    if method == "vectorized" and len(hooks.covered) < len(cand):
+        missing = next(n for n in cand if n not in hooks.covered)
+        hooks.remove()
+        raise ValueError(f"method='vectorized' cannot handle '{missing}' (not an nn.Linear weight/bias); use 'auto'")
+    use_hooks = hooks is not None and len(hooks.covered) == len(cand)
+    if hooks is not None and not use_hooks:
+        hooks.remove()
+    cand_list = list(cand.values())
+    seen = 0
+    bar = tqdm(total=num_samples, desc=f"Fisher ({kind})", disable=not progress, leave=False)
+    try:
+        model.eval()
+        for n, p in named.items():
+            p.requires_grad_(n in cand)
+        for batch in batches:
+            if seen >= num_samples:
+                break
+            size = _batch_size(batch)
+            take = min(size, num_samples - seen)
+            chunk = _slice(batch, 0, take, size, device)
+            done = False
+            if use_hooks:
+                hooks.grad_sample.clear()
+                grads = torch.autograd.grad(_loss_for(model, dict(chunk), kind, loglik_fn, gen), cand_list,
+                                            allow_unused=True)
+                done = _accumulate_hooked(cand, hooks.grad_sample, grads, sums)
+                hooks.grad_sample.clear()
+                if not done and method == "vectorized":
+                    raise RuntimeError("per-sample hook gradients disagree with autograd; use method='loop'")
+                if not done:  # a weight used outside its module (e.g. DoRA): the loop for the rest
+                    use_hooks = False
+                    hooks.remove()
+            if not done:
+                for i in range(take):
+                    row = _slice(chunk, i, i + 1, take, device)
+                    grads = torch.autograd.grad(_loss_for(model, row, kind, loglik_fn, gen), cand_list,
+                                                allow_unused=True)
+                    for (n, s), g in zip(sums.items(), grads):
+                        if g is not None:
+                            _check_finite(n, g)
+                            s.add_(g.float().square())
+            seen += take
+            bar.update(take)
+    finally:
+        bar.close()
+        if hooks is not None:
+            hooks.remove()
+        for n, p in named.items():
+            p.requires_grad_(saved_flags[n])
+        model.train(was_training)
+
+    count = torch.tensor(float(seen), device=device)
+    if distributed is None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_world_size() > 1:
+        for s in sums.values():
+            torch.distributed.all_reduce(s)
+        torch.distributed.all_reduce(count)
+    if count.item() == 0:
+        raise ValueError("compute_fisher got no batches (the iterable was empty): pass calibration batches")
+    if seen < num_samples and not distributed:
+        warnings.warn(f"compute_fisher: only {seen} samples available, fewer than num_samples={num_samples}",
+                      stacklevel=2)
+    scores = {n: s / count for n, s in sums.items()}
+    warn_zero_fisher(scores)
+    return scores
+
+
+def _accumulate_hooked(cand, grad_sample, grads, sums) -> bool:
+    """Square-and-sum hook gradients; False if any disagrees with autograd's summed gradient."""
+    for (name, p), g in zip(cand.items(), grads):
+        per_sample = grad_sample.get(name)
+        if g is None and per_sample is None:
+            continue
+        if per_sample is None or g is None:
+            return False
+        _check_finite(name, g)
+        total = per_sample.sum(0)
+        tol = 1e-5 * float(g.abs().max()) + 1e-6 * math.sqrt(per_sample.shape[0])
+        if total.shape != g.shape or float((total - g.float()).abs().max()) > tol:
+            return False
+    for name, s in sums.items():
+        if name in grad_sample:
+            s.add_(grad_sample[name].square().sum(0))
+    return True
+
+
+def warn_zero_fisher(scores: Mapping[str, Tensor]) -> list[str]:
+    """Warn about candidate tensors whose Fisher is exactly zero everywhere; returns their names."""
+    zero = [n for n, s in scores.items() if s.numel() and not bool(s.any())]
+    if zero:
+        msg = f"{len(zero)} candidate tensor(s) have zero Fisher information everywhere, e.g. {zero[:3]}."
+        if any("lora_A" in n or "lora_embedding_A" in n for n in zero):
+            msg += (
+                " With LoRA's default init (B = 0) every entry of A has zero gradient, so its Fisher is 0 and a "
+                "FISH mask can never select A. Use the paper's init: LoraConfig(init_lora_weights='pissa')."
+            )
+        else:
+            msg += " These entries can only be picked by 'rand' or as ties; check that they influence the loss."
+        warnings.warn(msg, ZeroFisherWarning, stacklevel=3)
+    return zero
