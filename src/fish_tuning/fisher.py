@@ -288,7 +288,7 @@ def compute_fisher(
 
 def _accumulate_hooked(cand, grad_sample, grads, sums) -> bool:
     """Square-and-sum hook gradients; False if any disagrees with autograd's summed gradient."""
-    for (name, p), g in zip(cand.items(), grads):
+    for name, g in zip(cand, grads):
         per_sample = grad_sample.get(name)
         if g is None and per_sample is None:
             continue
