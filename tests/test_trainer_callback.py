@@ -1,6 +1,7 @@
 """FishCallback inside the stock transformers Trainer: masking, logs, checkpoints, resume, adapter round trip."""
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -104,11 +105,18 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path):
     saved = ft.FishMask.load(ckpt / ft.FISH_MASK_NAME)
     assert all(torch.equal(saved.indices[n], first.mask.indices[n]) for n in saved.names)
 
+    # resume into another output_dir: the mask must come from the checkpoint given, not from output_dir
     second = ft.FishCallback(keep=0.1, num_samples=16)
-    resumed = train(tmp_path / "cut", [second], steps=6, resume=str(ckpt), **kw)
+    resumed = train(tmp_path / "resumed", [second], steps=6, resume=str(ckpt), **kw)
     assert second.source == "checkpoint"
     a, b = snapshot(full.model), snapshot(resumed.model)
     assert all(torch.equal(a[n], b[n]) for n in a), "resumed run differs from the uninterrupted one"
+
+    bare = tmp_path / "bare"
+    shutil.copytree(ckpt, bare)
+    os.remove(bare / ft.FISH_MASK_NAME)
+    with pytest.raises(FileNotFoundError, match="not written with FishCallback"):
+        train(tmp_path / "bare_run", [ft.FishCallback(keep=0.1, num_samples=16)], steps=6, resume=str(bare), **kw)
 
 
 def test_checkpoint_is_a_peft_adapter_with_mask_and_save_adapter_round_trip(tmp_path):
