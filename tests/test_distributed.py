@@ -1,7 +1,7 @@
 """Two gloo ranks under torchrun give the single-process Fisher and mask (tests/dist_worker.py does the rank side)."""
 
 import os
-import socket
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -46,22 +46,23 @@ def train_rows():
     return ListDataset(rows_of(cls_batches(n_batches=4, batch_size=8, seed=6)))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def torchrun_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
-           "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "OMP_NUM_THREADS": "1"}
+    # --standalone: the rendezvous binds a free port itself (no race with other jobs picking ports)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "tests" / "dist_worker.py"), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+        log, _ = proc.communicate()
+        pytest.fail(f"torchrun timed out:\n{log[-5000:]}")
+    assert proc.returncode == 0, f"torchrun failed:\n{log[-8000:]}"
     return out
 
 
@@ -95,6 +96,8 @@ def test_callback_under_ddp_same_mask_as_single_process(torchrun_out):
 
     weights = [load_file(torchrun_out / f"weights_rank{r}.safetensors") for r in range(2)]
     assert int(weights[0]["world"]) == 2 and int(weights[0]["ddp"]) == 1, "the Trainer did not run DDP"
+    for w in weights:  # the masked gradient is zero after DDP's all-reduce, so clipping saw Eq. 6
+        assert int(w["grads_checked"]) > 0 and int(w["masked_grad_nonzero"]) == 0
     for name in single.names:
         keep = single.bool_mask(name)
         before, after = weights[0][f"before.{name}"], weights[0][f"after.{name}"]

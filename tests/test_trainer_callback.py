@@ -39,7 +39,7 @@ def snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def train(out, callbacks, steps=6, model=None, resume=None, **kw):
+def train(out, callbacks, steps=4, model=None, resume=None, **kw):
     model = model if model is not None else lora(tiny_bert(), modules_to_save=["classifier"])
     trainer = Trainer(model=model, args=make_args(out, steps, **kw), train_dataset=bert_rows(), callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
@@ -97,17 +97,17 @@ class StopAt(TrainerCallback):
 
 
 def test_resume_from_checkpoint_is_bit_identical(tmp_path):
-    full = train(tmp_path / "full", [ft.FishCallback(keep=0.1, num_samples=16)], steps=6)
-    kw = dict(save_strategy="steps", save_steps=3)
+    full = train(tmp_path / "full", [ft.FishCallback(keep=0.1, num_samples=16)], steps=4)
+    kw = dict(save_strategy="steps", save_steps=2)
     first = ft.FishCallback(keep=0.1, num_samples=16)
-    train(tmp_path / "cut", [first, StopAt(3)], steps=6, **kw)
-    ckpt = tmp_path / "cut" / "checkpoint-3"
+    train(tmp_path / "cut", [first, StopAt(2)], steps=4, **kw)
+    ckpt = tmp_path / "cut" / "checkpoint-2"
     saved = ft.FishMask.load(ckpt / ft.FISH_MASK_NAME)
     assert all(torch.equal(saved.indices[n], first.mask.indices[n]) for n in saved.names)
 
     # resume into another output_dir: the mask must come from the checkpoint given, not from output_dir
     second = ft.FishCallback(keep=0.1, num_samples=16)
-    resumed = train(tmp_path / "resumed", [second], steps=6, resume=str(ckpt), **kw)
+    resumed = train(tmp_path / "resumed", [second], steps=4, resume=str(ckpt), **kw)
     assert second.source == "checkpoint"
     a, b = snapshot(full.model), snapshot(resumed.model)
     assert all(torch.equal(a[n], b[n]) for n in a), "resumed run differs from the uninterrupted one"
@@ -116,7 +116,7 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path):
     shutil.copytree(ckpt, bare)
     os.remove(bare / ft.FISH_MASK_NAME)
     with pytest.raises(FileNotFoundError, match="not written with FishCallback"):
-        train(tmp_path / "bare_run", [ft.FishCallback(keep=0.1, num_samples=16)], steps=6, resume=str(bare), **kw)
+        train(tmp_path / "bare_run", [ft.FishCallback(keep=0.1, num_samples=16)], steps=4, resume=str(bare), **kw)
 
 
 def test_checkpoint_is_a_peft_adapter_with_mask_and_save_adapter_round_trip(tmp_path):
