@@ -66,6 +66,7 @@ def torchrun_out(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # one torchrun launch (~20 s on 2 cores) shared with the next test
 def test_compute_fisher_two_ranks_equals_one_process(torchrun_out):
     ranks = [load_file(torchrun_out / f"fisher_rank{r}.safetensors") for r in range(2)]
     assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in ranks[0]), "ranks disagree"  # bit-identical
@@ -83,6 +84,7 @@ def test_compute_fisher_two_ranks_equals_one_process(torchrun_out):
     assert any(not torch.allclose(fewer[n], s) for n, s in single.items())
 
 
+@pytest.mark.slow
 def test_callback_under_ddp_same_mask_as_single_process(torchrun_out):
     masks = [ft.FishMask.load(torchrun_out / f"mask_rank{r}.safetensors") for r in range(2)]
     model = lora(tiny_bert(), modules_to_save=["classifier"])

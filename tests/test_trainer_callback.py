@@ -2,11 +2,12 @@
 
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
 from peft import PeftModel
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 import fish_tuning as ft
 from conftest import cls_batches, lora, tiny_bert
@@ -153,6 +154,11 @@ def test_clear_errors(tmp_path):
         ft.FishCallback(keep=0.1, strategy="top")
     with pytest.raises(FileNotFoundError, match="fish_mask"):
         ft.load_adapter(tiny_bert(), tmp_path)
+    cb, state, control = ft.FishCallback(keep=0.1), TrainerState(), TrainerControl()
+    with pytest.raises(NotImplementedError, match="DeepSpeed"):
+        cb.on_train_begin(SimpleNamespace(deepspeed={"zero_optimization": {"stage": 3}}, fsdp=None), state, control)
+    with pytest.raises(NotImplementedError, match="FSDP"):
+        cb.on_train_begin(SimpleNamespace(deepspeed=None, fsdp="full_shard"), state, control)
     # a trainable parameter outside candidates and always_train is named
     with pytest.raises(ValueError, match="neither a mask candidate nor always_train"):
         train(tmp_path, [ft.FishCallback(keep=0.1, num_samples=8, always_train=["nothing"])], steps=1,
