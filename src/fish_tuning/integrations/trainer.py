@@ -92,6 +92,10 @@ class FishCallback(TrainerCallback):
             self.mask, self.source = self.given_mask, "given"
         elif state.global_step > 0:
             self.mask, self.source = self._load_resumed(args, state, model), "checkpoint"
+            wanted = self.budget if self.budget is not None else round(self.keep * self.mask.num_candidates)
+            if wanted != self.mask.num_selected:
+                warnings.warn(f"FishCallback: resuming with the checkpoint's mask ({self.mask.num_selected} entries), "
+                              f"not the {wanted} that keep/budget ask for now", stacklevel=2)
         else:
             self.mask, self.source = self._select(args, state, model, train_dataloader), "fisher"
         inner = innermost_optimizer(optimizer)
