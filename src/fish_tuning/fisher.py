@@ -188,7 +188,13 @@ def compute_fisher(
         kind: ``"empirical"`` uses the data labels (Eq. 3); ``"expected"`` samples y from the model (Eq. 2).
         params: candidate parameter names; default every parameter with ``requires_grad``.
         method: ``"auto"`` (vectorised where exact, else loop), ``"vectorized"`` or ``"loop"``.
-        distributed: all-reduce sums and counts over the default process group (default: when initialised).
+        distributed: sum over the ranks of the default process group (default: when one is initialised).
+            ``num_samples`` is then the *global* count: rank r scores the first ``ceil((num_samples - r) / W)``
+            samples of its own ``batches``, so with a ``DistributedSampler``-style shard (sample i of the
+            union on rank i % W) the ranks together score the same samples as one process over the union.
+            Sums and counts are summed on rank 0 and broadcast, so every rank gets bit-identical scores (and
+            therefore the same mask); they equal a single-process run up to float summation order.
+            ``kind="expected"`` draws labels per rank (seed + rank), so it matches only in distribution.
     """
     if kind not in ("empirical", "expected"):
         raise ValueError(f"kind must be 'empirical' or 'expected', got {kind!r}")
@@ -212,8 +218,10 @@ def compute_fisher(
         )
     cand = {n: named[n] for n in params}
 
+    rank, world = _dist_rank_world(distributed)
+    quota = num_samples // world + int(rank < num_samples % world)  # this rank's share of the global count
     device = next(iter(cand.values())).device
-    gen = torch.Generator(device=device).manual_seed(seed) if kind == "expected" else None
+    gen = torch.Generator(device=device).manual_seed(seed + rank) if kind == "expected" else None
     sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in cand.items()}
     saved_flags = {n: p.requires_grad for n, p in named.items()}
     was_training = model.training
@@ -227,16 +235,16 @@ def compute_fisher(
         hooks.remove()
     cand_list = list(cand.values())
     seen = 0
-    bar = tqdm(total=num_samples, desc=f"Fisher ({kind})", disable=not progress, leave=False)
+    bar = tqdm(total=quota, desc=f"Fisher ({kind})", disable=not progress, leave=False)
     try:
         model.eval()
         for n, p in named.items():
             p.requires_grad_(n in cand)
         for batch in batches:
-            if seen >= num_samples:
+            if seen >= quota:
                 break
             size = _batch_size(batch)
-            take = min(size, num_samples - seen)
+            take = min(size, quota - seen)
             chunk = _slice(batch, 0, take, size, device)
             done = False
             if use_hooks:
@@ -270,20 +278,50 @@ def compute_fisher(
         model.train(was_training)
 
     count = torch.tensor(float(seen), device=device)
-    if distributed is None:
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed and torch.distributed.get_world_size() > 1:
-        for s in sums.values():
-            torch.distributed.all_reduce(s)
-        torch.distributed.all_reduce(count)
-    if count.item() == 0:
+    if world > 1:
+        count = _sum_over_ranks(sums, count)
+    total = int(count.item())
+    if total == 0:
         raise ValueError("compute_fisher got no batches (the iterable was empty): pass calibration batches")
-    if seen < num_samples and not distributed:
-        warnings.warn(f"compute_fisher: only {seen} samples available, fewer than num_samples={num_samples}",
+    if total < num_samples and rank == 0:
+        where = f" over {world} ranks" if world > 1 else ""
+        warnings.warn(f"compute_fisher: only {total} samples available{where}, fewer than num_samples={num_samples}",
                       stacklevel=2)
     scores = {n: s / count for n, s in sums.items()}
     warn_zero_fisher(scores)
     return scores
+
+
+def _dist_rank_world(distributed: bool | None) -> tuple[int, int]:
+    """(rank, world size) of the default process group when summing over ranks, else (0, 1)."""
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed is None:
+        distributed = initialised
+    if not distributed:
+        return 0, 1
+    if not initialised:
+        raise ValueError(
+            "compute_fisher(distributed=True) needs an initialised process group: launch with torchrun / "
+            "accelerate launch and call torch.distributed.init_process_group() first (or pass distributed=False)"
+        )
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _sum_over_ranks(sums: dict[str, Tensor], count: Tensor) -> Tensor:
+    """Sum every rank's Fisher sums and count in place; returns the global count.
+
+    One flat buffer (one collective, not one per tensor), reduced on rank 0 then broadcast: unlike a bare
+    all-reduce, that guarantees the same bytes on every rank, so the mask (ties included) is the same everywhere.
+    """
+    dist = torch.distributed
+    flat = torch.cat([s.reshape(-1).to(count.device) for s in sums.values()] + [count.reshape(1)])
+    dist.reduce(flat, dst=0)
+    dist.broadcast(flat, src=0)
+    offset = 0
+    for s in sums.values():
+        s.copy_(flat[offset: offset + s.numel()].view_as(s))
+        offset += s.numel()
+    return flat[offset].clone()
 
 
 def _accumulate_hooked(cand, grad_sample, grads, sums) -> bool:

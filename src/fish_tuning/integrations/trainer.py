@@ -1,0 +1,237 @@
+"""FISH-Tuning inside transformers' ``Trainer`` / TRL's ``SFTTrainer`` as a callback, no Trainer subclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ..fisher import compute_fisher
+from ..mask import STRATEGIES, FishMask, select_mask
+from ..methods import peft_candidates
+from ..optim import MaskGuard
+from .adapter import FISH_MASK_NAME
+from .distributed import calibration_loader
+
+logger = logging.getLogger("fish_tuning")
+
+
+class FishCallback(TrainerCallback):
+    """Select a FISH mask at train begin and keep every masked entry bit-identical through the run.
+
+    At ``on_train_begin`` (after the Trainer built and prepared its optimizer) the callback
+
+    1. gets the mask: ``mask=`` if given; on ``resume_from_checkpoint`` the checkpoint's ``fish_mask.safetensors``;
+       otherwise Fisher on ``num_samples`` seeded-random examples of the trainer's own train dataset, batched by
+       its own data collator (global count; under DDP each rank scores its share and the sums are combined);
+    2. attaches a :class:`~fish_tuning.MaskGuard` to the innermost torch optimizer (under accelerate's
+       ``AcceleratedOptimizer``): masked gradients are zeroed after each backward (so clipping, accumulation and
+       the DDP all-reduce see Eq. 6), and masked entries are written back after each step (undoes weight decay).
+
+    The Trainer's optimizer, scheduler, clipping and accumulation are used unchanged. Counts go to
+    ``trainer.state.log_history`` (and ``self.stats``); the mask is written into every checkpoint and, at train
+    end, into ``args.output_dir`` (beside the adapter ``trainer.save_model()`` writes there).
+
+    Args:
+        keep / budget: fraction or number of candidate entries to train (exactly one, unless ``mask`` is given).
+        candidates: names, or ``f(model) -> names``; default :func:`~fish_tuning.peft_candidates`.
+        always_train: regexes of parameters trained fully outside the budget; default every trainable
+            parameter that is not a candidate (e.g. a ``modules_to_save`` head).
+        seed: subset and ``rand`` seed; default ``args.seed``. ``batch_size``: default per-device train size.
+    """
+
+    def __init__(
+        self,
+        keep: float | None = None,
+        budget: int | None = None,
+        strategy: str = "fish",
+        num_samples: int = 128,
+        kind: str = "empirical",
+        mask: FishMask | None = None,
+        candidates: Sequence[str] | Callable[[nn.Module], Sequence[str]] | None = None,
+        always_train: str | Iterable[str] | None = None,
+        exclude: str | Iterable[str] | None = None,
+        batch_size: int | None = None,
+        seed: int | None = None,
+        method: str = "auto",
+        save_final_mask: bool = True,
+    ):
+        if mask is not None and (keep is not None or budget is not None):
+            raise ValueError("FishCallback: give either mask= or keep=/budget=, not both")
+        if mask is None and (keep is None) == (budget is None):
+            raise ValueError("FishCallback needs exactly one of keep= (fraction) or budget= (entries), or mask=")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if kind not in ("empirical", "expected"):
+            raise ValueError(f"kind must be 'empirical' or 'expected', got {kind!r}")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        self.keep, self.budget, self.strategy, self.num_samples, self.kind = keep, budget, strategy, num_samples, kind
+        self.given_mask = mask
+        self.candidates, self.always_train, self.exclude = candidates, always_train, exclude
+        self.batch_size, self.seed, self.method, self.save_final_mask = batch_size, seed, method, save_final_mask
+        self.mask: FishMask | None = mask
+        self.guard: MaskGuard | None = None
+        self.source: str | None = None  # "given", "checkpoint" or "fisher"
+        self.stats: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ events
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
+                       optimizer=None, train_dataloader=None, **kwargs):
+        _check_supported(args, model)
+        self.remove()
+        if self.given_mask is not None:
+            self.mask, self.source = self.given_mask, "given"
+        elif state.global_step > 0:
+            self.mask, self.source = self._load_resumed(args, state, model), "checkpoint"
+            wanted = self.budget if self.budget is not None else round(self.keep * self.mask.num_candidates)
+            if wanted != self.mask.num_selected:
+                warnings.warn(f"FishCallback: resuming with the checkpoint's mask ({self.mask.num_selected} entries), "
+                              f"not the {wanted} that keep/budget ask for now", stacklevel=2)
+        else:
+            self.mask, self.source = self._select(args, state, model, train_dataloader), "fisher"
+        inner = innermost_optimizer(optimizer)
+        params = [p for group in inner.param_groups for p in group["params"]]
+        self.guard = MaskGuard(self.mask, model, params).attach(inner)
+        self._log(state, model)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.mask is None or not args.should_save:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(folder):
+            self.mask.save(os.path.join(folder, FISH_MASK_NAME))
+        else:
+            warnings.warn(f"FishCallback: checkpoint folder {folder} not found; the mask was not saved with it "
+                          "(save it yourself with mask.save(...))", stacklevel=2)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.mask is not None and self.save_final_mask and args.should_save:
+            self.mask.save(os.path.join(args.output_dir, FISH_MASK_NAME))
+        self.remove()  # later training of this model (outside this run) is not masked by surprise
+
+    def remove(self) -> None:
+        """Detach the gradient and step hooks (done automatically at train end)."""
+        if self.guard is not None:
+            self.guard.remove()
+            self.guard = None
+
+    # ------------------------------------------------------------------ mask sources
+    def _select(self, args, state, model: nn.Module, train_dataloader) -> FishMask:
+        if train_dataloader is None:
+            raise ValueError("FishCallback got no train dataloader from the Trainer: give it a train_dataset")
+        dataset = train_dataloader.dataset
+        if not hasattr(dataset, "__len__"):
+            raise ValueError(
+                "FishCallback cannot sample calibration examples from a streaming train dataset (no length). "
+                "Compute the mask first (ft.compute_fisher on some batches + ft.select_mask) and pass "
+                "FishCallback(mask=...)"
+            )
+        cands = self.candidates(model) if callable(self.candidates) else self.candidates
+        cands = list(cands) if cands is not None else peft_candidates(model)
+        seed = args.seed if self.seed is None else self.seed
+        loader = calibration_loader(dataset, self.num_samples, batch_size=self.batch_size or
+                                    args.per_device_train_batch_size, collate_fn=train_dataloader.collate_fn,
+                                    seed=seed)
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):  # belt and braces: training RNG untouched by the Fisher pass
+            scores = compute_fisher(model, loader, num_samples=self.num_samples, kind=self.kind, params=cands,
+                                    method=self.method, seed=seed,
+                                    progress=state.is_local_process_zero and not args.disable_tqdm)
+        mask = select_mask(scores, keep=self.keep, budget=self.budget, strategy=self.strategy, seed=seed,
+                           exclude=self.exclude, always_train=self.always_train)
+        kept = torch.cat([scores[n].reshape(-1)[mask.indices[n]] for n in mask.names])
+        fisher = {"num_samples": min(self.num_samples, len(dataset)), "kind": self.kind,
+                  "total": float(sum(float(scores[n].sum()) for n in mask.names)),
+                  "kept": float(kept.sum()), "min_kept": float(kept.min()) if kept.numel() else 0.0}
+        return self._with_always_train(mask, model, fisher)
+
+    def _with_always_train(self, mask: FishMask, model: nn.Module, fisher: dict) -> FishMask:
+        """Record the non-candidate trainable parameters that train fully (select_mask only sees scored ones)."""
+        patterns = [self.always_train] if isinstance(self.always_train, str) else list(self.always_train or [])
+        names = [n for n, p in model.named_parameters() if p.requires_grad and n not in mask.shapes
+                 and (self.always_train is None or any(re.search(pat, n) for pat in patterns))]
+        numel = sum(p.numel() for n, p in model.named_parameters() if n in set(names))
+        meta = {**mask.meta, "always_train_numel": numel, "fisher": fisher}
+        return dataclasses.replace(mask, always_train=names, meta=meta)
+
+    def _load_resumed(self, args, state, model: nn.Module) -> FishMask:
+        folder = _resume_folder() or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        path = os.path.join(folder, FISH_MASK_NAME)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"resuming at step {state.global_step} but {path} does not exist: the checkpoint was not written "
+                "with FishCallback. Pass the mask of the interrupted run: FishCallback(mask=FishMask.load(...))"
+            )
+        return FishMask.load(path, model)
+
+    def _log(self, state: TrainerState, model: nn.Module) -> None:
+        mask = self.mask
+        trainable = mask.trainable_count(model)
+        self.stats = {"fish/kept": mask.num_selected, "fish/candidates": mask.num_candidates,
+                      "fish/keep": mask.num_selected / max(mask.num_candidates, 1),
+                      "fish/always_train": trainable - mask.num_selected, "fish/trainable": trainable}
+        state.log_history.append({**self.stats, "step": state.global_step})
+        if state.is_world_process_zero:
+            logger.info("FISH mask (%s): kept %d of %d candidate entries, %d trainable in total",
+                        self.source, mask.num_selected, mask.num_candidates, trainable)
+
+
+def innermost_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer that really steps, below accelerate's ``AcceleratedOptimizer`` and similar wrappers."""
+    if optimizer is None:
+        raise ValueError("FishCallback got no optimizer from the Trainer (on_train_begin is called after it is built)")
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"FishCallback needs a torch.optim optimizer to hook, got {type(optimizer).__name__}")
+    return optimizer
+
+
+def _check_supported(args: TrainingArguments, model: nn.Module | None) -> None:
+    backend = _accelerate_backend()
+    if getattr(args, "deepspeed", None) or backend == "DEEPSPEED":
+        raise NotImplementedError(
+            "FishCallback does not support DeepSpeed: ZeRO keeps fp32 master weights and gradients in flat "
+            "partitions that torch hooks on the module parameters never see. Use DDP (torchrun / accelerate launch)."
+        )
+    if getattr(args, "fsdp", None) or backend == "FSDP":
+        raise NotImplementedError(
+            "FishCallback does not support FSDP: parameters are sharded (DTensor / flat) so the dense per-tensor "
+            "mask does not line up with what each rank holds. Use DDP (torchrun / accelerate launch)."
+        )
+    if model is None:
+        raise ValueError("FishCallback got no model from the Trainer")
+
+
+def _accelerate_backend() -> str | None:
+    """accelerate's distributed type name (e.g. set by ``accelerate launch --use_fsdp``), if it is initialised."""
+    try:
+        from accelerate.state import AcceleratorState
+    except ImportError:  # pragma: no cover - transformers' Trainer requires accelerate
+        return None
+    if not AcceleratorState._shared_state:
+        return None
+    return getattr(AcceleratorState().distributed_type, "name", None)
+
+
+def _resume_folder() -> str | None:
+    """The ``resume_from_checkpoint`` folder of the running ``Trainer.train`` (it is not passed to callbacks)."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if frame.f_code.co_name == "_inner_training_loop":
+                value = frame.f_locals.get("resume_from_checkpoint")
+                return value if isinstance(value, (str, os.PathLike)) else None
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
