@@ -1,0 +1,1 @@
+"""Experiments: tasks (GLUE-6, GSM8K), metrics, the compare runner and its report."""

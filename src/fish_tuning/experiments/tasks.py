@@ -1,0 +1,153 @@
+"""GLUE-6 and GSM8K readers (local TSV/JSONL files, read in place) and tokenisation into model batches."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DATA_ENV = "FISH_DATA_DIR"
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    """Where a GLUE task's files are and how to read one example."""
+
+    name: str
+    folder: str
+    train_file: str
+    dev_file: str
+    header: bool
+    text_a: str | int
+    text_b: str | int | None
+    label: str | int
+    num_labels: int  # 1 = regression
+    metric: str
+    label_map: tuple[tuple[str, int], ...] | None = None
+
+
+GLUE_TASKS: dict[str, GlueTask] = {
+    "cola": GlueTask("cola", "CoLA", "train.tsv", "dev.tsv", False, 3, None, 1, 2, "mcc"),
+    "sst2": GlueTask("sst2", "SST-2", "train.tsv", "dev.tsv", True, "sentence", None, "label", 2, "accuracy"),
+    "mrpc": GlueTask("mrpc", "MRPC", "train_full.tsv", "dev.tsv", True, "#1 String", "#2 String", "Quality", 2,
+                     "f1_acc"),
+    "rte": GlueTask("rte", "RTE", "train.tsv", "dev.tsv", True, "sentence1", "sentence2", "label", 2, "accuracy",
+                    (("entailment", 0), ("not_entailment", 1))),
+    "stsb": GlueTask("stsb", "STS-B", "train.tsv", "dev.tsv", True, "sentence1", "sentence2", "score", 1,
+                     "pearson_spearman"),
+    "wnli": GlueTask("wnli", "WNLI", "train.tsv", "dev.tsv", True, "sentence1", "sentence2", "label", 2, "accuracy"),
+}
+_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "gsm8k": "gsm8k"}
+
+
+def task_spec(name: str) -> GlueTask:
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in GLUE_TASKS:
+        raise ValueError(f"unknown GLUE task {name!r}; choose one of {sorted(GLUE_TASKS)}")
+    return GLUE_TASKS[key]
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """``data_dir`` argument, else ``$FISH_DATA_DIR``, else a ``shared/data`` folder beside the working directory
+    or the source checkout (``../shared/data`` from the repo root)."""
+    if data_dir is None:
+        data_dir = os.environ.get(DATA_ENV)
+    if data_dir is not None:
+        path = Path(data_dir).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"data dir {path} does not exist; pass --data-dir or set ${DATA_ENV} to the "
+                                    "folder holding glue/ and gsm8k/")
+        return path
+    here = Path(__file__).resolve()
+    for base in [Path.cwd(), *Path.cwd().parents, *here.parents]:
+        cand = base / "shared" / "data"
+        if (cand / "glue").is_dir():
+            return cand
+        cand = base.parent / "shared" / "data"
+        if (cand / "glue").is_dir():
+            return cand
+    raise FileNotFoundError(
+        f"no data dir found: pass --data-dir DIR (or set ${DATA_ENV}) to a folder with glue/<TASK>/*.tsv and "
+        "gsm8k/*.jsonl; online users can load the same tasks from the hub with the `datasets` package"
+    )
+
+
+def _col(row: list[str], header: dict[str, int] | None, key: str | int) -> str:
+    return row[key] if isinstance(key, int) else row[header[key]]
+
+
+def load_glue(task: str, split: str = "train", data_dir: str | os.PathLike | None = None,
+              limit: int | None = None, seed: int | None = None) -> list[dict]:
+    """Examples ``{"text_a", "text_b", "label"}`` of one GLUE task split ("train" or "dev").
+
+    ``limit`` keeps a random subset (seeded by ``seed``, else the first rows) so CPU-scale runs stay representative.
+    """
+    spec = task_spec(task)
+    if split not in ("train", "dev", "validation"):
+        raise ValueError(f"split must be 'train' or 'dev', got {split!r}")
+    path = resolve_data_dir(data_dir) / "glue" / spec.folder / (spec.train_file if split == "train" else spec.dev_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{spec.name} {split} file missing: {path}")
+    csv.field_size_limit(sys.maxsize)
+    label_map = dict(spec.label_map) if spec.label_map else None
+    out = []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = {name: i for i, name in enumerate(next(reader))} if spec.header else None
+        width = len(header) if header else 4
+        for row in reader:
+            if len(row) < width:
+                continue  # a handful of malformed lines in some GLUE dumps
+            raw = _col(row, header, spec.label)
+            label = float(raw) if spec.num_labels == 1 else (label_map[raw] if label_map else int(raw))
+            out.append({"text_a": _col(row, header, spec.text_a),
+                        "text_b": _col(row, header, spec.text_b) if spec.text_b is not None else None,
+                        "label": label})
+    if limit is not None and limit < len(out):
+        out = random.Random(seed).sample(out, limit) if seed is not None else out[:limit]
+    return out
+
+
+def load_gsm8k(split: str = "train", data_dir: str | os.PathLike | None = None, limit: int | None = None) -> list[dict]:
+    """GSM8K problems ``{"question", "answer", "final"}``; ``final`` is the number after ``####``."""
+    if split not in ("train", "test"):
+        raise ValueError(f"GSM8K split must be 'train' or 'test', got {split!r}")
+    path = resolve_data_dir(data_dir) / "gsm8k" / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"GSM8K {split} file missing: {path}")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                item = json.loads(line)
+                final = item["answer"].rsplit("####", 1)[-1].strip().replace(",", "")
+                out.append({"question": item["question"], "answer": item["answer"], "final": final})
+                if limit is not None and len(out) >= limit:
+                    break
+    return out
+
+
+def glue_batches(examples: list[dict], tokenizer, batch_size: int = 32, max_length: int = 128,
+                 shuffle: bool = False, seed: int = 0) -> list[dict]:
+    """Tokenised batches with ``labels`` (long for classification, float for regression), padded per batch."""
+    order = list(range(len(examples)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    batches = []
+    for start in range(0, len(order), batch_size):
+        chunk = [examples[i] for i in order[start: start + batch_size]]
+        a = [e["text_a"] for e in chunk]
+        b = [e["text_b"] for e in chunk] if chunk[0]["text_b"] is not None else None
+        enc = tokenizer(a, b, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        labels = [e["label"] for e in chunk]
+        dtype = torch.float32 if isinstance(labels[0], float) else torch.long
+        batch = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        batch["labels"] = torch.tensor(labels, dtype=dtype)
+        batches.append(batch)
+    return batches
