@@ -28,7 +28,7 @@ def outputs(model, batch):
     return out
 
 
-def fish_train(model, batches, keep=0.1, steps=5, lr=1e-2, wd=0.1, num_samples=16, budget=None):
+def fish_train(model, batches, keep=0.1, steps=5, lr=1e-2, wd=0.1, num_samples=8, budget=None):
     """Fisher over the method's candidates -> mask at ``keep`` (or ``budget``) -> ``steps`` masked AdamW steps with weight decay.
 
     Asserts: masked candidate entries are bit-identical, every selected entry moved, always-trainable tensors

@@ -179,3 +179,14 @@ def test_real_minilm_sst2_ia3():
     model = get_peft_model(base, IA3Config(task_type="SEQ_CLS"))
     assert k * 2 == sum(p.numel() for n, p in model.named_parameters() if n in ft.peft_candidates(model))
     fish_train(model, batches, budget=k, steps=3, lr=5e-3, num_samples=8)
+
+
+def test_adapters_missing_says_how_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "adapters", None)  # as if not installed, in either environment
+    with pytest.raises(ImportError, match=r"pip install 'fish-tuning\[adapters\]'"):
+        ft.baseline_budget(tiny_bert(), "seq_bn")
+    with pytest.raises(ImportError, match="adapters"):
+        ft.top_layers("unipelt", 1, num_layers=2)
+    assert ft.peft_candidates(build("ia3", "bert"))  # peft models never need the adapters library

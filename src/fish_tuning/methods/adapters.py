@@ -37,7 +37,7 @@ def adapters_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.P
     Gates: the ``gate`` of Adapter / LoRA / IA3 and ``prefix_gates`` of prefix layers (UniPELT's W_G). They are
     not candidates: they train fully, outside the FISH budget.
     """
-    if "adapters" not in sys.modules:
+    if sys.modules.get("adapters") is None:  # not imported (or blocked): the model cannot carry adapters layers
         return [], []
     from adapters.methods.lora import IA3, LoRA
     from adapters.methods.modeling import Adapter
@@ -83,8 +83,10 @@ def meta_skeleton(model: nn.Module, config: Any) -> nn.Module:
     import torch
 
     adapters = require_adapters()
+    # adapters.init() swaps in a dynamic subclass (module "abc") with mixins: rebuild from the real model class.
+    cls = next(c for c in type(model).__mro__ if c.__module__ != "abc" and not c.__name__.endswith("Mixin"))
     with torch.device("meta"):
-        skeleton = type(model)(model.config)
+        skeleton = cls(model.config)
         if not hasattr(skeleton, "adapters_config"):
             adapters.init(skeleton)
         skeleton.add_adapter("fish_baseline", config=resolve_config(config))
