@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine: `make demo` and `make test`. Both install into .venv on first use.
-# `make test` also runs tests/adapters in .venv-adapters: the adapters library pins transformers ~=4.57.
+# `make test` also runs tests/with_adapters in .venv-adapters: the adapters library pins transformers ~=4.57.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -34,7 +34,7 @@ demo: $(STAMP)
 
 test: $(STAMP) $(ASTAMP)
 	$(BIN)/python -m pytest -q -ra
-	$(ABIN)/python -m pytest -q -ra tests/adapters
+	$(ABIN)/python -m pytest -q -ra tests/with_adapters
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
