@@ -68,6 +68,7 @@ def test_summary_and_per_layer():
     assert sum(k for k, _ in layers.values()) == 20
     assert layers[0][1] == 20 and layers[1][1] == 21 and layers[None][1] == 6
     assert "kept 20 of 47" in m.summary()
+    assert all(f"/ {total:>10,}  {name}" in m.summary(per_tensor=True) for name, (_, total) in m.per_tensor().items())
     assert layer_of("base_model.model.bert.encoder.layer.11.attention.self.query.lora_A.default.weight") == 11
     assert layer_of("model.layers.3.self_attn.q_proj.lora_B.default.weight") == 3
 

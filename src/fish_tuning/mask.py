@@ -107,8 +107,8 @@ class FishMask:
             acc[1] += total
         return {k: (v[0], v[1]) for k, v in sorted(out.items())}
 
-    def summary(self) -> str:
-        """Human-readable per-layer and per-kind counts of kept entries."""
+    def summary(self, per_tensor: bool = False) -> str:
+        """Human-readable per-layer and per-kind (and with ``per_tensor``, per-tensor) counts of kept entries."""
         k, n = self.num_selected, self.num_candidates
         lines = [f"FishMask strategy={self.strategy} kept {k:,} of {n:,} candidate entries ({100 * k / max(n, 1):.3f}%)"]
         lines.append(f"{'layer':>8} {'kept':>10} {'total':>10} {'kept %':>8}")
@@ -118,6 +118,9 @@ class FishMask:
         lines.append(f"{'kind':>24} {'kept':>10} {'total':>10}")
         for kind, (kept, total) in self.per_kind().items():
             lines.append(f"{kind:>24} {kept:>10,} {total:>10,}")
+        if per_tensor:
+            for name, (kept, total) in self.per_tensor().items():
+                lines.append(f"{kept:>10,} / {total:>10,}  {name}")
         if self.always_train:
             lines.append(f"always trainable (outside the budget): {len(self.always_train)} tensors, "
                          f"{int(self.meta.get('always_train_numel', 0)):,} entries")

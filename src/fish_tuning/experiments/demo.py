@@ -25,7 +25,7 @@ class DemoConfig:
     epochs: int = 1
     batch_size: int = 16
     max_length: int = 64
-    lr: float = 1e-3
+    lr: float = 3e-3  # measured: 1e-3 -> 0.571, 3e-3 -> 0.786, 1e-2 -> 0.796 dev acc (seed 0, 2k examples)
     weight_decay: float = 0.01
     seed: int = 0
     save_mask: str | None = None
