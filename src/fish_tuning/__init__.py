@@ -13,7 +13,15 @@ from .integrations import (
     save_adapter,
 )
 from .mask import FishMask, select_mask
-from .methods import always_trainable, check_lora_init, peft_candidates
+from .methods import (
+    always_trainable,
+    baseline_budget,
+    check_lora_init,
+    method_gates,
+    peft_candidates,
+    prefix_tuning_compat,
+    top_layers,
+)
 from .optim import MaskedOptimizer, MaskGuard
 
 __version__ = "0.1.0"
@@ -30,9 +38,13 @@ __all__ = [
     "MaskedOptimizer",
     "ZeroFisherWarning",
     "always_trainable",
+    "baseline_budget",
     "check_lora_init",
     "compute_fisher",
+    "method_gates",
     "peft_candidates",
     "per_sample_log_likelihood",
+    "prefix_tuning_compat",
     "select_mask",
+    "top_layers",
 ]
