@@ -39,7 +39,8 @@ def table(records: list[dict], value: str = "score") -> str:
     """Markdown table like the paper's Tables 1/3/9: per-task mean +- std over seeds (x100), and the average."""
     tasks = list(dict.fromkeys(r["task"] for r in records))
     scale = 1.0 if value == "dev_loss" else 100.0
-    head = ["method", "trainable PEFT", "% of model", "head (always)", *[TASK_NAME.get(t, t) for t in tasks]]
+    names = [TASK_NAME.get(t, t) if value == "score" else f"{t} dev loss" for t in tasks]
+    head = ["method", "trainable PEFT", "% of model", "head (always)", *names]
     if len(tasks) > 1:
         head.append("Avg")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
