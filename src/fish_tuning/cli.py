@@ -15,6 +15,37 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from .experiments.config import load_config
+    from .experiments.report import table, write_report
+    from .experiments.runner import Study, results_path
+
+    overrides = list(args.overrides)
+    if args.data_dir:
+        overrides.append(f"data_dir={args.data_dir}")
+    if args.out_dir:
+        overrides.append(f"out_dir={args.out_dir}")
+    cfg = load_config(args.config, overrides)  # every field is checked before any model is loaded
+    records = Study(cfg).run()
+    paths = write_report(results_path(cfg))
+    print()
+    print(table([r for r in records if r.get("id")]))
+    print()
+    print(f"results: {results_path(cfg)}")
+    print(f"table:   {paths['table']}")
+    print(f"plots:   {paths['proportion_plot']}  {paths['epoch_plot']}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .experiments.report import write_report
+
+    paths = write_report(args.results, args.out_dir)
+    print(paths["table"].read_text())
+    print(f"table: {paths['table']}\nplots: {paths['proportion_plot']}  {paths['epoch_plot']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fish-tune", description="FISH-Tuning for peft / transformers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -25,6 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--save-mask", help="write the mask to this .safetensors file")
     demo.set_defaults(func=_demo)
+
+    cmp_ = sub.add_parser("compare", help="Original PEFT vs FISH vs rand vs rev at equal budget (configs/*.yaml)")
+    cmp_.add_argument("config", help="YAML study config, e.g. configs/demo.yaml")
+    cmp_.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0] train.epochs=1")
+    cmp_.add_argument("--data-dir", help="folder with glue/ and gsm8k/ (same as data_dir=DIR)")
+    cmp_.add_argument("--out-dir", help="where results and report go (same as out_dir=DIR)")
+    cmp_.set_defaults(func=_compare)
+
+    rep = sub.add_parser("report", help="rebuild the markdown table and plots from a results .jsonl file")
+    rep.add_argument("results", help="results file written by fish-tune compare")
+    rep.add_argument("--out-dir", help="where to write them (default: beside the results file)")
+    rep.set_defaults(func=_report)
     return parser
 
 

@@ -1,0 +1,203 @@
+"""`fish-tune compare` configuration: YAML + ``key=value`` overrides, validated before any training starts."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from .tasks import GLUE_TASKS, task_spec
+
+MODES = ("fixed_layers", "fixed_proportion")
+STRATEGIES = ("original", "fish", "rand", "rev")
+OPTIMIZERS = ("adamw", "adafish")
+TASKS = (*GLUE_TASKS, "gsm8k")
+
+
+@dataclass
+class TrainConfig:
+    """CPU-scale training length (the paper trains for more epochs on full train sets; see BENCHMARKS.md)."""
+
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    max_length: int = 128
+    train_examples: int | None = 1000  # random subset per task (None: the whole split)
+    dev_examples: int | None = 500  # first rows of the dev (GSM8K: test) split
+    fisher_samples: int | None = None  # None: the paper's 128 (256 for generation)
+    optimizer: str = "adamw"
+    optimizer_kwargs: dict = field(default_factory=dict)
+    max_new_tokens: int = 96  # GSM8K greedy generation
+    eval_before: bool = False  # also score the dev set before training (the demo shows before -> after)
+
+
+@dataclass
+class CompareConfig:
+    """One study: every task x method x budget x seed x strategy is one run (one line of results.jsonl)."""
+
+    model: str = "minilm"
+    tasks: list[str] = field(default_factory=lambda: ["sst2"])
+    methods: list[str] = field(default_factory=lambda: ["lora"])
+    mode: str = "fixed_layers"
+    # fixed_layers: fractions of the PEFT entries kept; fixed_proportion: top-N layers of the Original baseline
+    budgets: list[float] = field(default_factory=lambda: [0.05])
+    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    rank: int | None = None  # None: 16 (fixed_layers) or 1 (fixed_proportion), as in the paper
+    fish_layers: int = 5  # fixed_proportion: FISH / rand / rev adapt the top this-many layers
+    target_modules: list[str] | None = None  # None: attention q/k/v of BERT-style or LLaMA-style models
+    data_dir: str | None = None
+    out_dir: str = "results/compare"
+    name: str = "compare"
+    progress: bool = True
+    show_masks: bool = False  # print the per-layer summary of each FISH mask
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def lora_rank(self) -> int:
+        return self.rank if self.rank is not None else (16 if self.mode == "fixed_layers" else 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _parse_value(text: str):
+    """``key=value`` values are YAML scalars or lists: ``seeds=[0]``, ``train.epochs=1``, ``data_dir=null``."""
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value (e.g. seeds=[0] or train.epochs=1)")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return out
+
+
+def _build(cls, raw: dict, where: str):
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ValueError(f"config field {where}{unknown[0]!r} is unknown; valid fields: {sorted(known)}")
+    kwargs = dict(raw)
+    if cls is CompareConfig and "train" in kwargs:
+        if not isinstance(kwargs["train"], dict):
+            raise ValueError("config field 'train' must be a mapping (e.g. train: {epochs: 1})")
+        kwargs["train"] = _build(TrainConfig, kwargs["train"], "train.")
+    return cls(**kwargs)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                raw: dict | None = None) -> CompareConfig:
+    """Read ``path`` (YAML), apply ``overrides``, validate; raises ValueError naming the bad field."""
+    if raw is None:
+        if path is None:
+            raise ValueError("give a config file or a raw dict")
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {p} not found (presets are in configs/: demo.yaml, glue6.yaml, ...)")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file {p} must hold a YAML mapping of fields")
+    cfg = _build(CompareConfig, apply_overrides(raw, overrides or []), "")
+    validate(cfg)
+    return cfg
+
+
+def _as_list(cfg: CompareConfig, name: str) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, list):
+        setattr(cfg, name, [value])
+    if not getattr(cfg, name):
+        raise ValueError(f"config field {name!r} is empty; give at least one value")
+
+
+def validate(cfg: CompareConfig) -> None:
+    """Everything checkable without a model: names, ranges and files (model-dependent checks run in the runner
+    before the first training step)."""
+    from .builders import METHODS  # late: builders imports peft
+
+    for name in ("tasks", "methods", "budgets", "strategies", "seeds"):
+        _as_list(cfg, name)
+    cfg.tasks = [t.lower() for t in cfg.tasks]
+    for task in cfg.tasks:
+        if task != "gsm8k":
+            try:
+                task_spec(task)
+            except ValueError:
+                raise ValueError(f"config field 'tasks': unknown task {task!r}; choose from {list(TASKS)}") from None
+    cfg.tasks = [t if t == "gsm8k" else task_spec(t).name for t in cfg.tasks]
+    if "gsm8k" in cfg.tasks and len(cfg.tasks) > 1:
+        raise ValueError("config field 'tasks': gsm8k needs a causal LM; put it in its own config (see gsm8k.yaml)")
+    for m in cfg.methods:
+        if m not in METHODS:
+            raise ValueError(f"config field 'methods': unknown method {m!r}; available: {sorted(METHODS)}")
+    if cfg.mode not in MODES:
+        raise ValueError(f"config field 'mode' must be one of {MODES}, got {cfg.mode!r}")
+    for s in cfg.strategies:
+        if s not in STRATEGIES:
+            raise ValueError(f"config field 'strategies': unknown strategy {s!r}; choose from {STRATEGIES}")
+    for b in cfg.budgets:
+        if cfg.mode == "fixed_layers" and not (isinstance(b, (int, float)) and 0 < b <= 1):
+            raise ValueError(f"config field 'budgets': in fixed_layers mode each budget is a keep fraction in (0, 1], "
+                             f"got {b!r} (write 5% as 0.05)")
+        if cfg.mode == "fixed_proportion":
+            if not (isinstance(b, int) and not isinstance(b, bool) and b >= 1):
+                raise ValueError(f"config field 'budgets': in fixed_proportion mode each budget is the number of top "
+                                 f"layers of the Original baseline (an integer >= 1), got {b!r}")
+            if b > cfg.fish_layers:
+                raise ValueError(f"config field 'budgets': Original on {b} layers has a larger budget than the FISH "
+                                 f"pool of fish_layers={cfg.fish_layers}; lower the budget or raise fish_layers")
+    if cfg.rank is not None and (not isinstance(cfg.rank, int) or cfg.rank < 1):
+        raise ValueError(f"config field 'rank' must be a positive integer, got {cfg.rank!r}")
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in cfg.seeds):
+        raise ValueError(f"config field 'seeds' must be a list of integers, got {cfg.seeds!r}")
+    t = cfg.train
+    for name in ("epochs", "batch_size", "max_length", "max_new_tokens"):
+        v = getattr(t, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"config field 'train.{name}' must be a positive integer, got {v!r}")
+    for name in ("train_examples", "dev_examples", "fisher_samples"):
+        v = getattr(t, name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"config field 'train.{name}' must be a positive integer or null, got {v!r}")
+    if not isinstance(t.lr, (int, float)) or t.lr <= 0:
+        raise ValueError(f"config field 'train.lr' must be a positive number, got {t.lr!r}")
+    if t.optimizer not in OPTIMIZERS:
+        raise ValueError(f"config field 'train.optimizer' must be one of {OPTIMIZERS}, got {t.optimizer!r}")
+    if t.optimizer == "adafish":
+        try:
+            importlib.import_module("fish_tuning.adafish")
+        except ImportError as err:
+            raise ValueError("config field 'train.optimizer': adafish needs the fish_tuning.adafish module "
+                             f"(make_adafish), which is not available here ({err}); use optimizer: adamw") from err
+    # data and model names are checked here too, so a typo never costs a training run
+    from ..models import resolve_model
+    from .tasks import resolve_data_dir
+
+    try:
+        data = resolve_data_dir(cfg.data_dir)
+    except FileNotFoundError as err:
+        raise ValueError(f"config field 'data_dir': {err}") from None
+    for task in cfg.tasks:
+        folder = data / ("gsm8k" if task == "gsm8k" else f"glue/{GLUE_TASKS[task].folder}")
+        if not folder.is_dir():
+            raise ValueError(f"config field 'data_dir': {folder} is missing (needed by task {task!r})")
+    if cfg.model.lower() != "smollm2":  # smollm2 is converted on first use (~20 s): left to the runner
+        try:
+            resolve_model(cfg.model)
+        except (ValueError, ImportError) as err:
+            raise ValueError(f"config field 'model': {err}") from None

@@ -1,0 +1,184 @@
+"""`fish-tune report`: the paper-style table and plots, rebuilt from a results.jsonl file alone."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from .runner import read_results
+
+STRATEGY_ORDER = {"original": 0, "fish": 1, "rand": 2, "rev": 3}
+LABEL = {"original": "Original", "fish": "FISH", "rand": "rand", "rev": "rev"}
+TASK_NAME = {"cola": "CoLA (MCC)", "mrpc": "MRPC (F1+acc)/2", "rte": "RTE (acc)", "sst2": "SST-2 (acc)",
+             "stsb": "STS-B (P+S)/2", "wnli": "WNLI (acc)", "gsm8k": "GSM8K (EM)"}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _row_label(method: str, mode: str, budget: float, strategy: str) -> str:
+    name = f"{method.upper()} {LABEL[strategy]}"
+    if mode == "fixed_layers":
+        return name + (" (dense)" if strategy == "original" else f" keep {100 * budget:g}%")
+    return name + (f" top-{budget:g} layers" if strategy == "original" else f" = top-{budget:g} budget")
+
+
+def _groups(records: list[dict]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["method"], r["mode"], r["budget"], r["strategy"])].append(r)
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][3] != "original", -kv[0][2],
+                                                          STRATEGY_ORDER[kv[0][3]])))
+
+
+def table(records: list[dict], value: str = "score") -> str:
+    """Markdown table like the paper's Tables 1/3/9: per-task mean +- std over seeds (x100), and the average."""
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    scale = 1.0 if value == "dev_loss" else 100.0
+    names = [TASK_NAME.get(t, t) if value == "score" else f"{t} dev loss" for t in tasks]
+    head = ["method", "trainable PEFT", "% of model", "head (always)", *names]
+    if len(tasks) > 1:
+        head.append("Avg")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (method, mode, budget, strategy), recs in _groups(records).items():
+        by_task = defaultdict(dict)
+        for r in recs:
+            by_task[r["task"]][r["seed"]] = r["score"] if value == "score" else r["epochs"][-1]["dev_loss"]
+        peft = statistics.fmean(r["trainable"]["peft"] for r in recs)
+        prop = statistics.fmean(r["trainable"]["proportion"] for r in recs)
+        heads = sorted({r["trainable"]["always_train"] for r in recs})
+        cells = [_row_label(method, mode, budget, strategy), f"{peft:,.0f}", f"{100 * prop:.4f}%",
+                 "/".join(f"{h:,}" for h in heads)]
+        for t in tasks:
+            vals = [v * scale for v in by_task[t].values()]
+            cells.append(f"{_mean_std(vals)[0]:.2f} ± {_mean_std(vals)[1]:.2f}" if vals else "-")
+        if len(tasks) > 1:
+            seeds = set.intersection(*(set(by_task[t]) for t in tasks)) if all(by_task[t] for t in tasks) else set()
+            if seeds:  # std over seeds of the per-seed average across tasks
+                avg = [statistics.fmean(by_task[t][s] * scale for t in tasks) for s in sorted(seeds)]
+                cells.append(f"{_mean_std(avg)[0]:.2f} ± {_mean_std(avg)[1]:.2f}")
+            else:
+                cells.append("-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _atomic_savefig(fig, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _axes(n: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return plt, fig, list(axes.flat)
+
+
+def plot_score_vs_proportion(records: list[dict], path: Path) -> None:
+    """Paper Fig. 4/5: dev score against the proportion of trainable PEFT parameters, one line per strategy."""
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    plt, fig, axes = _axes(len(tasks))
+    for ax, task in zip(axes, tasks):
+        lines: dict[tuple, dict[float, list]] = defaultdict(lambda: defaultdict(list))
+        for r in records:
+            if r["task"] == task:
+                lines[(r["method"], r["strategy"])][100 * r["trainable"]["proportion"]].append(100 * r["score"])
+        for (method, strategy), pts in sorted(lines.items(), key=lambda kv: STRATEGY_ORDER[kv[0][1]]):
+            xs = sorted(pts)
+            means = [_mean_std(pts[x])[0] for x in xs]
+            stds = [_mean_std(pts[x])[1] for x in xs]
+            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3,
+                        label=f"{method.upper()} {LABEL[strategy]}")
+        ax.set_xscale("log")
+        ax.set_title(TASK_NAME.get(task, task))
+        ax.set_xlabel("trainable PEFT parameters (% of model)")
+        ax.set_ylabel("dev score x100")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    _atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_epochs(records: list[dict], path: Path) -> None:
+    """Paper Fig. 6/7: dev score after each epoch, mean over seeds, one line per strategy and budget."""
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    plt, fig, axes = _axes(len(tasks))
+    for ax, task in zip(axes, tasks):
+        curves: dict[tuple, list[list[float]]] = defaultdict(list)
+        for r in records:
+            if r["task"] == task:
+                curves[(r["method"], r["mode"], r["budget"], r["strategy"])].append(
+                    [100 * e["dev_score"] for e in r["epochs"]])
+        for key, runs in sorted(curves.items(), key=lambda kv: (kv[0][2], STRATEGY_ORDER[kv[0][3]])):
+            n = min(len(c) for c in runs)
+            mean = [statistics.fmean(c[i] for c in runs) for i in range(n)]
+            ax.plot(range(1, n + 1), mean, marker="o", label=_row_label(*key))
+        ax.set_title(TASK_NAME.get(task, task))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("dev score x100")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    _atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def write_report(results: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> dict[str, Path]:
+    """Write ``<stem>.md``, ``<stem>_score_vs_proportion.png`` and ``<stem>_epochs.png`` beside the results."""
+    results = Path(results)
+    if not results.is_file():
+        raise FileNotFoundError(f"results file {results} not found (run fish-tune compare CONFIG first)")
+    records = read_results(results)
+    if not records:
+        raise ValueError(f"results file {results} holds no runs")
+    out = Path(out_dir) if out_dir else results.parent
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"table": out / f"{results.stem}.md", "proportion_plot": out / f"{results.stem}_score_vs_proportion.png",
+             "epoch_plot": out / f"{results.stem}_epochs.png"}
+    cfg = records[-1].get("config", {})
+    train = cfg.get("train", {})
+    seeds = sorted({r["seed"] for r in records})
+    text = "\n".join([
+        f"# {results.stem}: {len(records)} runs, model {records[-1].get('model')}, seeds {seeds}",
+        "",
+        f"Dev scores x100, mean ± std over seeds. Train subset {records[-1].get('train_examples')} examples, "
+        f"{train.get('epochs')} epoch(s), max_length {train.get('max_length')}, lr {train.get('lr')}, "
+        f"optimizer {train.get('optimizer')}. 'trainable PEFT' is counted from the masks; the head "
+        "(modules_to_save) trains fully in every run and is not part of the budget.",
+        "",
+        table(records),
+        "",
+        "Dev loss after the last epoch (mean ± std over seeds):",
+        "",
+        table(records, value="dev_loss"),
+        "",
+        f"Wall time: {sum(r['wall_seconds'] for r in records) / 60:.1f} min over all runs.",
+        "",
+    ])
+    fd, tmp = tempfile.mkstemp(prefix=f".{results.stem}.", suffix=".md", dir=out)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, paths["table"])
+    plot_score_vs_proportion(records, paths["proportion_plot"])
+    plot_epochs(records, paths["epoch_plot"])
+    return paths

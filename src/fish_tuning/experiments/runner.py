@@ -1,0 +1,309 @@
+"""`fish-tune compare`: Original PEFT vs FISH vs rand vs rev at the same trainable budget, resumable.
+
+Budget modes (paper Sec. 4):
+- ``fixed_proportion``: Original = PEFT (rank 1) on the top ``b`` layers, trained densely; FISH / rand / rev = the
+  same PEFT on the top ``fish_layers`` layers, masked to exactly Original's number of PEFT entries.
+- ``fixed_layers``: PEFT (rank 16) on every layer; FISH / rand / rev keep a fraction ``b`` of its entries; Original is
+  the dense PEFT reference (one run per seed, budget 1.0).
+The classification head (``modules_to_save``) trains fully in every run and is counted separately.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import FishMask, MaskedOptimizer, always_trainable, compute_fisher, peft_candidates, select_mask
+from ..models import load_model
+from .builders import METHODS, PeftSpec, default_targets, top_layers
+from .config import CompareConfig
+from .tasks import GLUE_TASKS, glue_batches, load_glue, load_gsm8k, resolve_data_dir
+from .train import evaluate, train
+
+ModelFactory = Callable[[str, int], tuple]  # (task kind "seq-cls" / "causal-lm", num_labels) -> (model, tokenizer)
+DATA_SEED = 1234  # the train subset is the same for every seed: seeds vary init, Fisher sample and order
+
+
+@dataclass(frozen=True)
+class Run:
+    task: str
+    method: str
+    mode: str
+    budget: float
+    strategy: str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.task}|{self.method}|{self.mode}|{self.budget:g}|{self.strategy}|{self.seed}"
+
+
+def plan_runs(cfg: CompareConfig) -> list[Run]:
+    """Every run of the study, ordered so runs sharing a model and Fisher pass are adjacent."""
+    runs = []
+    for task in cfg.tasks:
+        for method in cfg.methods:
+            for seed in cfg.seeds:
+                if cfg.mode == "fixed_layers" and "original" in cfg.strategies:
+                    runs.append(Run(task, method, cfg.mode, 1.0, "original", seed))
+                for budget in cfg.budgets:
+                    for strategy in cfg.strategies:
+                        if strategy == "original" and cfg.mode == "fixed_layers":
+                            continue
+                        runs.append(Run(task, method, cfg.mode, budget, strategy, seed))
+    return runs
+
+
+def setup_fingerprint(cfg: CompareConfig) -> str:
+    """Hash of everything that changes a run's result besides its id (a resumed file must match it)."""
+    keys = {"model": cfg.model, "rank": cfg.lora_rank, "fish_layers": cfg.fish_layers,
+            "target_modules": cfg.target_modules, "train": asdict(cfg.train)}
+    return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def results_path(cfg: CompareConfig) -> Path:
+    return Path(cfg.out_dir) / f"{cfg.name}.jsonl"
+
+
+def read_results(path: str | os.PathLike) -> list[dict]:
+    """Records of a results file; a torn last line (interrupted write) is skipped with a warning."""
+    out = []
+    path = Path(path)
+    if not path.is_file():
+        return out
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    warnings.warn(f"{path}:{n} is not valid JSON (interrupted write?); that run will be redone",
+                                  stacklevel=2)
+    return out
+
+
+def _append(path: Path, record: dict) -> None:
+    """One complete line per write, flushed and fsynced, so a crash never leaves a half run behind as done."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def make_optimizer(model: torch.nn.Module, mask: FishMask | None, cfg: CompareConfig) -> torch.optim.Optimizer:
+    """The one place that picks the optimizer (switch to ``ft.make_optimizer`` / SparseAdamW here)."""
+    t = cfg.train
+    if t.optimizer == "adafish":
+        from ..adafish import make_adafish  # optional module; validate() already checked it imports
+
+        return make_adafish(model, mask=mask, lr=t.lr, weight_decay=t.weight_decay, **t.optimizer_kwargs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, **t.optimizer_kwargs)
+    return opt if mask is None else MaskedOptimizer(opt, mask, model)
+
+
+class _TaskData:
+    """Examples and tokenised batches of one task, built once per study."""
+
+    def __init__(self, task: str, cfg: CompareConfig, tokenizer):
+        t, data_dir = cfg.train, resolve_data_dir(cfg.data_dir)
+        self.task, self.generative = task, task == "gsm8k"
+        if self.generative:
+            from .gsm8k import lm_batches
+
+            train_ex = load_gsm8k("train", data_dir)
+            if t.train_examples is not None and t.train_examples < len(train_ex):
+                import random
+
+                train_ex = random.Random(DATA_SEED).sample(train_ex, t.train_examples)
+            self.dev_ex = load_gsm8k("test", data_dir, limit=t.dev_examples)
+            self.metric, self.num_labels = "exact_match", 0
+            self.fisher_n = t.fisher_samples or 256
+            self.make = lambda ex, shuffle=False, seed=0, bs=t.batch_size: lm_batches(
+                ex, tokenizer, bs, t.max_length, shuffle=shuffle, seed=seed)
+        else:
+            spec = GLUE_TASKS[task]
+            train_ex = load_glue(task, "train", data_dir, limit=t.train_examples, seed=DATA_SEED)
+            self.dev_ex = load_glue(task, "dev", data_dir, limit=t.dev_examples)
+            self.metric, self.num_labels = spec.metric, spec.num_labels
+            self.fisher_n = t.fisher_samples or 128
+            self.make = lambda ex, shuffle=False, seed=0, bs=t.batch_size: glue_batches(
+                ex, tokenizer, bs, t.max_length, shuffle=shuffle, seed=seed)
+        if not train_ex or not self.dev_ex:
+            raise ValueError(f"task {task}: the train or dev split is empty")
+        self.train_ex = train_ex
+        self.dev = self.make(self.dev_ex, bs=max(t.batch_size, 32))
+
+    def fisher_batches(self, seed: int) -> list[dict]:
+        import random
+
+        n = min(self.fisher_n, len(self.train_ex))
+        return self.make(random.Random(seed + 1000).sample(self.train_ex, n), bs=8 if self.generative else 32)
+
+    def evaluate(self, model, cfg: CompareConfig) -> dict:
+        if not self.generative:
+            return evaluate(model, self.dev, self.metric)
+        from .gsm8k import answer_loss, exact_match
+
+        return {"loss": answer_loss(model, self.dev),
+                "score": exact_match(model, self.tokenizer, self.dev_ex, cfg.train.max_new_tokens,
+                                     progress=cfg.progress)}
+
+
+class Study:
+    """Runs a :class:`CompareConfig`, appending one JSON line per finished run; finished runs are skipped."""
+
+    def __init__(self, cfg: CompareConfig, model_factory: ModelFactory | None = None, log=print):
+        self.cfg, self.log = cfg, log
+        self.factory = model_factory or (lambda kind, n: load_model(cfg.model, task=kind, num_labels=max(n, 1)))
+        self.path = results_path(cfg)
+        self.fingerprint = setup_fingerprint(cfg)
+        self._data: dict[str, _TaskData] = {}
+        self._fisher: dict[tuple, tuple[dict, float]] = {}
+        self._original_count: dict[tuple, int] = {}
+
+    # -------------------------------------------------------------- models and budgets
+    def _base(self, task: str, seed: int):
+        torch.manual_seed(seed)
+        kind = "causal-lm" if task == "gsm8k" else "seq-cls"
+        num_labels = 0 if task == "gsm8k" else GLUE_TASKS[task].num_labels
+        return self.factory(kind, num_labels)
+
+    def _peft(self, task: str, method: str, seed: int, n_layers: int | None):
+        model, tok = self._base(task, seed)
+        spec = PeftSpec(rank=self.cfg.lora_rank, layers=top_layers(model, n_layers),
+                        target_modules=self.cfg.target_modules or default_targets(model),
+                        task_type="CAUSAL_LM" if task == "gsm8k" else "SEQ_CLS")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pissa.*", category=UserWarning)
+            return METHODS[method](model, spec), tok
+
+    def _layers_for(self, run: Run) -> int | None:
+        if run.mode == "fixed_layers":
+            return None
+        return int(run.budget) if run.strategy == "original" else self.cfg.fish_layers
+
+    def _original_budget(self, run: Run) -> int:
+        key = (run.task, run.method, run.budget)
+        if key not in self._original_count:
+            model, _ = self._peft(run.task, run.method, 0, int(run.budget))
+            self._original_count[key] = sum(model.get_parameter(n).numel() for n in peft_candidates(model))
+        return self._original_count[key]
+
+    def check(self) -> None:
+        """Model-dependent checks (layers, targets, budgets) for every planned run, before any training."""
+        seen = set()
+        for run in plan_runs(self.cfg):
+            key = (run.task, run.method, self._layers_for(run), run.strategy == "original" or run.budget)
+            if key in seen:
+                continue
+            seen.add(key)
+            model, _ = self._peft(run.task, run.method, 0, self._layers_for(run))
+            if run.strategy != "original" and run.mode == "fixed_proportion":
+                pool = sum(model.get_parameter(n).numel() for n in peft_candidates(model))
+                if self._original_budget(run) > pool:
+                    raise ValueError(f"config field 'budgets': Original on {run.budget:g} layers trains "
+                                     f"{self._original_budget(run):,} entries, more than the FISH pool ({pool:,})")
+
+    # -------------------------------------------------------------- one run
+    def _data_for(self, task: str, tokenizer) -> _TaskData:
+        if task not in self._data:
+            self._data[task] = _TaskData(task, self.cfg, tokenizer)
+            self._data[task].tokenizer = tokenizer
+        return self._data[task]
+
+    def execute(self, run: Run) -> dict:
+        cfg, start = self.cfg, time.time()
+        model, tok = self._peft(run.task, run.method, run.seed, self._layers_for(run))
+        data = self._data_for(run.task, tok)
+        names, heads = peft_candidates(model), always_trainable(model)
+        params = dict(model.named_parameters())
+        n_cand = sum(params[n].numel() for n in names)
+        head_numel = sum(params[n].numel() for n in heads)
+        base_numel = sum(p.numel() for n, p in params.items() if n not in set(names) and n not in set(heads))
+        before = data.evaluate(model, cfg) if cfg.train.eval_before else None
+        mask, fisher_s = None, 0.0
+        if run.strategy != "original":
+            k = (self._original_budget(run) if run.mode == "fixed_proportion"
+                 else max(1, min(n_cand, round(run.budget * n_cand))))
+            if run.strategy == "rand":
+                scores = {n: torch.zeros(params[n].shape) for n in names}
+            else:
+                key = (run.task, run.method, run.seed, self._layers_for(run))
+                if key not in self._fisher:
+                    t0 = time.time()
+                    fisher = compute_fisher(model, data.fisher_batches(run.seed), data.fisher_n, params=names,
+                                            seed=run.seed, progress=cfg.progress)
+                    self._fisher[key] = (fisher, time.time() - t0)
+                fisher, fisher_s = self._fisher[key]
+                scores = {n: fisher[n] for n in names}
+            if heads:
+                scores.update({n: torch.zeros(params[n].shape) for n in heads})
+            mask = select_mask(scores, budget=k, strategy=run.strategy, seed=run.seed,
+                               always_train=[f"^{n}$" for n in heads] or None)
+            if cfg.show_masks and run.strategy == "fish":
+                self.log(mask.summary())
+        opt = make_optimizer(model, mask, cfg)
+        epochs = []
+
+        def on_epoch_end(epoch: int, loss: float) -> None:
+            ev = data.evaluate(model, cfg)
+            epochs.append({"epoch": epoch + 1, "train_loss": loss, "dev_loss": ev["loss"], "dev_score": ev["score"]})
+
+        batches = data.make(data.train_ex, shuffle=True, seed=run.seed)
+        train(model, batches, opt, epochs=cfg.train.epochs, on_epoch_end=on_epoch_end, progress=cfg.progress)
+        peft_trainable = n_cand if mask is None else mask.num_selected
+        peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+        return {
+            "id": run.id, **asdict(run), "fingerprint": self.fingerprint, "model": cfg.model,
+            "metric": data.metric, "rank": cfg.lora_rank, "layers": self._layers_for(run),
+            "trainable": {"peft": peft_trainable, "candidates": n_cand, "always_train": head_numel,
+                          "base_params": base_numel, "proportion": peft_trainable / max(1, base_numel)},
+            "epochs": epochs, "score": epochs[-1]["dev_score"], "before": before,
+            "train_examples": len(data.train_ex), "dev_examples": len(data.dev_ex),
+            "fisher_seconds": fisher_s, "wall_seconds": time.time() - start,
+            "peak_memory_mb": {"process_rss_high_water": rss, "cuda": peak},
+            "config": cfg.to_dict(),
+        }
+
+    # -------------------------------------------------------------- the study
+    def run(self) -> list[dict]:
+        """Execute every planned run not yet in the results file; returns all records of this study."""
+        existing = read_results(self.path)
+        for rec in existing:
+            if rec.get("fingerprint") not in (None, self.fingerprint):
+                raise ValueError(f"{self.path} holds runs made with a different setup (model / rank / train "
+                                 f"settings); change 'name' or 'out_dir' to start a new results file")
+        done = {rec["id"] for rec in existing}
+        runs = plan_runs(self.cfg)
+        todo = [r for r in runs if r.id not in done]
+        self.log(f"compare: {len(runs)} runs planned, {len(runs) - len(todo)} already in {self.path}, "
+                 f"{len(todo)} to do")
+        if todo:
+            self.check()
+        records = list(existing)
+        bar = tqdm(todo, desc="compare", disable=not self.cfg.progress, file=sys.stderr)
+        for run in bar:
+            bar.set_postfix_str(run.id)
+            rec = self.execute(run)
+            _append(self.path, rec)
+            records.append(rec)
+            t = rec["trainable"]
+            before = f"{rec['before']['score']:.4f} -> " if rec["before"] else ""
+            self.log(f"{run.id:<40} trainable {t['peft']:>9,} PEFT + {t['always_train']:,} head "
+                     f"({100 * t['proportion']:.4f}% of the model)  dev {rec['metric']} {before}"
+                     f"{rec['score']:.4f}  {rec['wall_seconds']:.0f} s")
+        return records
