@@ -30,7 +30,7 @@ $(ASTAMP): pyproject.toml
 	touch $(ASTAMP)
 
 demo: $(STAMP)
-	$(BIN)/fish-tune demo $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
+	$(BIN)/fish-tune compare configs/demo.yaml $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
 test: $(STAMP) $(ASTAMP)
 	$(BIN)/python -m pytest -q -ra
