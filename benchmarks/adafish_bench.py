@@ -114,14 +114,14 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/adafish.json")
     ap.add_argument("--tasks", nargs="+", default=["sst2", "mrpc"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--lrs", nargs="+", type=float, default=[3e-4, 1e-3, 3e-3], help="grid, both optimizers")
+    ap.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2], help="grid, both optimizers")
     ap.add_argument("--train-limit", type=int, default=1000)
     ap.add_argument("--dev-limit", type=int, default=128)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-length-sst2", type=int, default=64)
-    ap.add_argument("--max-length-mrpc", type=int, default=128)
+    ap.add_argument("--max-length-mrpc", type=int, default=96)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=1, help="1: 2 threads thrash on a loaded machine")
@@ -152,15 +152,16 @@ def main() -> None:
     for task in args.tasks:
         data = (load_glue(task, "train", limit=args.train_limit, seed=0),
                 load_glue(task, "dev", limit=args.dev_limit, seed=0))
-        for opt_name in ("adamw", "adafish"):
-            grid_seed = args.seeds[0]
-            for lr in args.lrs:
-                if not done(task, opt_name, lr, grid_seed):
-                    record(run_one(task, opt_name, lr, grid_seed, args, data))
-            best = best_lr(results["runs"], task, opt_name, grid_seed)
-            for seed in args.seeds[1:]:
-                if not done(task, opt_name, best, seed):
-                    record(run_one(task, opt_name, best, seed, args, data))
+        # both optimizers advance together, so an interrupted benchmark still has paired runs
+        for lr in args.lrs:
+            for opt_name in ("adamw", "adafish"):
+                if not done(task, opt_name, lr, args.seeds[0]):
+                    record(run_one(task, opt_name, lr, args.seeds[0], args, data))
+        best = {opt_name: best_lr(results["runs"], task, opt_name, args.seeds[0]) for opt_name in ("adamw", "adafish")}
+        for seed in args.seeds[1:]:
+            for opt_name, lr in best.items():
+                if not done(task, opt_name, lr, seed):
+                    record(run_one(task, opt_name, lr, seed, args, data))
 
 
 def best_lr(runs: list[dict], task: str, opt_name: str, seed: int) -> float:

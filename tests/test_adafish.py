@@ -141,6 +141,17 @@ def test_embedding_lora_factors_are_found():
     assert all(opt.state[named[n]]["fisher"].shape == (4, 4) for n in emb)
 
 
+def test_dora_magnitude_falls_back_to_adamw():
+    model = lora(tiny_bert(), use_dora=True)
+    kinds = ft.lora_factors(model)
+    assert not any("magnitude" in n for n in kinds)
+    opt = ft.AdaFish(model)
+    model(**cls_batches(n_batches=1)[0]).loss.backward()
+    opt.step()
+    mags = [p for n, p in model.named_parameters() if "lora_magnitude_vector" in n]
+    assert mags and all(opt.state[p]["exp_avg_sq"].shape == p.shape for p in mags)
+
+
 # -- composition with a FISH mask -----------------------------------------------------------------------------
 
 
