@@ -1,6 +1,6 @@
 """Write the "AdaFish vs AdamW (issue 7)" section of BENCHMARKS.md from the saved results of adafish_bench.py.
 
-    python benchmarks/adafish_report.py            # reads benchmarks/results/adafish_*.json, rewrites the section
+    PYTHONPATH=src python benchmarks/adafish_report.py   # reads benchmarks/results/adafish_*.json, rewrites the section
     python benchmarks/adafish_report.py --print    # print the section instead
 """
 
@@ -23,6 +23,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def first_reach(curve: list[dict], target: float) -> int | None:
     return next((c["step"] for c in curve if c["loss"] <= target), None)
+
+
+def majority_score(task: str, dev_limit: int) -> float:
+    """Dev score of always predicting the most frequent dev label (same subset as the benchmark)."""
+    from fish_tuning.experiments.tasks import load_glue
+
+    labels = [e["label"] for e in load_glue(task, "dev", limit=dev_limit, seed=0)]
+    major = max(set(labels), key=labels.count)
+    acc = labels.count(major) / len(labels)
+    if task != "mrpc":
+        return acc
+    f1 = 2 * labels.count(1) / (len(labels) + labels.count(1)) if major == 1 else 0.0
+    return (f1 + acc) / 2
 
 
 def mean_sd(xs: list[float], fmt: str = "{:.4f}") -> str:
@@ -85,6 +98,12 @@ def task_section(task: str, runs: list[dict], config: dict) -> list[str]:
                      f"{mean_sd([r['curve'][-1]['score'] for r in rs])} | "
                      f"{statistics.median(r['step_s_median'] for r in rs):.3f} | "
                      f"{1000 * statistics.median(r['opt_step_s_median'] for r in rs):.1f} |")
+    base = majority_score(task, config["dev_limit"])
+    all_runs = [r for r in runs if math.isfinite(r["curve"][-1]["score"])]
+    flat = sum(abs(r["curve"][-1]["score"] - base) < 1e-9 for r in all_runs)
+    lines += ["", f"Majority-class predictor on this dev subset scores {base:.4f}; {flat} of {len(all_runs)} runs "
+              "of this task end exactly there (the classifier has not left the majority class: dev loss is then "
+              "the only signal)."]
     met = sum(r <= CLAIM for r in ratios)
     finite = [r for r in ratios if math.isfinite(r)]
     lines += ["", f"Claim \"AdaFish needs <= {CLAIM}x AdamW's steps\": met on {met} of {len(ratios)} seeds "
@@ -118,7 +137,7 @@ def render(files: list[Path]) -> str:
             "(forward, backward, clip, step) on a machine with other jobs running; compare them only with each "
             "other.", "",
             f"Produced by (one process per task): `{cmd}`. Regenerate this section: "
-            "`python benchmarks/adafish_report.py`.", ""]
+            "`PYTHONPATH=src python benchmarks/adafish_report.py`.", ""]
     return "\n".join(head + blocks).rstrip() + "\n"
 
 
