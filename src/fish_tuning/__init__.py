@@ -3,6 +3,7 @@
 model -> compute_fisher -> select_mask -> MaskedOptimizer -> sparse adapter
 """
 
+from .adafish import AdaFish, lora_factors, make_adafish
 from .fisher import ZeroFisherWarning, compute_fisher, per_sample_log_likelihood
 from .integrations import (
     FISH_MASK_NAME,
@@ -34,6 +35,7 @@ __all__ = [
     "calibration_loader",
     "load_adapter",
     "save_adapter",
+    "AdaFish",
     "FishMask",
     "MaskedOptimizer",
     "ZeroFisherWarning",
@@ -42,6 +44,8 @@ __all__ = [
     "check_lora_init",
     "compute_fisher",
     "method_gates",
+    "lora_factors",
+    "make_adafish",
     "peft_candidates",
     "per_sample_log_likelihood",
     "prefix_tuning_compat",
