@@ -26,5 +26,8 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
+bench: $(STAMP)
+	$(BIN)/python benchmarks/perf.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

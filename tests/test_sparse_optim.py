@@ -130,3 +130,23 @@ def test_unknown_trainable_parameter_is_an_error(bert_lora):
                                progress=False)
     with pytest.raises(ValueError, match="classifier.*always_train"):
         ft.SparseAdamW(bert_lora, ft.select_mask(fisher, keep=0.1))
+
+
+def test_tensors_without_gradient_skip_a_step_like_adamw(bert_lora):
+    """A tensor whose grad is None keeps its step count (bias correction differs per tensor afterwards)."""
+    batches = cls_batches(n_batches=2)
+    mask = make_mask(bert_lora, batches)
+    ref_model, sparse_model = copy.deepcopy(bert_lora.eval()), copy.deepcopy(bert_lora)  # eval: no dropout
+    ref = ft.make_optimizer(ref_model, mask, lr=1e-2, weight_decay=0.1, sparse=False)
+    sparse = ft.make_optimizer(sparse_model, mask, lr=1e-2, weight_decay=0.1)
+    skipped = mask.names[0]
+    for step in range(4):
+        for model, opt in ((ref_model, ref), (sparse_model, sparse)):
+            model(**dict(batches[step % 2])).loss.backward()
+            if step == 1:
+                dict(model.named_parameters())[skipped].grad = None
+            opt.step()
+            opt.zero_grad()
+        assert_params_close(ref_model, sparse_model)
+    named = dict(sparse_model.named_parameters())
+    assert float(sparse.state[named[skipped]]["step"]) == 3 and float(sparse.state[named[mask.names[1]]]["step"]) == 4

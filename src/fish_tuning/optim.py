@@ -205,7 +205,7 @@ class SparseAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
             beta1, beta2 = group["betas"]
-            values, grads, avgs, sqs, neg_steps, bc2_sqrt, scatter = [], [], [], [], [], [], []
+            values, grads, avgs, sqs, steps, scatter = [], [], [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -213,14 +213,12 @@ class SparseAdamW(torch.optim.Optimizer):
                     raise RuntimeError("SparseAdamW does not take sparse gradients")
                 state = self.state[p]
                 if not state:
-                    size = self._compact_size(p)
+                    shape = p.shape if p not in self._index else (self._compact_size(p),)
                     state["step"] = torch.tensor(0.0)
-                    shape = p.shape if p not in self._index else (size,)
                     state["exp_avg"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
                     state["exp_avg_sq"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
-                state["step"] += 1
-                step = float(state["step"])
                 idx = self._index.get(p)
+                steps.append(state["step"])
                 if idx is None:
                     value, grad = p, p.grad
                 elif idx.numel() == 0:
@@ -233,10 +231,20 @@ class SparseAdamW(torch.optim.Optimizer):
                 grads.append(grad)
                 avgs.append(state["exp_avg"])
                 sqs.append(state["exp_avg_sq"])
-                neg_steps.append(-lr / (1 - beta1**step))
-                bc2_sqrt.append((1 - beta2**step) ** 0.5)
+            if steps:
+                torch._foreach_add_(steps, 1.0)
             if not values:
                 continue
+            # Bias corrections: one scalar when all tensors are at the same step (the usual case), else a list.
+            counts = {float(t) for t in steps}
+            if len(counts) == 1:
+                step = counts.pop()
+                neg_step, bc2_sqrt = -lr / (1 - beta1**step), (1 - beta2**step) ** 0.5
+            else:
+                live = [float(self.state[p]["step"]) for p in group["params"] if p.grad is not None
+                        and self._compact_size(p) > 0]
+                neg_step = [-lr / (1 - beta1**t) for t in live]
+                bc2_sqrt = [(1 - beta2**t) ** 0.5 for t in live]
             # The same operations, in the same order, as torch.optim.AdamW's single-tensor update.
             if wd != 0:
                 torch._foreach_mul_(values, 1 - lr * wd)
@@ -246,7 +254,7 @@ class SparseAdamW(torch.optim.Optimizer):
             denom = torch._foreach_sqrt(sqs)
             torch._foreach_div_(denom, bc2_sqrt)
             torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(values, avgs, denom, neg_steps)
+            torch._foreach_addcdiv_(values, avgs, denom, neg_step)
             for p, idx, value in scatter:
                 p.view(-1).index_put_((idx,), value)
         return loss
