@@ -158,10 +158,33 @@ def bench_step(model, batches, mask, rounds: int, arms_wanted=("vanilla", "spars
     return out
 
 
+def _vm_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
+def _reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter (Linux clear_refs 5) so that model loading is not counted."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def child(name: str, mode: str, steps: int) -> dict:
-    """Peak memory of one training run in this (fresh) process."""
+    """Peak memory of one training run in this (fresh) process, counted from after model and data loading."""
     spec = MODELS[name] | (GPU_SAMPLES if device().type == "cuda" else {})
     model, batches = build(spec)
+    sync()
+    out = {"rss_loaded_mb": (_vm_kb("VmRSS") or 0) / 1024}
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    reset = _reset_peak_rss()
     if mode == "masked":
         mask = make_mask(model, batches, spec["fisher_samples"])
         opt = ft.make_optimizer(model, mask, lr=LR, weight_decay=WD)
@@ -173,7 +196,9 @@ def child(name: str, mode: str, steps: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
     sync()
-    out = {"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out["rss_process_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if reset and _vm_kb("VmHWM") is not None:
+        out["rss_run_peak_mb"] = _vm_kb("VmHWM") / 1024
     if torch.cuda.is_available():
         out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
