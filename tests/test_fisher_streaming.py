@@ -55,3 +55,17 @@ def test_module_used_twice_matches_brute_force(monkeypatch, chunk):
     names = ["lin.weight", "lin.bias", "head.weight"]
     got = ft.compute_fisher(model, batches, num_samples=12, params=names, method="vectorized", progress=False)
     assert_close(got, brute_force(model, batches, names))
+
+
+def test_causal_lm_log_likelihood_is_the_sum_over_scored_next_tokens():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 11, generator=g)
+    labels = torch.randint(0, 11, (3, 7), generator=g)
+    labels[:, :2] = -100
+    labels[1, -3:] = -100
+    ref = torch.zeros(3)
+    for b in range(3):
+        for t in range(6):  # position t predicts label t + 1
+            if labels[b, t + 1] != -100:
+                ref[b] += torch.log_softmax(logits[b, t], -1)[labels[b, t + 1]]
+    torch.testing.assert_close(fisher_mod.per_sample_log_likelihood(logits, labels), ref)
