@@ -228,7 +228,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds per arm (median of these)")
-    ap.add_argument("--mem-repeats", type=int, default=2)
+    ap.add_argument("--mem-repeats", type=int, default=5, help="child-process pairs (vanilla, masked) per model")
     ap.add_argument("--steps", type=int, default=None, help="training steps in each memory child (default per model)")
     ap.add_argument("--out", default=str(HERE / "results" / "perf.json"))
     ap.add_argument("--no-report", action="store_true", help="do not rewrite BENCHMARKS.md")

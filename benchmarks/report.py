@@ -63,6 +63,9 @@ def rows_for(name: str, res: dict) -> list[tuple]:
     masked_mb, vanilla_mb = [r[key] for r in m["masked"]], [r[key] for r in m["vanilla"]]
     rows.append((name, f"{unit} MB, masked run (Fisher + SparseAdamW, {m['steps']} steps)", med(masked_mb),
                  f"vanilla LoRA run ({m['steps']} steps)", med(vanilla_mb), paired(masked_mb, vanilla_mb), 1.0))
+    if len(vanilla_mb) > 1:  # how far apart identical runs land: the resolution of the row above
+        rows.append((name, f"{unit} MB, spread (max - min) over identical vanilla runs", max(vanilla_mb) - min(vanilla_mb),
+                     "median vanilla run", med(vanilla_mb), (max(vanilla_mb) - min(vanilla_mb)) / med(vanilla_mb), None))
     if key == "rss_run_peak_mb":  # the whole process, model loading included, for reference
         masked_mb = [r["rss_process_peak_mb"] for r in m["masked"]]
         vanilla_mb = [r["rss_process_peak_mb"] for r in m["vanilla"]]
@@ -130,7 +133,7 @@ def render(results: dict, results_path: str) -> str:
     for name, res in results["models"].items():
         for model, a_label, a, b_label, b, ratio, target in rows_for(name, res):
             unit = "" if "bytes" in a_label or "MB" in a_label else " s"
-            lines.append(f"| {model} | {a_label} | {fmt(a)}{unit} | {b_label} | {fmt(b)}{unit} | {ratio:.3f} | "
+            lines.append(f"| {model} | {a_label} | {fmt(a)}{unit} | {b_label} | {fmt(b)}{unit} | {ratio:.4f} | "
                          f"{'' if target is None else f'<= {target}'} | {verdict(ratio, target)} |")
     lines += ["", *NOTES, "", END]
     return "\n".join(lines)
