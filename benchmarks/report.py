@@ -105,7 +105,13 @@ NOTES = [
     "1.63x dense AdamW. Per step it makes four dense passes over the candidates (masked_fill_ of the gradient in "
     "the hook and again in step, backup copy_, torch.where write-back) besides the wrapped dense update; it "
     "allocates nothing per step.",
-    "- Peak memory: the masked run includes its Fisher pass; at LoRA scale the optimizer state is a few MB against "
+    "- Machine: the 2-core CPU was shared with other jobs during the run (load average above); torch ran on 1 "
+    "thread because OpenMP spin-waiting on an oversubscribed CPU made 2-thread timings up to 10x slower and far "
+    "noisier. Fisher seconds are timed on the subset named in the row and scaled to 128 samples (the ratio is per "
+    "sample, so scaling does not change it).",
+    "- Peak memory: where an RSS ratio misses by less than the spread row (identical vanilla runs landing that far "
+    "apart), RSS on this machine does not resolve the difference; CUDA max allocated is deterministic and is what "
+    "a GPU run reports. The masked run includes its Fisher pass; at LoRA scale the optimizer state is a few MB against "
     "hundreds of MB of activations, so the RSS ratio is ~1 and the state-bytes row is where the saving shows. "
     "CUDA figures (bf16; `python benchmarks/perf.py` on a GPU machine times all 128 samples) are pending: no GPU "
     "was available for this run.",
