@@ -39,5 +39,8 @@ test: $(STAMP) $(ASTAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
+bench: $(STAMP)
+	$(BIN)/python benchmarks/perf.py
+
 clean:
 	rm -rf $(VENV) $(AVENV) .pytest_cache .ruff_cache

@@ -23,32 +23,34 @@ from .methods import (
     prefix_tuning_compat,
     top_layers,
 )
-from .optim import MaskedOptimizer, MaskGuard
+from .optim import MaskedOptimizer, MaskGuard, SparseAdamW, make_optimizer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "FISH_MASK_NAME",
-    "FishCallback",
-    "MaskGuard",
-    "calibration_indices",
-    "calibration_loader",
-    "load_adapter",
-    "save_adapter",
     "AdaFish",
-    "FishMask",
-    "MaskedOptimizer",
-    "ZeroFisherWarning",
     "always_trainable",
     "baseline_budget",
+    "calibration_indices",
+    "calibration_loader",
     "check_lora_init",
     "compute_fisher",
-    "method_gates",
+    "FISH_MASK_NAME",
+    "FishCallback",
+    "FishMask",
+    "load_adapter",
     "lora_factors",
     "make_adafish",
+    "make_optimizer",
+    "MaskedOptimizer",
+    "MaskGuard",
+    "method_gates",
     "peft_candidates",
     "per_sample_log_likelihood",
     "prefix_tuning_compat",
+    "save_adapter",
     "select_mask",
+    "SparseAdamW",
     "top_layers",
+    "ZeroFisherWarning",
 ]

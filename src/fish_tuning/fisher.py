@@ -45,11 +45,13 @@ def per_sample_log_likelihood(logits: Tensor, labels: Tensor) -> Tensor:
     if logits.dim() == 3:
         if labels.dim() != 2:
             raise ValueError(f"causal-LM logits {tuple(logits.shape)} need labels [B, T]; got {tuple(labels.shape)}")
-        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-        keep = shift_labels != -100
-        logp = torch.log_softmax(shift_logits, dim=-1)
-        tok = logp.gather(-1, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return (tok * keep).sum(dim=1)
+        # Shift the labels (pad with -100), not the logits: slicing [B, T, V] would copy it twice (forward and
+        # backward); fused cross-entropy is ~40% cheaper than log_softmax + gather at a 49k vocabulary.
+        b, t, v = logits.shape
+        target = nn.functional.pad(labels[:, 1:].long(), (0, 1), value=-100)
+        nll = nn.functional.cross_entropy(logits.reshape(b * t, v), target.reshape(-1), ignore_index=-100,
+                                          reduction="none")
+        return -nll.view(b, t).sum(1)
     if logits.dim() != 2:
         raise ValueError(f"unsupported logits shape {tuple(logits.shape)}: pass loglik_fn= for this model")
     if logits.shape[1] == 1 and (labels.is_floating_point() or labels.dim() == 1):
@@ -102,12 +104,25 @@ def _slice(batch: Mapping[str, object], start: int, stop: int, size: int, device
 
 
 # --------------------------------------------------------------------------------------------- engines
-class _LinearPerSampleHooks:
-    """Per-sample gradients of nn.Linear weight/bias candidates from one batched backward pass."""
+# Per-sample gradient entries materialised at once by the hooks (64 MB in float32), whatever the batch size.
+CHUNK_ELEMS = 1 << 24
 
-    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter]):
+
+class _LinearPerSampleHooks:
+    """Per-sample gradients of nn.Linear weight/bias candidates from one batched backward pass.
+
+    A module used once per forward (the usual case) is reduced at once to the sum and the sum of squares over the
+    batch, in row chunks of at most ``chunk_elems`` per-sample entries, so a large candidate (e.g. a full weight)
+    never materialises ``[B, out, in]``. A module used several times keeps per-sample gradients, because its uses
+    must be summed per sample before squaring.
+    """
+
+    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], chunk_elems: int | None = None):
         by_id = {id(p): n for n, p in params.items()}
-        self.grad_sample: dict[str, Tensor] = {}
+        self.chunk_elems = CHUNK_ELEMS if chunk_elems is None else chunk_elems
+        self.grad_sample: dict[str, Tensor] = {}  # name -> [B, ...] (modules used several times)
+        self.reduced: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (Σ_i g_i, Σ_i g_i²)
+        self.calls: dict[str, int] = {}  # uses of each candidate in the current forward
         self.covered: set[str] = set()
         self._handles = []
         for module in model.modules():
@@ -122,28 +137,51 @@ class _LinearPerSampleHooks:
                 self.covered.update(names.values())
                 self._handles.append(module.register_forward_hook(self._forward_hook(names)))
 
+    def clear(self) -> None:
+        self.grad_sample.clear()
+        self.reduced.clear()
+        self.calls.clear()
+
     def _forward_hook(self, names: dict[str, str]):
         def hook(module, inputs, output):
             if not (torch.is_grad_enabled() and output.requires_grad):
                 return
+            for name in names.values():
+                self.calls[name] = self.calls.get(name, 0) + 1
             act = inputs[0].detach()
 
             def on_grad(grad: Tensor) -> None:
                 a = act.reshape(act.shape[0], -1, act.shape[-1]).float()
                 g = grad.reshape(grad.shape[0], -1, grad.shape[-1]).float()
                 if "weight" in names:
-                    self._add(names["weight"], torch.einsum("bto,bti->boi", g, a))
+                    self._record(names["weight"], g, a)
                 if "bias" in names:
-                    self._add(names["bias"], g.sum(1))
+                    self._record(names["bias"], g, None)
 
             output.register_hook(on_grad)
 
         return hook
 
-    def _add(self, name: str, per_sample: Tensor) -> None:
-        # A module called several times in one forward contributes the sum of its uses per sample.
-        prev = self.grad_sample.get(name)
-        self.grad_sample[name] = per_sample if prev is None else prev + per_sample
+    def _record(self, name: str, g: Tensor, a: Tensor | None) -> None:
+        def per_sample(lo: int, hi: int) -> Tensor:
+            return g[lo:hi].sum(1) if a is None else torch.einsum("bto,bti->boi", g[lo:hi], a[lo:hi])
+
+        rows = g.shape[0]
+        if self.calls.get(name, 1) > 1:  # summed over uses per sample before squaring
+            ps = per_sample(0, rows)
+            prev = self.grad_sample.get(name)
+            self.grad_sample[name] = ps if prev is None else prev + ps
+            return
+        step = max(1, self.chunk_elems // (g.shape[-1] * (1 if a is None else a.shape[-1])))
+        total = square = None
+        for lo in range(0, rows, step):
+            ps = per_sample(lo, lo + step)
+            if total is None:
+                total, square = ps.sum(0), ps.square().sum(0)
+            else:
+                total.add_(ps.sum(0))
+                square.add_(ps.square().sum(0))
+        self.reduced[name] = (total, square)
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -248,11 +286,11 @@ def compute_fisher(
             chunk = _slice(batch, 0, take, size, device)
             done = False
             if use_hooks:
-                hooks.grad_sample.clear()
+                hooks.clear()
                 grads = torch.autograd.grad(_loss_for(model, dict(chunk), kind, loglik_fn, gen), cand_list,
                                             allow_unused=True)
-                done = _accumulate_hooked(cand, hooks.grad_sample, grads, sums)
-                hooks.grad_sample.clear()
+                done = _accumulate_hooked(cand, hooks, grads, sums, take)
+                hooks.clear()
                 if not done and method == "vectorized":
                     raise RuntimeError("per-sample hook gradients disagree with autograd; use method='loop'")
                 if not done:  # a weight used outside its module (e.g. DoRA): the loop for the rest
@@ -324,22 +362,40 @@ def _sum_over_ranks(sums: dict[str, Tensor], count: Tensor) -> Tensor:
     return flat[offset].clone()
 
 
-def _accumulate_hooked(cand, grad_sample, grads, sums) -> bool:
-    """Square-and-sum hook gradients; False if any disagrees with autograd's summed gradient."""
+def _accumulate_hooked(cand, hooks: _LinearPerSampleHooks, grads, sums, rows: int) -> bool:
+    """Add the hooks' squared per-sample gradients; False if any disagrees with autograd's summed gradient.
+
+    All finiteness and agreement checks are reduced on the device and read back with a single sync per batch.
+    """
+    stats: dict[str, tuple[Tensor, Tensor | None]] = {}
+    finite, agree = [], []
     for name, g in zip(cand, grads):
-        per_sample = grad_sample.get(name)
-        if g is None and per_sample is None:
+        if name in hooks.reduced:
+            stats[name] = hooks.reduced[name]
+        elif name in hooks.grad_sample:
+            stats[name] = (hooks.grad_sample[name].sum(0), None)
+        if g is None and name not in stats:
             continue
-        if per_sample is None or g is None:
+        if g is None or name not in stats or stats[name][0].shape != g.shape:
             return False
-        _check_finite(name, g)
-        total = per_sample.sum(0)
-        tol = 1e-5 * float(g.abs().max()) + 1e-6 * math.sqrt(per_sample.shape[0])
-        if total.shape != g.shape or float((total - g.float()).abs().max()) > tol:
+        g = g.detach()
+        # Relative tolerance: float32 rounding of a sum of B terms; looser when autograd's gradient is low precision.
+        rel = max(1e-5, 8 * torch.finfo(g.dtype).eps)
+        tol = rel * g.abs().max().float() + 1e-6 * math.sqrt(rows)
+        finite.append(torch.isfinite(g).all())
+        agree.append((stats[name][0] - g.float()).abs().max() <= tol)
+    if finite:
+        flags = torch.stack(finite + agree).cpu()
+        if not bool(flags[: len(finite)].all()):
+            for name, g in zip(cand, grads):
+                if g is not None:
+                    _check_finite(name, g)
+        if not bool(flags[len(finite):].all()):
             return False
     for name, s in sums.items():
-        if name in grad_sample:
-            s.add_(grad_sample[name].square().sum(0))
+        if name in stats:
+            square = stats[name][1]
+            s.add_(square if square is not None else hooks.grad_sample[name].square().sum(0))
     return True
 
 
@@ -351,8 +407,12 @@ def warn_zero_fisher(scores: Mapping[str, Tensor]) -> list[str]:
         if any("lora_A" in n or "lora_embedding_A" in n for n in zero):
             msg += (
                 " With LoRA's default init (B = 0) every entry of A has zero gradient, so its Fisher is 0 and a "
-                "FISH mask can never select A. Use the paper's init: LoraConfig(init_lora_weights='pissa')."
+                "FISH mask can never select A. Use the paper's init: "
             )
+            if any(".loras." in n for n in zero):  # the adapters library's LoRA (also inside UniPELT)
+                msg += "adapters' LoRAConfig(init_weights='bert') (it has no PiSSA; B must be non-zero)."
+            else:
+                msg += "peft's LoraConfig(init_lora_weights='pissa')."
         else:
             msg += " These entries can only be picked by 'rand' or as ties; check that they influence the loss."
         warnings.warn(msg, ZeroFisherWarning, stacklevel=3)

@@ -44,13 +44,6 @@ register_method("lora", _lora)
 register_method("dora", lambda model, spec: _lora(model, spec, use_dora=True))
 
 
-def num_layers(model: nn.Module) -> int:
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    if not isinstance(n, int):
-        raise ValueError("the model config has no num_hidden_layers; set target layers by hand")
-    return n
-
-
 def default_targets(model: nn.Module) -> list[str]:
     """Attention projections: q/k/v of BERT-style (``query``) or LLaMA-style (``q_proj``) models."""
     leaf = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -62,11 +55,12 @@ def default_targets(model: nn.Module) -> list[str]:
 
 
 def top_layers(model: nn.Module, n: int | None) -> list[int] | None:
-    """Indices of the top ``n`` transformer layers (None: all layers); errors if the model has fewer."""
+    """Indices of the top ``n`` transformer layers (None: all layers), via :func:`fish_tuning.top_layers`."""
     if n is None:
         return None
-    total = num_layers(model)
-    if n > total:
-        raise ValueError(f"asked for the top {n} layers but the model has only {total}: lower 'budgets' / "
-                         "'fish_layers' in the config")
-    return list(range(total - n, total))
+    from ..methods import top_layers as layers_of
+
+    try:
+        return layers_of(model, n)
+    except ValueError as err:
+        raise ValueError(f"{err}: lower 'budgets' / 'fish_layers' in the config") from err

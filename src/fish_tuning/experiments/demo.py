@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import FishMask, MaskedOptimizer, always_trainable, compute_fisher, peft_candidates, select_mask
+from .. import FishMask, always_trainable, compute_fisher, make_optimizer, peft_candidates, select_mask
 from ..models import load_model
 from .tasks import glue_batches, load_glue, resolve_data_dir
 from .train import evaluate, train
@@ -60,8 +60,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(mask.summary())
 
     before = evaluate(model, dev, "accuracy")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = MaskedOptimizer(torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay), mask, model)
+    opt = make_optimizer(model, mask, lr=cfg.lr, weight_decay=cfg.weight_decay)  # SparseAdamW
     batches = glue_batches(train_ex, tok, cfg.batch_size, cfg.max_length, shuffle=True, seed=cfg.seed)
     losses = train(model, batches, opt, epochs=cfg.epochs)
     after = evaluate(model, dev, "accuracy")

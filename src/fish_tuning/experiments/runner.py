@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import FishMask, MaskedOptimizer, always_trainable, compute_fisher, peft_candidates, select_mask
+from .. import FishMask, always_trainable, compute_fisher, peft_candidates, select_mask
 from ..models import load_model
+from ..optim import make_optimizer as masked_optimizer
 from .builders import METHODS, PeftSpec, default_targets, top_layers
 from .config import CompareConfig
 from .tasks import GLUE_TASKS, glue_batches, load_glue, load_gsm8k, resolve_data_dir
@@ -103,15 +104,16 @@ def _append(path: Path, record: dict) -> None:
 
 
 def make_optimizer(model: torch.nn.Module, mask: FishMask | None, cfg: CompareConfig) -> torch.optim.Optimizer:
-    """The one place that picks the optimizer (switch to ``ft.make_optimizer`` / SparseAdamW here)."""
+    """The one place that picks the optimizer: masked runs get SparseAdamW (moments for the k kept entries only)."""
     t = cfg.train
     if t.optimizer == "adafish":
         from ..adafish import make_adafish  # optional module; validate() already checked it imports
 
         return make_adafish(model, mask=mask, lr=t.lr, weight_decay=t.weight_decay, **t.optimizer_kwargs)
+    if mask is not None:
+        return masked_optimizer(model, mask, lr=t.lr, weight_decay=t.weight_decay, **t.optimizer_kwargs)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, **t.optimizer_kwargs)
-    return opt if mask is None else MaskedOptimizer(opt, mask, model)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, **t.optimizer_kwargs)
 
 
 class _TaskData:
