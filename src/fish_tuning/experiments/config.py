@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -186,13 +187,16 @@ def validate(cfg: CompareConfig) -> None:
                              f"(make_adafish), which is not available here ({err}); use optimizer: adamw") from err
     # data and model names are checked here too, so a typo never costs a training run
     from ..models import resolve_model
-    from .tasks import resolve_data_dir
+    from .tasks import local_data_dir
 
     try:
-        data = resolve_data_dir(cfg.data_dir)
+        data = local_data_dir(cfg.data_dir)
     except FileNotFoundError as err:
         raise ValueError(f"config field 'data_dir': {err}") from None
-    for task in cfg.tasks:
+    if data is None and importlib.util.find_spec("datasets") is None:
+        raise ValueError("config field 'data_dir': no local data folder found (../shared/data) and `datasets` is "
+                         "not installed for the hub: set data_dir / --data-dir, or pip install 'fish-tuning[hub]'")
+    for task in cfg.tasks if data is not None else []:
         folder = data / ("gsm8k" if task == "gsm8k" else f"glue/{GLUE_TASKS[task].folder}")
         if not folder.is_dir():
             raise ValueError(f"config field 'data_dir': {folder} is missing (needed by task {task!r})")

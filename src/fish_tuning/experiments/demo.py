@@ -9,7 +9,7 @@ import torch
 
 from .. import FishMask, always_trainable, compute_fisher, make_optimizer, peft_candidates, select_mask
 from ..models import load_model
-from .tasks import glue_batches, load_glue, resolve_data_dir
+from .tasks import glue_batches, load_glue, local_data_dir
 from .train import evaluate, train
 
 
@@ -45,7 +45,7 @@ def build_lora_model(name: str, rank: int, seed: int, num_labels: int = 2):
 def run_demo(cfg: DemoConfig) -> dict:
     start = time.time()
     torch.manual_seed(cfg.seed)
-    data_dir = resolve_data_dir(cfg.data_dir)
+    data_dir = local_data_dir(cfg.data_dir)  # None: the hub
     model, tok = build_lora_model(cfg.model, cfg.rank, cfg.seed)
     train_ex = load_glue("sst2", "train", data_dir, limit=cfg.train_examples, seed=cfg.seed)
     fisher_ex = load_glue("sst2", "train", data_dir, limit=cfg.fisher_samples, seed=cfg.seed + 1000)

@@ -29,7 +29,7 @@ from ..models import load_model
 from ..optim import make_optimizer as masked_optimizer
 from .builders import METHODS, PeftSpec, default_targets, top_layers
 from .config import CompareConfig
-from .tasks import GLUE_TASKS, glue_batches, load_glue, load_gsm8k, resolve_data_dir
+from .tasks import GLUE_TASKS, glue_batches, load_glue, load_gsm8k, local_data_dir
 from .train import evaluate, train
 
 ModelFactory = Callable[[str, int], tuple]  # (task kind "seq-cls" / "causal-lm", num_labels) -> (model, tokenizer)
@@ -120,7 +120,7 @@ class _TaskData:
     """Examples and tokenised batches of one task, built once per study."""
 
     def __init__(self, task: str, cfg: CompareConfig, tokenizer):
-        t, data_dir = cfg.train, resolve_data_dir(cfg.data_dir)
+        t, data_dir = cfg.train, local_data_dir(cfg.data_dir)  # None: the hub
         self.task, self.generative = task, task == "gsm8k"
         if self.generative:
             from .gsm8k import lm_batches

@@ -91,7 +91,12 @@ def load_glue(task: str, split: str = "train", data_dir: str | os.PathLike | Non
     spec = task_spec(task)
     if split not in ("train", "dev", "validation"):
         raise ValueError(f"split must be 'train' or 'dev', got {split!r}")
-    path = resolve_data_dir(data_dir) / "glue" / spec.folder / (spec.train_file if split == "train" else spec.dev_file)
+    local = local_data_dir(data_dir)
+    if local is None:  # nothing given and no shared/data folder: the same task from the hub (needs internet)
+        from .hub import glue_from_hub
+
+        return _subset(glue_from_hub(spec, split), limit, seed)
+    path = local / "glue" / spec.folder / (spec.train_file if split == "train" else spec.dev_file)
     if not path.is_file():
         raise FileNotFoundError(f"{spec.name} {split} file missing: {path}")
     csv.field_size_limit(sys.maxsize)
@@ -109,27 +114,44 @@ def load_glue(task: str, split: str = "train", data_dir: str | os.PathLike | Non
             out.append({"text_a": _col(row, header, spec.text_a),
                         "text_b": _col(row, header, spec.text_b) if spec.text_b is not None else None,
                         "label": label})
-    if limit is not None and limit < len(out):
-        out = random.Random(seed).sample(out, limit) if seed is not None else out[:limit]
-    return out
+    return _subset(out, limit, seed)
+
+
+def _subset(rows: list[dict], limit: int | None, seed: int | None) -> list[dict]:
+    if limit is not None and limit < len(rows):
+        return random.Random(seed).sample(rows, limit) if seed is not None else rows[:limit]
+    return rows
+
+
+def local_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
+    """The local data folder, or None when none is given or found: then the tasks come from the hub (`datasets`)."""
+    try:
+        return resolve_data_dir(data_dir)
+    except FileNotFoundError:
+        if data_dir is not None or os.environ.get(DATA_ENV):
+            raise  # an explicit folder that does not exist is an error, never a silent download
+        return None
 
 
 def load_gsm8k(split: str = "train", data_dir: str | os.PathLike | None = None, limit: int | None = None) -> list[dict]:
     """GSM8K problems ``{"question", "answer", "final"}``; ``final`` is the number after ``####``."""
     if split not in ("train", "test"):
         raise ValueError(f"GSM8K split must be 'train' or 'test', got {split!r}")
-    path = resolve_data_dir(data_dir) / "gsm8k" / f"{split}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"GSM8K {split} file missing: {path}")
+    local = local_data_dir(data_dir)
+    if local is None:
+        from .hub import gsm8k_from_hub
+
+        items = gsm8k_from_hub(split)
+    else:
+        path = local / "gsm8k" / f"{split}.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"GSM8K {split} file missing: {path}")
+        with open(path, encoding="utf-8") as f:
+            items = [json.loads(line) for line in f if line.strip()]
     out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                item = json.loads(line)
-                final = item["answer"].rsplit("####", 1)[-1].strip().replace(",", "")
-                out.append({"question": item["question"], "answer": item["answer"], "final": final})
-                if limit is not None and len(out) >= limit:
-                    break
+    for item in items[:limit] if limit is not None else items:
+        final = item["answer"].rsplit("####", 1)[-1].strip().replace(",", "")
+        out.append({"question": item["question"], "answer": item["answer"], "final": final})
     return out
 
 
