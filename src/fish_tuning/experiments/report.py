@@ -160,9 +160,11 @@ def write_report(results: str | os.PathLike, out_dir: str | os.PathLike | None =
     text = "\n".join([
         f"# {results.stem}: {len(records)} runs, model {records[-1].get('model')}, seeds {seeds}",
         "",
-        f"Dev scores x100, mean ± std over seeds. Train subset {records[-1].get('train_examples')} examples, "
+        f"Dev scores x100, mean ± std over seeds. Train subset of at most {cfg.get('train', {}).get('train_examples')} "
+        "examples per task, "
         f"{train.get('epochs')} epoch(s), max_length {train.get('max_length')}, lr {train.get('lr')}, "
-        f"optimizer {train.get('optimizer')}. 'trainable PEFT' is counted from the masks; the head "
+        f"optimizer {train.get('optimizer')} (masked runs of adamw use SparseAdamW, the same update on the kept "
+        "entries only). 'trainable PEFT' is counted from the masks; the head "
         "(modules_to_save) trains fully in every run and is not part of the budget.",
         "",
         table(records),
