@@ -9,6 +9,7 @@ import torch
 
 from .. import FishMask, always_trainable, compute_fisher, make_optimizer, peft_candidates, select_mask
 from ..models import load_model
+from .builders import METHODS, PeftSpec
 from .tasks import glue_batches, load_glue, local_data_dir
 from .train import evaluate, train
 
@@ -32,14 +33,11 @@ class DemoConfig:
 
 
 def build_lora_model(name: str, rank: int, seed: int, num_labels: int = 2):
-    """MiniLM-style encoder + LoRA on query/key/value with the paper's settings (alpha = 2r, PiSSA init)."""
-    from peft import LoraConfig, get_peft_model
-
+    """MiniLM-style encoder + LoRA on query/key/value with the paper's settings (the compare runner's builder)."""
     torch.manual_seed(seed)
     model, tokenizer = load_model(name, num_labels=num_labels)
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["query", "key", "value"], lora_dropout=0.0,
-                     init_lora_weights="pissa", task_type="SEQ_CLS")
-    return get_peft_model(model, cfg), tokenizer
+    spec = PeftSpec(rank=rank, layers=None, target_modules=["query", "key", "value"], task_type="SEQ_CLS")
+    return METHODS["lora"](model, spec), tokenizer
 
 
 def run_demo(cfg: DemoConfig) -> dict:
