@@ -71,11 +71,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Like ``parse_args``, but ``compare`` also takes ``key=value`` overrides after its options
+    (``fish-tune compare cfg.yaml --out-dir R seeds=[0]``)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "command", None) == "compare":
+        stray = [e for e in extra if e.startswith("-") or "=" not in e]
+        if not stray:
+            args.overrides = [*args.overrides, *extra]
+            extra = []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, OSError, ImportError) as err:  # FileNotFoundError / PermissionError are OSErrors
         print(f"fish-tune: error: {err}", file=sys.stderr)
         return 2
 

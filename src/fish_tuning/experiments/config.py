@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import inspect
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -67,9 +68,19 @@ class CompareConfig:
         return asdict(self)
 
 
-def _parse_value(text: str):
+def _parse_value(item: str, text: str):
     """``key=value`` values are YAML scalars or lists: ``seeds=[0]``, ``train.epochs=1``, ``data_dir=null``."""
-    return yaml.safe_load(text) if text != "" else ""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as err:
+        raise ValueError(f"override {item!r}: {text!r} is not a YAML value ({_yaml_problem(err)}); "
+                         "write lists as seeds=[0,1] and quote strings with spaces") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(err, 'problem', None) or type(err).__name__}{where}"
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -78,13 +89,15 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key=value (e.g. seeds=[0] or train.epochs=1)")
         key, value = item.split("=", 1)
+        if not key.strip() or any(not part for part in key.strip().split(".")):
+            raise ValueError(f"override {item!r} has an empty field name; write key=value (e.g. train.epochs=1)")
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = _parse_value(value)
+        node[parts[-1]] = _parse_value(item, value)
     return out
 
 
@@ -110,7 +123,16 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file {p} not found (presets are in configs/: demo.yaml, glue6.yaml, ...)")
-        raw = yaml.safe_load(p.read_text()) or {}
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {p} is not valid YAML ({_yaml_problem(err)}); fix it or start from a "
+                             "preset in configs/") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"config file {p} is not UTF-8 text; give a YAML file") from None
+        if raw is None:
+            raise ValueError(f"config file {p} is empty; give at least the tasks to run, or start from a preset "
+                             "in configs/ (demo.yaml, glue6.yaml, ...)")
         if not isinstance(raw, dict):
             raise ValueError(f"config file {p} must hold a YAML mapping of fields")
     cfg = _build(CompareConfig, apply_overrides(raw, overrides or []), "")
@@ -164,8 +186,11 @@ def validate(cfg: CompareConfig) -> None:
                                  f"pool of fish_layers={cfg.fish_layers}; lower the budget or raise fish_layers")
     if cfg.rank is not None and (not isinstance(cfg.rank, int) or cfg.rank < 1):
         raise ValueError(f"config field 'rank' must be a positive integer, got {cfg.rank!r}")
-    if not all(isinstance(s, int) and not isinstance(s, bool) for s in cfg.seeds):
-        raise ValueError(f"config field 'seeds' must be a list of integers, got {cfg.seeds!r}")
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in cfg.seeds):
+        raise ValueError(f"config field 'seeds' must be a list of integers >= 0 (random.Random(-1) is Random(1)), "
+                         f"got {cfg.seeds!r}")
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ValueError(f"config field 'seeds' repeats a seed: {cfg.seeds!r}")
     t = cfg.train
     for name in ("epochs", "batch_size", "max_length", "max_new_tokens"):
         v = getattr(t, name)
@@ -177,6 +202,8 @@ def validate(cfg: CompareConfig) -> None:
             raise ValueError(f"config field 'train.{name}' must be a positive integer or null, got {v!r}")
     if not isinstance(t.lr, (int, float)) or t.lr <= 0:
         raise ValueError(f"config field 'train.lr' must be a positive number, got {t.lr!r}")
+    if not isinstance(t.weight_decay, (int, float)) or isinstance(t.weight_decay, bool) or t.weight_decay < 0:
+        raise ValueError(f"config field 'train.weight_decay' must be a number >= 0, got {t.weight_decay!r}")
     if t.optimizer not in OPTIMIZERS:
         raise ValueError(f"config field 'train.optimizer' must be one of {OPTIMIZERS}, got {t.optimizer!r}")
     if t.optimizer == "adafish":
@@ -185,6 +212,7 @@ def validate(cfg: CompareConfig) -> None:
         except ImportError as err:
             raise ValueError("config field 'train.optimizer': adafish needs the fish_tuning.adafish module "
                              f"(make_adafish), which is not available here ({err}); use optimizer: adamw") from err
+    _check_optimizer_kwargs(cfg)
     # data and model names are checked here too, so a typo never costs a training run
     from ..models import resolve_model
     from .tasks import local_data_dir
@@ -202,6 +230,58 @@ def validate(cfg: CompareConfig) -> None:
             raise ValueError(f"config field 'data_dir': {folder} is missing (needed by task {task!r})")
     if cfg.model.lower() != "smollm2":  # smollm2 is converted on first use (~20 s): left to the runner
         try:
-            resolve_model(cfg.model)
+            path = resolve_model(cfg.model)
         except (ValueError, ImportError) as err:
             raise ValueError(f"config field 'model': {err}") from None
+        _check_loadable(cfg.model, path)
+
+
+def _check_loadable(name: str, path: str) -> None:
+    """The model's config must load (local folder, or the HF cache / hub): a cheap stand-in for the model load."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"config field 'model': cannot load {name!r} ({first}); offline, use an alias such as "
+                         "'minilm' or a local folder holding config.json and the weights") from None
+
+
+def _optimizer_signatures(cfg: CompareConfig) -> list[tuple[str, object]]:
+    """The optimizer constructors this study will call (masked and / or dense runs) and their names."""
+    import torch
+
+    if cfg.train.optimizer == "adafish":
+        from ..adafish import AdaFish
+
+        return [("AdaFish", AdaFish.__init__)]
+    from ..optim import make_optimizer
+
+    out = []
+    if any(s != "original" for s in cfg.strategies):
+        out.append(("fish_tuning.make_optimizer (masked runs)", make_optimizer))
+    if "original" in cfg.strategies:
+        out.append(("torch.optim.AdamW (dense runs)", torch.optim.AdamW.__init__))
+    return out
+
+
+def _check_optimizer_kwargs(cfg: CompareConfig) -> None:
+    kwargs = cfg.train.optimizer_kwargs
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"config field 'train.optimizer_kwargs' must be a mapping (e.g. {{betas: [0.9, 0.98]}}), "
+                         f"got {kwargs!r}")
+    for key in kwargs:
+        if key in ("lr", "weight_decay"):
+            raise ValueError(f"config field 'train.optimizer_kwargs': set {key!r} as train.{key}, not here")
+    for label, fn in _optimizer_signatures(cfg):
+        params = inspect.signature(fn).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            continue
+        accepted = sorted(n for n, p in params.items() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                                       inspect.Parameter.KEYWORD_ONLY)
+                          and n not in ("self", "params", "model", "mask", "model_or_params", "lr", "weight_decay"))
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise ValueError(f"config field 'train.optimizer_kwargs': {unknown[0]!r} is not accepted by {label}; "
+                             f"it accepts {accepted}")

@@ -8,7 +8,7 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from .runner import read_results
+from .results import read_results
 
 STRATEGY_ORDER = {"original": 0, "fish": 1, "rand": 2, "rev": 3}
 LABEL = {"original": "Original", "fish": "FISH", "rand": "rand", "rev": "rev"}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import resource
 import sys
 import time
@@ -29,6 +28,7 @@ from ..models import load_model
 from ..optim import make_optimizer as masked_optimizer
 from .builders import METHODS, PeftSpec, default_targets, top_layers
 from .config import CompareConfig
+from .results import append_record, check_writable, read_results
 from .tasks import GLUE_TASKS, glue_batches, load_glue, load_gsm8k, local_data_dir
 from .train import evaluate, train
 
@@ -75,32 +75,6 @@ def setup_fingerprint(cfg: CompareConfig) -> str:
 
 def results_path(cfg: CompareConfig) -> Path:
     return Path(cfg.out_dir) / f"{cfg.name}.jsonl"
-
-
-def read_results(path: str | os.PathLike) -> list[dict]:
-    """Records of a results file; a torn last line (interrupted write) is skipped with a warning."""
-    out = []
-    path = Path(path)
-    if not path.is_file():
-        return out
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    warnings.warn(f"{path}:{n} is not valid JSON (interrupted write?); that run will be redone",
-                                  stacklevel=2)
-    return out
-
-
-def _append(path: Path, record: dict) -> None:
-    """One complete line per write, flushed and fsynced, so a crash never leaves a half run behind as done."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def make_optimizer(model: torch.nn.Module, mask: FishMask | None, cfg: CompareConfig) -> torch.optim.Optimizer:
@@ -295,13 +269,14 @@ class Study:
         self.log(f"compare: {len(runs)} runs planned, {len(runs) - len(todo)} already in {self.path}, "
                  f"{len(todo)} to do")
         if todo:
+            check_writable(self.path.parent, self.path)  # before any model loads: never lose a trained run
             self.check()
         records = list(existing)
         bar = tqdm(todo, desc="compare", disable=not self.cfg.progress, file=sys.stderr)
         for run in bar:
             bar.set_postfix_str(run.id)
             rec = self.execute(run)
-            _append(self.path, rec)
+            append_record(self.path, rec)
             records.append(rec)
             t = rec["trainable"]
             before = f"{rec['before']['score']:.4f} -> " if rec["before"] else ""
