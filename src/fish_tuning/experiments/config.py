@@ -12,10 +12,12 @@ from pathlib import Path
 
 import yaml
 
+from ..mask import STRATEGIES as MASK_STRATEGIES
 from .tasks import GLUE_TASKS, task_spec
 
 MODES = ("fixed_layers", "fixed_proportion")
-STRATEGIES = ("original", "fish", "rand", "rev")
+STRATEGIES = ("original", *MASK_STRATEGIES)  # every selection strategy of fish_tuning.mask, plus the dense baseline
+DEFAULT_STRATEGIES = ("original", "fish", "rand", "rev")
 OPTIMIZERS = ("adamw", "adafish")
 TASKS = (*GLUE_TASKS, "gsm8k")
 
@@ -31,6 +33,9 @@ class TrainConfig:
     max_length: int = 128
     train_examples: int | None = 1000  # random subset per task (None: the whole split)
     dev_examples: int | None = 500  # first rows of the dev (GSM8K: test) split
+    # a seeded split of this many train examples is scored instead of dev (for choosing lr etc. without seeing dev);
+    # it is taken out of train before the train_examples cap. GLUE tasks only.
+    holdout_examples: int | None = None
     fisher_samples: int | None = None  # None: the paper's 128 (256 for generation)
     optimizer: str = "adamw"
     optimizer_kwargs: dict = field(default_factory=dict)
@@ -48,10 +53,13 @@ class CompareConfig:
     mode: str = "fixed_layers"
     # fixed_layers: fractions of the PEFT entries kept; fixed_proportion: top-N layers of the Original baseline
     budgets: list[float] = field(default_factory=lambda: [0.05])
-    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
+    strategies: list[str] = field(default_factory=lambda: list(DEFAULT_STRATEGIES))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     rank: int | None = None  # None: 16 (fixed_layers) or 1 (fixed_proportion), as in the paper
     fish_layers: int = 5  # fixed_proportion: FISH / rand / rev adapt the top this-many layers
+    fish_rank: int | None = None  # fixed_proportion: rank of the FISH / rand / rev pool (None: the same as rank)
+    select_kwargs: dict = field(default_factory=dict)  # per strategy: extra select_mask arguments, {name: {k: v}}
+    average_excludes: list[str] = field(default_factory=list)  # tasks shown in reports but left out of averages
     target_modules: list[str] | None = None  # None: attention q/k/v of BERT-style or LLaMA-style models
     data_dir: str | None = None
     out_dir: str = "results/compare"
@@ -62,7 +70,13 @@ class CompareConfig:
 
     @property
     def lora_rank(self) -> int:
+        """Rank of the Original runs (and of every run in fixed_layers mode)."""
         return self.rank if self.rank is not None else (16 if self.mode == "fixed_layers" else 1)
+
+    @property
+    def pool_rank(self) -> int:
+        """Rank of the PEFT pool FISH / rand / rev select from."""
+        return self.fish_rank if self.fish_rank is not None and self.mode == "fixed_proportion" else self.lora_rank
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -184,8 +198,20 @@ def validate(cfg: CompareConfig) -> None:
             if b > cfg.fish_layers:
                 raise ValueError(f"config field 'budgets': Original on {b} layers has a larger budget than the FISH "
                                  f"pool of fish_layers={cfg.fish_layers}; lower the budget or raise fish_layers")
-    if cfg.rank is not None and (not isinstance(cfg.rank, int) or cfg.rank < 1):
-        raise ValueError(f"config field 'rank' must be a positive integer, got {cfg.rank!r}")
+    for name in ("rank", "fish_rank"):
+        v = getattr(cfg, name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"config field {name!r} must be a positive integer or null, got {v!r}")
+    if cfg.fish_rank is not None and cfg.mode != "fixed_proportion":
+        raise ValueError("config field 'fish_rank' is only used in fixed_proportion mode; remove it or set "
+                         "mode: fixed_proportion")
+    _check_select_kwargs(cfg)
+    if not isinstance(cfg.average_excludes, list) or not all(isinstance(t, str) for t in cfg.average_excludes):
+        raise ValueError(f"config field 'average_excludes' must be a list of task names, got {cfg.average_excludes!r}")
+    try:
+        cfg.average_excludes = [task_spec(t).name for t in cfg.average_excludes]
+    except ValueError as err:
+        raise ValueError(f"config field 'average_excludes': {err}") from None
     if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in cfg.seeds):
         raise ValueError(f"config field 'seeds' must be a list of integers >= 0 (random.Random(-1) is Random(1)), "
                          f"got {cfg.seeds!r}")
@@ -196,7 +222,7 @@ def validate(cfg: CompareConfig) -> None:
         v = getattr(t, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"config field 'train.{name}' must be a positive integer, got {v!r}")
-    for name in ("train_examples", "dev_examples", "fisher_samples"):
+    for name in ("train_examples", "dev_examples", "fisher_samples", "holdout_examples"):
         v = getattr(t, name)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise ValueError(f"config field 'train.{name}' must be a positive integer or null, got {v!r}")
@@ -212,6 +238,8 @@ def validate(cfg: CompareConfig) -> None:
         except ImportError as err:
             raise ValueError("config field 'train.optimizer': adafish needs the fish_tuning.adafish module "
                              f"(make_adafish), which is not available here ({err}); use optimizer: adamw") from err
+    if t.holdout_examples is not None and "gsm8k" in cfg.tasks:
+        raise ValueError("config field 'train.holdout_examples' is for GLUE tasks; set it to null for gsm8k")
     _check_optimizer_kwargs(cfg)
     # data and model names are checked here too, so a typo never costs a training run
     from ..models import resolve_model
@@ -234,6 +262,29 @@ def validate(cfg: CompareConfig) -> None:
         except (ValueError, ImportError) as err:
             raise ValueError(f"config field 'model': {err}") from None
         _check_loadable(cfg.model, path)
+
+
+def _check_select_kwargs(cfg: CompareConfig) -> None:
+    """``select_kwargs: {fish_balanced: {alpha: 0.5}}``: each key a masked strategy of the study, each value a mapping
+    of arguments that ``fish_tuning.select_mask`` accepts."""
+    from ..mask import select_mask
+
+    sk = cfg.select_kwargs
+    if not isinstance(sk, dict):
+        raise ValueError(f"config field 'select_kwargs' must map a strategy to its arguments, got {sk!r}")
+    params = inspect.signature(select_mask).parameters
+    open_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    fixed = {"scores", "keep", "budget", "strategy", "seed", "always_train"}
+    for strategy, kwargs in sk.items():
+        if strategy not in cfg.strategies or strategy == "original":
+            raise ValueError(f"config field 'select_kwargs': {strategy!r} is not a masked strategy of this study "
+                             f"(strategies: {cfg.strategies})")
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"config field 'select_kwargs.{strategy}' must be a mapping, e.g. {{alpha: 0.5}}")
+        for key in kwargs:
+            if key in fixed or (not open_kwargs and key not in params):
+                raise ValueError(f"config field 'select_kwargs.{strategy}': {key!r} is not a select_mask argument "
+                                 f"the config may set (accepted: {sorted(set(params) - fixed)})")
 
 
 def _check_loadable(name: str, path: str) -> None:

@@ -1,8 +1,10 @@
 """`fish-tune compare`: Original PEFT vs FISH vs rand vs rev at the same trainable budget, resumable.
 
 Budget modes (paper Sec. 4):
-- ``fixed_proportion``: Original = PEFT (rank 1) on the top ``b`` layers, trained densely; FISH / rand / rev = the
-  same PEFT on the top ``fish_layers`` layers, masked to exactly Original's number of PEFT entries.
+- ``fixed_proportion``: Original = PEFT (rank ``rank``, default 1) on the top ``b`` layers, trained densely; FISH /
+  rand / rev = the same PEFT at rank ``fish_rank`` (default: ``rank``) on the top ``fish_layers`` layers, masked to
+  exactly Original's number of PEFT entries. With ``b`` = every layer and ``fish_rank`` > ``rank`` the Original is
+  "the same method over all layers at a lower rank" (LoRA r1 over 6 layers = 1/8 of LoRA r8 over 6 layers).
 - ``fixed_layers``: PEFT (rank 16) on every layer; FISH / rand / rev keep a fraction ``b`` of its entries; Original is
   the dense PEFT reference (one run per seed, budget 1.0).
 The classification head (``modules_to_save``) trains fully in every run and is counted separately.
@@ -26,6 +28,7 @@ from tqdm.auto import tqdm
 from .. import FishMask, always_trainable, compute_fisher, peft_candidates, select_mask
 from ..models import load_model
 from ..optim import make_optimizer as masked_optimizer
+from .analysis import mask_record, trivial_baseline
 from .builders import METHODS, PeftSpec, default_targets, top_layers
 from .config import CompareConfig
 from .results import append_record, check_writable, read_results
@@ -51,11 +54,12 @@ class Run:
 
 
 def plan_runs(cfg: CompareConfig) -> list[Run]:
-    """Every run of the study, ordered so runs sharing a model and Fisher pass are adjacent."""
+    """Every run of the study, seed by seed (a study stopped half-way has every task for its first seeds), with the
+    runs that share a model and a Fisher pass adjacent."""
     runs = []
-    for task in cfg.tasks:
-        for method in cfg.methods:
-            for seed in cfg.seeds:
+    for seed in cfg.seeds:
+        for task in cfg.tasks:
+            for method in cfg.methods:
                 if cfg.mode == "fixed_layers" and "original" in cfg.strategies:
                     runs.append(Run(task, method, cfg.mode, 1.0, "original", seed))
                 for budget in cfg.budgets:
@@ -68,8 +72,13 @@ def plan_runs(cfg: CompareConfig) -> list[Run]:
 
 def setup_fingerprint(cfg: CompareConfig) -> str:
     """Hash of everything that changes a run's result besides its id (a resumed file must match it)."""
+    train = {k: v for k, v in asdict(cfg.train).items() if not (k == "holdout_examples" and v is None)}
     keys = {"model": cfg.model, "rank": cfg.lora_rank, "fish_layers": cfg.fish_layers,
-            "target_modules": cfg.target_modules, "train": asdict(cfg.train)}
+            "target_modules": cfg.target_modules, "train": train}
+    if cfg.pool_rank != cfg.lora_rank:  # keys added later only when used, so older results files still resume
+        keys["fish_rank"] = cfg.pool_rank
+    if cfg.select_kwargs:
+        keys["select_kwargs"] = cfg.select_kwargs
     return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -90,12 +99,26 @@ def make_optimizer(model: torch.nn.Module, mask: FishMask | None, cfg: CompareCo
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, **t.optimizer_kwargs)
 
 
+def _holdout_split(task: str, rows: list[dict], holdout: int, cap: int | None) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) from one seeded permutation of the train split; the cap applies to what is left."""
+    import random
+
+    if holdout >= len(rows):
+        raise ValueError(f"config field 'train.holdout_examples': {holdout} leaves no {task} train examples "
+                         f"(train has {len(rows)}); lower it")
+    order = random.Random(DATA_SEED).sample(range(len(rows)), len(rows))
+    held, rest = [rows[i] for i in order[:holdout]], [rows[i] for i in order[holdout:]]
+    if cap is not None and cap < len(rest):
+        rest = random.Random(DATA_SEED).sample(rest, cap)
+    return rest, held
+
+
 class _TaskData:
     """Examples and tokenised batches of one task, built once per study."""
 
     def __init__(self, task: str, cfg: CompareConfig, tokenizer):
         t, data_dir = cfg.train, local_data_dir(cfg.data_dir)  # None: the hub
-        self.task, self.generative = task, task == "gsm8k"
+        self.task, self.generative, self.eval_split = task, task == "gsm8k", "dev"
         if self.generative:
             from .gsm8k import lm_batches
 
@@ -111,8 +134,13 @@ class _TaskData:
                 ex, tokenizer, bs, t.max_length, shuffle=shuffle, seed=seed)
         else:
             spec = GLUE_TASKS[task]
-            train_ex = load_glue(task, "train", data_dir, limit=t.train_examples, seed=DATA_SEED)
-            self.dev_ex = load_glue(task, "dev", data_dir, limit=t.dev_examples)
+            if t.holdout_examples is None:
+                train_ex = load_glue(task, "train", data_dir, limit=t.train_examples, seed=DATA_SEED)
+                self.dev_ex = load_glue(task, "dev", data_dir, limit=t.dev_examples)
+            else:
+                train_ex, self.dev_ex = _holdout_split(task, load_glue(task, "train", data_dir), t.holdout_examples,
+                                                       t.train_examples)
+            self.eval_split = "dev" if t.holdout_examples is None else "holdout"
             self.metric, self.num_labels = spec.metric, spec.num_labels
             self.fisher_n = t.fisher_samples or 128
             self.make = lambda ex, shuffle=False, seed=0, bs=t.batch_size: glue_batches(
@@ -121,6 +149,15 @@ class _TaskData:
             raise ValueError(f"task {task}: the train or dev split is empty")
         self.train_ex = train_ex
         self.dev = self.make(self.dev_ex, bs=max(t.batch_size, 32))
+        self.trivial = None if self.generative else trivial_baseline(
+            self.metric, [e["label"] for e in train_ex], [e["label"] for e in self.dev_ex])
+        self._train_batches: tuple[int, list[dict]] | None = None
+
+    def train_batches(self, seed: int) -> list[dict]:
+        """Tokenised, seed-shuffled train batches; kept for the runs of one seed (they share data order)."""
+        if self._train_batches is None or self._train_batches[0] != seed:
+            self._train_batches = (seed, self.make(self.train_ex, shuffle=True, seed=seed))
+        return self._train_batches[1]
 
     def fisher_batches(self, seed: int) -> list[dict]:
         import random
@@ -157,14 +194,17 @@ class Study:
         num_labels = 0 if task == "gsm8k" else GLUE_TASKS[task].num_labels
         return self.factory(kind, num_labels)
 
-    def _peft(self, task: str, method: str, seed: int, n_layers: int | None):
+    def _peft(self, task: str, method: str, seed: int, n_layers: int | None, rank: int):
         model, tok = self._base(task, seed)
-        spec = PeftSpec(rank=self.cfg.lora_rank, layers=top_layers(model, n_layers),
+        spec = PeftSpec(rank=rank, layers=top_layers(model, n_layers),
                         target_modules=self.cfg.target_modules or default_targets(model),
                         task_type="CAUSAL_LM" if task == "gsm8k" else "SEQ_CLS")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pissa.*", category=UserWarning)
             return METHODS[method](model, spec), tok
+
+    def _rank_for(self, run: Run) -> int:
+        return self.cfg.lora_rank if run.strategy == "original" else self.cfg.pool_rank
 
     def _layers_for(self, run: Run) -> int | None:
         if run.mode == "fixed_layers":
@@ -174,7 +214,7 @@ class Study:
     def _original_budget(self, run: Run) -> int:
         key = (run.task, run.method, run.budget)
         if key not in self._original_count:
-            model, _ = self._peft(run.task, run.method, 0, int(run.budget))
+            model, _ = self._peft(run.task, run.method, 0, int(run.budget), self.cfg.lora_rank)
             self._original_count[key] = sum(model.get_parameter(n).numel() for n in peft_candidates(model))
         return self._original_count[key]
 
@@ -182,11 +222,12 @@ class Study:
         """Model-dependent checks (layers, targets, budgets) for every planned run, before any training."""
         seen = set()
         for run in plan_runs(self.cfg):
-            key = (run.task, run.method, self._layers_for(run), run.strategy == "original" or run.budget)
+            key = (run.task, run.method, self._layers_for(run), self._rank_for(run),
+                   run.strategy == "original" or run.budget)
             if key in seen:
                 continue
             seen.add(key)
-            model, _ = self._peft(run.task, run.method, 0, self._layers_for(run))
+            model, _ = self._peft(run.task, run.method, 0, self._layers_for(run), self._rank_for(run))
             if run.strategy != "original" and run.mode == "fixed_proportion":
                 pool = sum(model.get_parameter(n).numel() for n in peft_candidates(model))
                 if self._original_budget(run) > pool:
@@ -202,7 +243,7 @@ class Study:
 
     def execute(self, run: Run) -> dict:
         cfg, start = self.cfg, time.time()
-        model, tok = self._peft(run.task, run.method, run.seed, self._layers_for(run))
+        model, tok = self._peft(run.task, run.method, run.seed, self._layers_for(run), self._rank_for(run))
         data = self._data_for(run.task, tok)
         names, heads = peft_candidates(model), always_trainable(model)
         params = dict(model.named_parameters())
@@ -217,7 +258,7 @@ class Study:
             if run.strategy == "rand":
                 scores = {n: torch.zeros(params[n].shape) for n in names}
             else:
-                key = (run.task, run.method, run.seed, self._layers_for(run))
+                key = (run.task, run.method, run.seed, self._layers_for(run), self._rank_for(run))
                 if key not in self._fisher:
                     t0 = time.time()
                     fisher = compute_fisher(model, data.fisher_batches(run.seed), data.fisher_n, params=names,
@@ -228,7 +269,8 @@ class Study:
             if heads:
                 scores.update({n: torch.zeros(params[n].shape) for n in heads})
             mask = select_mask(scores, budget=k, strategy=run.strategy, seed=run.seed,
-                               always_train=[f"^{n}$" for n in heads] or None)
+                               always_train=[f"^{n}$" for n in heads] or None,
+                               **cfg.select_kwargs.get(run.strategy, {}))
             if cfg.show_masks and run.strategy == "fish":
                 self.log(mask.summary())
         opt = make_optimizer(model, mask, cfg)
@@ -238,14 +280,17 @@ class Study:
             ev = data.evaluate(model, cfg)
             epochs.append({"epoch": epoch + 1, "train_loss": loss, "dev_loss": ev["loss"], "dev_score": ev["score"]})
 
-        batches = data.make(data.train_ex, shuffle=True, seed=run.seed)
+        batches = data.train_batches(run.seed)
         train(model, batches, opt, epochs=cfg.train.epochs, on_epoch_end=on_epoch_end, progress=cfg.progress)
         peft_trainable = n_cand if mask is None else mask.num_selected
         peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
         return {
             "id": run.id, **asdict(run), "fingerprint": self.fingerprint, "model": cfg.model,
-            "metric": data.metric, "rank": cfg.lora_rank, "layers": self._layers_for(run),
+            "metric": data.metric, "rank": self._rank_for(run), "layers": self._layers_for(run),
+            "eval_split": data.eval_split, "trivial": data.trivial,
+            "select_kwargs": cfg.select_kwargs.get(run.strategy, {}),
+            "mask": mask_record(mask) if mask is not None else None,
             "trainable": {"peft": peft_trainable, "candidates": n_cand, "always_train": head_numel,
                           "base_params": base_numel, "proportion": peft_trainable / max(1, base_numel)},
             "epochs": epochs, "score": epochs[-1]["dev_score"], "before": before,

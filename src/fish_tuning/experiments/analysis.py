@@ -1,0 +1,55 @@
+"""What each run's record says about its mask (where the budget went) and about its task (the trivial baseline)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from ..mask import FishMask
+from .metrics import glue_score
+
+TOP_LINES = 8  # concentration: share of a tensor's kept entries in its 8 most-kept rows / columns
+
+
+def concentration(mask: FishMask, top: int = TOP_LINES) -> tuple[float | None, float | None]:
+    """Share of the kept entries of each 2-D tensor that sit in its ``top`` most-kept lines along the larger (hidden)
+    dimension (LoRA A ``[r, d_in]``: columns; B ``[d_out, r]``: rows), pooled over tensors; and the same share for a
+    perfectly even spread (``top / d`` per tensor, weighted alike). ``(None, None)`` when no 2-D tensor keeps any."""
+    in_top = kept = 0
+    even = 0.0
+    for name, shape in mask.shapes.items():
+        idx = mask.indices[name].long()
+        if len(shape) != 2 or idx.numel() == 0:
+            continue
+        axis = 0 if shape[0] >= shape[1] else 1
+        lines = idx // shape[1] if axis == 0 else idx % shape[1]
+        counts = torch.bincount(lines, minlength=shape[axis])
+        in_top += int(counts.topk(min(top, shape[axis])).values.sum())
+        kept += idx.numel()
+        even += idx.numel() * min(top, shape[axis]) / shape[axis]
+    if not kept:
+        return None, None
+    return in_top / kept, even / kept
+
+
+def mask_record(mask: FishMask) -> dict:
+    """Per-layer and per-kind kept / total counts and the concentration figure, as JSON-ready lists."""
+    conc, even = concentration(mask)
+    return {"per_layer": [[layer, kept, total] for layer, (kept, total) in mask.per_layer().items()],
+            "per_kind": [[kind, kept, total] for kind, (kept, total) in mask.per_kind().items()],
+            "concentration_top8": conc, "concentration_top8_even": even}
+
+
+def trivial_baseline(metric: str, train_labels: list, eval_labels: list) -> dict:
+    """Score of the prediction that ignores the input: the train set's majority class (accuracy / F1 / MCC tasks),
+    or a constant (regression: no correlation, score 0)."""
+    if not eval_labels:
+        return {"score": None, "rule": "no labels"}
+    if metric == "pearson_spearman":
+        return {"score": 0.0, "rule": "constant prediction"}
+    if metric not in ("accuracy", "mcc", "f1_acc"):
+        return {"score": None, "rule": f"none for {metric}"}
+    majority = Counter(train_labels).most_common(1)[0][0]
+    return {"score": glue_score(metric, [majority] * len(eval_labels), eval_labels),
+            "rule": f"majority class {majority}"}
