@@ -9,6 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .results import read_results
+from .stats import mask_table, paired_table
 
 STRATEGY_ORDER = {"original": 0, "fish": 1, "rand": 2, "rev": 3}
 LABEL = {"original": "Original", "fish": "FISH", "rand": "rand", "rev": "rev"}
@@ -20,11 +21,22 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _row_label(method: str, mode: str, budget: float, strategy: str) -> str:
-    name = f"{method.upper()} {LABEL[strategy]}"
+def _order(strategy: str) -> int:
+    return STRATEGY_ORDER.get(strategy, len(STRATEGY_ORDER))
+
+
+def _row_label(method: str, mode: str, budget: float, strategy: str, rank: int | None = None) -> str:
+    name = f"{method.upper()} {LABEL.get(strategy, strategy)}"
     if mode == "fixed_layers":
         return name + (" (dense)" if strategy == "original" else f" keep {100 * budget:g}%")
-    return name + (f" top-{budget:g} layers" if strategy == "original" else f" = top-{budget:g} budget")
+    r = f" r{rank}" if rank is not None else ""
+    return name + (f"{r} top-{budget:g} layers" if strategy == "original" else f"{r} pool = top-{budget:g} budget")
+
+
+def _labeler(records: list[dict]):
+    """label((method, budget, strategy)) for the paired and mask tables, with the mode and rank of those runs."""
+    info = {(r["method"], r["budget"], r["strategy"]): (r["mode"], r.get("rank")) for r in records}
+    return lambda key: _row_label(key[0], info[key][0], key[1], key[2], info[key][1])
 
 
 def _groups(records: list[dict]) -> dict[tuple, list[dict]]:
@@ -32,7 +44,26 @@ def _groups(records: list[dict]) -> dict[tuple, list[dict]]:
     for r in records:
         groups[(r["method"], r["mode"], r["budget"], r["strategy"])].append(r)
     return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][3] != "original", -kv[0][2],
-                                                          STRATEGY_ORDER[kv[0][3]])))
+                                                          _order(kv[0][3]))))
+
+
+def _counted(records: list[dict], tasks: list[str]) -> list[str]:
+    """Tasks that enter the average: all but the config's ``average_excludes`` (e.g. WNLI)."""
+    excluded = set(records[-1].get("config", {}).get("average_excludes") or [])
+    return [t for t in tasks if t not in excluded] or tasks
+
+
+def _trivial_row(records: list[dict], tasks: list[str], n_cols: int) -> str | None:
+    """Score of the input-blind prediction (majority class / constant) on the same evaluation examples."""
+    cells = []
+    for t in tasks:
+        vals = [r["trivial"]["score"] for r in records if r["task"] == t and isinstance(r.get("trivial"), dict)
+                and isinstance(r["trivial"].get("score"), (int, float))]
+        cells.append(f"{100 * statistics.fmean(vals):.2f}" if vals else "-")
+    if all(c == "-" for c in cells):
+        return None
+    row = ["trivial baseline (majority class / constant)", "0", "-", "-", *cells]
+    return "| " + " | ".join(row + ["-"] * (n_cols - len(row))) + " |"
 
 
 def table(records: list[dict], value: str = "score") -> str:
@@ -41,9 +72,13 @@ def table(records: list[dict], value: str = "score") -> str:
     scale = 1.0 if value == "dev_loss" else 100.0
     names = [TASK_NAME.get(t, t) if value == "score" else f"{t} dev loss" for t in tasks]
     head = ["method", "trainable PEFT", "% of model", "head (always)", *names]
+    counted = _counted(records, tasks)
     if len(tasks) > 1:
-        head.append("Avg")
+        head.append("Avg" if counted == tasks else f"Avg (without {', '.join(sorted(set(tasks) - set(counted)))})")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    trivial = _trivial_row(records, tasks, len(head)) if value == "score" else None
+    if trivial:
+        lines.append(trivial)
     for (method, mode, budget, strategy), recs in _groups(records).items():
         by_task = defaultdict(dict)
         for r in recs:
@@ -51,15 +86,16 @@ def table(records: list[dict], value: str = "score") -> str:
         peft = statistics.fmean(r["trainable"]["peft"] for r in recs)
         prop = statistics.fmean(r["trainable"]["proportion"] for r in recs)
         heads = sorted({r["trainable"]["always_train"] for r in recs})
-        cells = [_row_label(method, mode, budget, strategy), f"{peft:,.0f}", f"{100 * prop:.4f}%",
+        cells = [_row_label(method, mode, budget, strategy, recs[0].get("rank")), f"{peft:,.0f}", f"{100 * prop:.4f}%",
                  "/".join(f"{h:,}" for h in heads)]
         for t in tasks:
             vals = [v * scale for v in by_task[t].values()]
             cells.append(f"{_mean_std(vals)[0]:.2f} ± {_mean_std(vals)[1]:.2f}" if vals else "-")
         if len(tasks) > 1:
-            seeds = set.intersection(*(set(by_task[t]) for t in tasks)) if all(by_task[t] for t in tasks) else set()
+            seeds = (set.intersection(*(set(by_task[t]) for t in counted)) if all(by_task[t] for t in counted)
+                     else set())
             if seeds:  # std over seeds of the per-seed average across tasks
-                avg = [statistics.fmean(by_task[t][s] * scale for t in tasks) for s in sorted(seeds)]
+                avg = [statistics.fmean(by_task[t][s] * scale for t in counted) for s in sorted(seeds)]
                 cells.append(f"{_mean_std(avg)[0]:.2f} ± {_mean_std(avg)[1]:.2f}")
             else:
                 cells.append("-")
@@ -103,12 +139,12 @@ def plot_score_vs_proportion(records: list[dict], path: Path) -> None:
         for r in records:
             if r["task"] == task:
                 lines[(r["method"], r["strategy"])][100 * r["trainable"]["proportion"]].append(100 * r["score"])
-        for (method, strategy), pts in sorted(lines.items(), key=lambda kv: STRATEGY_ORDER[kv[0][1]]):
+        for (method, strategy), pts in sorted(lines.items(), key=lambda kv: _order(kv[0][1])):
             xs = sorted(pts)
             means = [_mean_std(pts[x])[0] for x in xs]
             stds = [_mean_std(pts[x])[1] for x in xs]
             ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3,
-                        label=f"{method.upper()} {LABEL[strategy]}")
+                        label=f"{method.upper()} {LABEL.get(strategy, strategy)}")
         ax.set_xscale("log")
         ax.set_title(TASK_NAME.get(task, task))
         ax.set_xlabel("trainable PEFT parameters (% of model)")
@@ -129,7 +165,7 @@ def plot_epochs(records: list[dict], path: Path) -> None:
             if r["task"] == task:
                 curves[(r["method"], r["mode"], r["budget"], r["strategy"])].append(
                     [100 * e["dev_score"] for e in r["epochs"]])
-        for key, runs in sorted(curves.items(), key=lambda kv: (kv[0][2], STRATEGY_ORDER[kv[0][3]])):
+        for key, runs in sorted(curves.items(), key=lambda kv: (kv[0][2], _order(kv[0][3]))):
             n = min(len(c) for c in runs)
             mean = [statistics.fmean(c[i] for c in runs) for i in range(n)]
             ax.plot(range(1, n + 1), mean, marker="o", label=_row_label(*key))
@@ -140,6 +176,32 @@ def plot_epochs(records: list[dict], path: Path) -> None:
     axes[0].legend(fontsize=7)
     _atomic_savefig(fig, path)
     plt.close(fig)
+
+
+def _paired_section(records: list[dict]) -> list[str]:
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    label = _labeler(records)
+    out = []
+    if len({r["seed"] for r in records}) > 1:
+        out += ["Paired differences a − b over seeds (x100): mean [95% t interval] and on how many seeds a is ahead. "
+                "The average column averages the tasks per seed first.", "",
+                paired_table(records, label, tasks, TASK_NAME, _counted(records, tasks)), ""]
+    masks = mask_table(records, label)
+    if masks:
+        out += ["Where the masks put the budget (mean over tasks and seeds): share of the kept entries per layer; "
+                "top-8 concentration = share of each tensor's kept entries in its 8 most-kept rows / columns "
+                "(even spread: the same share if every row / column kept alike).", "", masks, ""]
+    return out
+
+
+def _wall_time(records: list[dict]) -> str:
+    total = sum(r.get("wall_seconds", 0) for r in records) / 60
+    times = [r["finished"] for r in records if isinstance(r.get("finished"), (int, float))]
+    span = ""
+    if len(times) > 1:
+        span = f" (first to last finished run: {(max(times) - min(times)) / 3600:.1f} h, all sessions together)"
+    per = f"; {total / len(records):.1f} min per run" if records else ""
+    return f"Wall time: {total:.1f} min over all runs{per}{span}."
 
 
 def write_report(results: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> dict[str, Path]:
@@ -157,11 +219,14 @@ def write_report(results: str | os.PathLike, out_dir: str | os.PathLike | None =
     cfg = records[-1].get("config", {})
     train = cfg.get("train", {})
     seeds = sorted({r["seed"] for r in records})
+    holdout = train.get("holdout_examples")
+    scored = (f"Scores x100 on a held-out split of {holdout} train examples (not dev)" if holdout
+              else "Dev scores x100")
     text = "\n".join([
         f"# {results.stem}: {len(records)} runs, model {records[-1].get('model')}, seeds {seeds}",
         "",
-        f"Dev scores x100, mean ± std over seeds. Train subset of at most {cfg.get('train', {}).get('train_examples')} "
-        "examples per task, "
+        f"{scored}, mean ± std over seeds. Train subset of at most {train.get('train_examples')} "
+        f"examples per task{' (after the held-out split)' if holdout else ''}, "
         f"{train.get('epochs')} epoch(s), max_length {train.get('max_length')}, lr {train.get('lr')}, "
         f"optimizer {train.get('optimizer')} (masked runs of adamw use SparseAdamW, the same update on the kept "
         "entries only). 'trainable PEFT' is counted from the masks; the head "
@@ -173,7 +238,8 @@ def write_report(results: str | os.PathLike, out_dir: str | os.PathLike | None =
         "",
         table(records, value="dev_loss"),
         "",
-        f"Wall time: {sum(r['wall_seconds'] for r in records) / 60:.1f} min over all runs.",
+        *_paired_section(records),
+        _wall_time(records),
         "",
     ])
     fd, tmp = tempfile.mkstemp(prefix=f".{results.stem}.", suffix=".md", dir=out)

@@ -295,7 +295,7 @@ class Study:
                           "base_params": base_numel, "proportion": peft_trainable / max(1, base_numel)},
             "epochs": epochs, "score": epochs[-1]["dev_score"], "before": before,
             "train_examples": len(data.train_ex), "dev_examples": len(data.dev_ex),
-            "fisher_seconds": fisher_s, "wall_seconds": time.time() - start,
+            "fisher_seconds": fisher_s, "wall_seconds": time.time() - start, "finished": time.time(),
             "peak_memory_mb": {"process_rss_high_water": rss, "cuda": peak},
             "config": cfg.to_dict(),
         }
