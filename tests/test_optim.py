@@ -82,7 +82,7 @@ def test_masked_gradients_seen_by_clipping(bert_lora):
     batches = cls_batches(n_batches=1)
     mask = masked_setup(bert_lora, batches)
     params = [p for p in bert_lora.parameters() if p.requires_grad]
-    ft.MaskedOptimizer(torch.optim.SGD(params, lr=0.1), mask, bert_lora)
+    opt = ft.MaskedOptimizer(torch.optim.SGD(params, lr=0.1), mask, bert_lora)  # noqa: F841 (hooks live with it)
     bert_lora(**batches[0]).loss.backward()
     named = dict(bert_lora.named_parameters())
     for n in mask.names:
@@ -96,6 +96,7 @@ def test_state_dict_round_trip_and_scheduler(bert_lora):
     state = opt.state_dict()
     assert opt.param_groups[0]["lr"] < 1e-2  # the LambdaLR scheduler drove the wrapped optimizer
     params = [p for p in bert_lora.parameters() if p.requires_grad]
+    opt.close()
     fresh = ft.MaskedOptimizer(torch.optim.AdamW(params, lr=1e-2), mask, bert_lora)
     fresh.load_state_dict(state)
     assert fresh.state_dict()["state"].keys() == state["state"].keys()

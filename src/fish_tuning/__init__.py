@@ -23,7 +23,8 @@ from .methods import (
     prefix_tuning_compat,
     top_layers,
 )
-from .optim import MaskedOptimizer, MaskGuard, SparseAdamW, make_optimizer
+from .guard import MaskGuard
+from .optim import MaskedOptimizer, SparseAdamW, make_optimizer
 
 __version__ = "0.1.0"
 

@@ -13,6 +13,7 @@ Two exact engines:
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 Kind = Literal["empirical", "expected"]
 Method = Literal["auto", "vectorized", "loop"]
 LogLikFn = Callable[[Tensor, Tensor], Tensor]
+logger = logging.getLogger("fish_tuning")
 
 
 class ZeroFisherWarning(UserWarning):
@@ -124,6 +126,8 @@ class _LinearPerSampleHooks:
         self.reduced: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (Σ_i g_i, Σ_i g_i²)
         self.calls: dict[str, int] = {}  # uses of each candidate in the current forward
         self.covered: set[str] = set()
+        self.rows = 0  # samples in the current batch: a hooked input must have them as its leading dimension
+        self.unbatched: set[str] = set()  # candidates whose module saw another leading dimension
         self._handles = []
         for module in model.modules():
             if not isinstance(module, nn.Linear):
@@ -149,6 +153,9 @@ class _LinearPerSampleHooks:
             for name in names.values():
                 self.calls[name] = self.calls.get(name, 0) + 1
             act = inputs[0].detach()
+            if act.dim() < 2 or act.shape[0] != self.rows:  # e.g. tokens flattened to [B*T, H] (MoE, packing)
+                self.unbatched.update(names.values())
+                return
 
             def on_grad(grad: Tensor) -> None:
                 a = act.reshape(act.shape[0], -1, act.shape[-1]).float()
@@ -272,7 +279,8 @@ def compute_fisher(
     if hooks is not None and not use_hooks:
         hooks.remove()
     cand_list = list(cand.values())
-    seen = 0
+    seen, scored = 0, 0
+    probed = False
     bar = tqdm(total=quota, desc=f"Fisher ({kind})", disable=not progress, leave=False)
     try:
         model.eval()
@@ -284,16 +292,26 @@ def compute_fisher(
             size = _batch_size(batch)
             take = min(size, quota - seen)
             chunk = _slice(batch, 0, take, size, device)
+            scored += _label_count(chunk["labels"])
             done = False
+            if use_hooks and not probed and take >= 2:
+                probed = True
+                why = _probe_sample_grouping(model, cand, hooks, _slice(chunk, 0, 2, take, device), loglik_fn)
+                if why is not None:
+                    if method == "vectorized":
+                        raise RuntimeError(f"method='vectorized' is not exact for this model: {why}; use 'auto'")
+                    logger.warning("compute_fisher: using the exact per-sample loop: %s", why)
+                    use_hooks = False
+                    hooks.remove()
             if use_hooks:
-                hooks.clear()
-                grads = torch.autograd.grad(_loss_for(model, dict(chunk), kind, loglik_fn, gen), cand_list,
-                                            allow_unused=True)
-                done = _accumulate_hooked(cand, hooks, grads, sums, take)
+                grads = _hooked_pass(model, hooks, dict(chunk), take, cand_list, kind, loglik_fn, gen)
+                done = not hooks.unbatched and _accumulate_hooked(cand, hooks, grads, sums, take)
                 hooks.clear()
                 if not done and method == "vectorized":
                     raise RuntimeError("per-sample hook gradients disagree with autograd; use method='loop'")
-                if not done:  # a weight used outside its module (e.g. DoRA): the loop for the rest
+                if not done:  # a weight used outside its module (e.g. DoRA), or not batch-first inputs
+                    logger.info("compute_fisher: per-sample hooks are not exact here (%s); exact loop for the rest",
+                                "inputs not batch-first" if hooks.unbatched else "gradient used outside its module")
                     use_hooks = False
                     hooks.remove()
             if not done:
@@ -315,12 +333,19 @@ def compute_fisher(
             p.requires_grad_(saved_flags[n])
         model.train(was_training)
 
-    count = torch.tensor(float(seen), device=device)
+    count = torch.tensor([float(seen), float(scored)], device=device)
     if world > 1:
         count = _sum_over_ranks(sums, count)
-    total = int(count.item())
+    total = int(count[0].item())
     if total == 0:
         raise ValueError("compute_fisher got no batches (the iterable was empty): pass calibration batches")
+    if int(count[1].item()) == 0:
+        raise ValueError(
+            "every label of the calibration batches is -100 (ignored): there is no label token to score, so the "
+            "Fisher would be zero everywhere. Check the data collator / completion-only masking (are completions "
+            "cut off by max_length?)"
+        )
+    count = count[0]
     if total < num_samples and rank == 0:
         where = f" over {world} ranks" if world > 1 else ""
         warnings.warn(f"compute_fisher: only {total} samples available{where}, fewer than num_samples={num_samples}",
@@ -352,14 +377,57 @@ def _sum_over_ranks(sums: dict[str, Tensor], count: Tensor) -> Tensor:
     all-reduce, that guarantees the same bytes on every rank, so the mask (ties included) is the same everywhere.
     """
     dist = torch.distributed
-    flat = torch.cat([s.reshape(-1).to(count.device) for s in sums.values()] + [count.reshape(1)])
+    flat = torch.cat([s.reshape(-1).to(count.device) for s in sums.values()] + [count.reshape(-1)])
     dist.reduce(flat, dst=0)
     dist.broadcast(flat, src=0)
     offset = 0
     for s in sums.values():
         s.copy_(flat[offset: offset + s.numel()].view_as(s))
         offset += s.numel()
-    return flat[offset].clone()
+    return flat[offset:].clone()
+
+
+def _label_count(labels) -> int:
+    """Scored targets in a batch: label tokens that are not -100 for a causal LM, else one per sample."""
+    labels = torch.as_tensor(labels)
+    if labels.dim() == 2 and not labels.is_floating_point():
+        return int((labels[:, 1:] != -100).sum())
+    return int(labels.shape[0]) if labels.dim() else 1
+
+
+def _hooked_pass(model, hooks: _LinearPerSampleHooks, batch: dict, rows: int, cand_list, kind, loglik_fn, gen):
+    hooks.clear()
+    hooks.unbatched.clear()
+    hooks.rows = rows
+    return torch.autograd.grad(_loss_for(model, batch, kind, loglik_fn, gen), cand_list, allow_unused=True)
+
+
+def _probe_sample_grouping(model, cand: dict, hooks: _LinearPerSampleHooks, pair: dict, loglik_fn) -> str | None:
+    """Check once that the hooks group activations into the batch's samples: squared per-sample gradients of a
+    2-sample batch must equal those of two 1-sample passes. The summed-gradient check per batch cannot see a
+    module whose rows are not samples (tokens flattened to ``[B*T, H]``, MoE experts, packed sequences).
+    Returns why the hooks are not exact, or None."""
+    names = list(cand)
+    grads = _hooked_pass(model, hooks, dict(pair), 2, list(cand.values()), "empirical", loglik_fn, None)
+    if hooks.unbatched:
+        hooks.clear()
+        return f"'{sorted(hooks.unbatched)[0]}' sees inputs whose leading dimension is not the batch of samples"
+    hooked = {n: hooks.reduced[n][1] for n in names if n in hooks.reduced}
+    hooked.update({n: g.square().sum(0) for n, g in hooks.grad_sample.items()})
+    hooks.clear()
+    exact = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in cand.items()}
+    for i in range(2):
+        row = _slice(pair, i, i + 1, 2, next(iter(cand.values())).device)
+        for n, g in zip(names, torch.autograd.grad(_loss_for(model, row, "empirical", loglik_fn, None),
+                                                   list(cand.values()), allow_unused=True)):
+            if g is not None:
+                exact[n].add_(g.float().square())
+    del grads
+    for n, sq in hooked.items():
+        tol = 1e-4 * float(exact[n].abs().max()) + 1e-10
+        if float((sq - exact[n]).abs().max()) > tol:
+            return f"per-sample gradients of '{n}' do not group by sample (squared sums differ from a per-sample loop)"
+    return None
 
 
 def _accumulate_hooked(cand, hooks: _LinearPerSampleHooks, grads, sums, rows: int) -> bool:
@@ -404,7 +472,12 @@ def warn_zero_fisher(scores: Mapping[str, Tensor]) -> list[str]:
     zero = [n for n, s in scores.items() if s.numel() and not bool(s.any())]
     if zero:
         msg = f"{len(zero)} candidate tensor(s) have zero Fisher information everywhere, e.g. {zero[:3]}."
-        if any("lora_A" in n or "lora_embedding_A" in n for n in zero):
+        known = False
+        if any("lora_embedding_B" in n for n in zero):
+            from .methods.peft import EMBEDDING_ADVICE
+
+            msg, known = msg + " " + EMBEDDING_ADVICE, True
+        if any("lora_A" in n for n in zero):
             msg += (
                 " With LoRA's default init (B = 0) every entry of A has zero gradient, so its Fisher is 0 and a "
                 "FISH mask can never select A. Use the paper's init: "
@@ -413,7 +486,8 @@ def warn_zero_fisher(scores: Mapping[str, Tensor]) -> list[str]:
                 msg += "adapters' LoRAConfig(init_weights='bert') (it has no PiSSA; B must be non-zero)."
             else:
                 msg += "peft's LoraConfig(init_lora_weights='pissa')."
-        else:
+            known = True
+        if not known:
             msg += " These entries can only be picked by 'rand' or as ties; check that they influence the loss."
         warnings.warn(msg, ZeroFisherWarning, stacklevel=3)
     return zero

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import numbers
 import os
 import re
 import tempfile
@@ -21,10 +23,20 @@ _VERSION = 1
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)\.")
 
 
-def _patterns(spec: str | Iterable[str] | None) -> list[str]:
+def _patterns(spec: str | Iterable[str] | None, arg: str = "pattern") -> list[str]:
+    """Regexes of ``spec``, each compiled once here so a bad one is reported under the argument's name."""
     if spec is None:
         return []
-    return [spec] if isinstance(spec, str) else list(spec)
+    out = [spec] if isinstance(spec, str) else list(spec)
+    for pattern in out:
+        if not isinstance(pattern, str):
+            raise TypeError(f"{arg} must be a regex string or a list of them, got {pattern!r}")
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{arg}: {pattern!r} is not a valid regular expression ({err}); escape dots and "
+                             r"brackets, e.g. r'layer\.0\.'") from None
+    return out
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -48,6 +60,7 @@ class FishMask:
     indices: dict[str, Tensor]
     always_train: list[str] = field(default_factory=list)
     always_train_patterns: list[str] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)  # excluded candidates: never trained, not in the budget
     strategy: str = "fish"
     seed: int | None = None
     meta: dict = field(default_factory=dict)
@@ -76,11 +89,26 @@ class FishMask:
         return name in self.always_train or _matches(name, self.always_train_patterns)
 
     def trainable_count(self, model: nn.Module | None = None) -> int:
-        """Entries that train: k plus every always-trainable tensor (resolved against ``model`` when given)."""
+        """Entries that train: k plus every always-trainable tensor (resolved against ``model`` when given).
+
+        Only parameters that require grad count: an always-train pattern may also match frozen copies (e.g. peft's
+        ``classifier.original_module``), which never train.
+        """
         if model is None:
             return self.num_selected + int(self.meta.get("always_train_numel", 0))
-        extra = sum(p.numel() for n, p in model.named_parameters() if n not in self.shapes and self.is_always_train(n))
+        skip = set(self.shapes) | set(self.frozen)
+        extra = sum(p.numel() for n, p in model.named_parameters()
+                    if p.requires_grad and n not in skip and self.is_always_train(n))
         return self.num_selected + extra
+
+    def fingerprint(self) -> str:
+        """A short hash of the candidates, their shapes and kept indices: equal iff the same entries train."""
+        h = hashlib.sha256()
+        for name in sorted(self.shapes):
+            h.update(f"{name}:{list(self.shapes[name])};".encode())
+            h.update(self.indices[name].to(device="cpu", dtype=torch.int64).contiguous().numpy().tobytes())
+        h.update(json.dumps(sorted(self.frozen)).encode())
+        return h.hexdigest()[:16]
 
     # ------------------------------------------------------------------ analytics
     def per_tensor(self) -> dict[str, tuple[int, int]]:
@@ -130,6 +158,10 @@ class FishMask:
     def check(self, model: nn.Module) -> None:
         """Raise ValueError naming the first candidate whose name or shape differs from ``model``'s."""
         named = dict(model.named_parameters())
+        for name in self.frozen:
+            if name not in named:
+                raise ValueError(f"mask does not fit this model: excluded candidate '{name}' is not a parameter of "
+                                 "the model (was the mask made for another model or PEFT config?)")
         for name, shape in self.shapes.items():
             if name not in named:
                 raise ValueError(f"mask does not fit this model: candidate '{name}' is not a parameter of the model "
@@ -139,39 +171,45 @@ class FishMask:
                                  f"in the model but {tuple(shape)} in the mask")
 
     # ------------------------------------------------------------------ file format
-    def save(self, path: str | os.PathLike) -> None:
-        """Write a safetensors file atomically (temp file + rename): indices per tensor, metadata as JSON."""
+    def save(self, path: str | os.PathLike, model: nn.Module | None = None) -> None:
+        """Write a safetensors file atomically (temp file + rename): indices per tensor, metadata as JSON.
+
+        With a peft ``model``, names are stored without the adapter name (``...lora_A.weight``, as peft's own
+        state dicts), so the file loads into the same PEFT config under any adapter name.
+        """
         from safetensors.torch import save_file
 
+        if model is not None:
+            self.check(model)
+        rename, adapter = _agnostic_names([*self.shapes, *self.always_train, *self.frozen], _adapter_of(model))
         tensors = {}
         for name, idx in self.indices.items():
             dtype = torch.int32 if math.prod(self.shapes[name]) < 2**31 else torch.int64
-            tensors[name] = idx.to(device="cpu", dtype=dtype).contiguous()
+            tensors[rename[name][0]] = idx.to(device="cpu", dtype=dtype).contiguous()
         meta = {
             "format": _FORMAT, "version": _VERSION, "strategy": self.strategy, "seed": self.seed,
-            "num_selected": self.num_selected, "shapes": {n: list(s) for n, s in self.shapes.items()},
-            "always_train": self.always_train, "always_train_patterns": self.always_train_patterns,
-            "meta": self.meta,
+            "num_selected": self.num_selected, "shapes": {rename[n][0]: list(s) for n, s in self.shapes.items()},
+            "always_train": [rename[n][0] for n in self.always_train],
+            "always_train_patterns": self.always_train_patterns, "frozen": [rename[n][0] for n in self.frozen],
+            "adapter": None if adapter is None else {"name": adapter, "pos": {a: i for a, i in rename.values()}},
+            "fingerprint": self.fingerprint(), "meta": self.meta,
         }
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".fish_mask.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"fish_mask": json.dumps(meta)})
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"fish_mask": json.dumps(meta)}))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> FishMask:
-        """Read a mask file; with ``model``, also check names and shapes against it."""
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None,
+             adapter_name: str | None = None) -> FishMask:
+        """Read a mask file; with ``model``, also check names and shapes against it.
+
+        A file saved with adapter-agnostic names gets the adapter name back: ``adapter_name``, else the
+        ``model``'s active adapter, else the name it was saved under.
+        """
         from safetensors import safe_open
 
         path = os.fspath(path)
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{path} is a directory; pass the mask file inside it "
+                                    "(e.g. os.path.join(folder, 'fish_mask.safetensors'))")
         if not os.path.exists(path):
             raise FileNotFoundError(f"mask file not found: {path}")
         try:
@@ -181,8 +219,14 @@ class FishMask:
             meta = json.loads(raw) if raw else None
         except Exception as err:  # safetensors raises several types for damaged headers/bodies
             raise ValueError(f"corrupt mask file {path}: {err}. Recreate it with select_mask(...).save()") from err
-        if not meta or meta.get("format") != _FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
             raise ValueError(f"corrupt mask file {path}: no fish-mask metadata (not written by FishMask.save)")
+        adapter = meta.get("adapter")
+        target = adapter_name or _adapter_of(model) or (adapter or {}).get("name")
+
+        def name_of(stored: str) -> str:
+            return stored if adapter is None else _insert(stored, target, adapter["pos"].get(stored, -1))
+
         shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
         if set(shapes) != set(tensors):
             raise ValueError(f"corrupt mask file {path}: index tensors do not match the recorded candidates")
@@ -192,9 +236,11 @@ class FishMask:
             numel = math.prod(shapes[name])
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel or bool((idx[1:] <= idx[:-1]).any())):
                 raise ValueError(f"corrupt mask file {path}: indices of '{name}' are out of range or unsorted")
-            indices[name] = idx
-        mask = cls(shapes=shapes, indices=indices, always_train=list(meta.get("always_train", [])),
+            indices[name_of(name)] = idx
+        mask = cls(shapes={name_of(n): s for n, s in shapes.items()}, indices=indices,
+                   always_train=[name_of(n) for n in meta.get("always_train", [])],
                    always_train_patterns=list(meta.get("always_train_patterns", [])),
+                   frozen=[name_of(n) for n in meta.get("frozen", [])],
                    strategy=meta.get("strategy", "fish"), seed=meta.get("seed"), meta=dict(meta.get("meta", {})))
         if mask.num_selected != meta.get("num_selected"):
             raise ValueError(f"corrupt mask file {path}: {mask.num_selected} indices but header says "
@@ -202,6 +248,56 @@ class FishMask:
         if model is not None:
             mask.check(model)
         return mask
+
+
+def atomic_write(path: str | os.PathLike, write) -> str:
+    """Call ``write(tmp)`` on a temp file beside ``path`` and rename it into place: never a half-written file."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _adapter_of(model: nn.Module | None) -> str | None:
+    """The active adapter name of a peft model (None for anything else)."""
+    if model is None or not getattr(model, "peft_config", None):
+        return None
+    active = getattr(model, "active_adapter", None)
+    return active if isinstance(active, str) else None
+
+
+def _agnostic_names(names: list[str], adapter: str | None) -> tuple[dict[str, tuple[str, int]], str | None]:
+    """name -> (name without its last ``adapter`` segment, that segment's position or -1), and the adapter used.
+
+    Falls back to the names as they are when stripping would make two names equal.
+    """
+    out = {}
+    for name in names:
+        parts = name.split(".")
+        if adapter is None or adapter not in parts:
+            out[name] = (name, -1)
+            continue
+        pos = len(parts) - 1 - parts[::-1].index(adapter)
+        out[name] = (".".join(parts[:pos] + parts[pos + 1:]), pos)
+    if adapter is None or len({a for a, _ in out.values()}) < len(out):
+        return {n: (n, -1) for n in names}, None
+    return out, adapter
+
+
+def _insert(name: str, adapter: str | None, pos: int) -> str:
+    if pos < 0 or adapter is None:
+        return name
+    parts = name.split(".")
+    return ".".join(parts[:pos] + [adapter] + parts[pos:])
 
 
 def select_mask(
@@ -216,48 +312,73 @@ def select_mask(
     """Keep exactly k entries of all candidates globally (Eq. 4-5).
 
     ``fish`` keeps the top-k scores, ``rev`` the bottom-k (Eq. 15), ``rand`` a seeded uniform k. Ties are broken
-    by position (candidate order, then flat index), so the same scores always give the same mask. Names matching a
-    regex in ``exclude`` are not candidates; names matching ``always_train`` leave the budget and train fully.
+    by position (candidate order, then flat index), so the same scores always give the same mask; scores are
+    ranked in their own precision (float64 stays float64). Names matching a regex in ``exclude`` are not
+    candidates and never train (``mask.frozen``); names matching ``always_train`` leave the budget and train fully.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    excl, always = _patterns(exclude), _patterns(always_train)
+    if strategy == "rand" and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise ValueError(f"strategy='rand' needs an integer seed (the same seed gives the same mask), got {seed!r}")
+    excl, always = _patterns(exclude, "exclude"), _patterns(always_train, "always_train")
     always_names = [n for n in scores if _matches(n, always)]
-    cand = {n: s for n, s in scores.items() if not _matches(n, excl) and n not in always_names}
+    excluded = [n for n in scores if _matches(n, excl) and n not in always_names]
+    cand = {n: s for n, s in scores.items() if n not in excluded and n not in always_names}
     if not cand:
         raise ValueError("no candidate parameters left to select from (scores empty, or all excluded / always_train)")
     n_total = sum(s.numel() for s in cand.values())
-    k = _resolve_k(n_total, keep, budget)
+    if n_total == 0:
+        raise ValueError(f"every candidate tensor is empty (0 entries: {list(cand)[:3]}); nothing can be selected")
+    k = resolve_k(n_total, keep, budget)
 
-    flat = torch.cat([s.detach().reshape(-1).float().cpu() for s in cand.values()])
+    dtype = torch.float32
+    for t in cand.values():
+        dtype = torch.promote_types(dtype, t.dtype if t.is_floating_point() else torch.float64)
+    flat = torch.cat([t.detach().reshape(-1).to(device="cpu", dtype=dtype) for t in cand.values()])
     if not bool(torch.isfinite(flat).all()):
-        bad = next(n for n, s in cand.items() if not bool(torch.isfinite(s).all()))
+        bad = next(n for n, t in cand.items() if not bool(torch.isfinite(t).all()))
         raise ValueError(f"Fisher scores of '{bad}' contain NaN/inf; recompute them")
     if strategy == "rand":
-        chosen = torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:k]
+        chosen = torch.randperm(n_total, generator=torch.Generator().manual_seed(int(seed)))[:k]
     else:  # stable sort: equal scores keep their positional order, so ties resolve deterministically
         chosen = torch.sort(flat, descending=(strategy == "fish"), stable=True).indices[:k]
     keep_flat = torch.zeros(n_total, dtype=torch.bool)
     keep_flat[chosen] = True
 
     shapes, indices, offset = {}, {}, 0
-    for name, s in cand.items():
-        shapes[name] = tuple(s.shape)
-        indices[name] = keep_flat[offset: offset + s.numel()].nonzero().view(-1)
-        offset += s.numel()
+    for name, t in cand.items():
+        shapes[name] = tuple(t.shape)
+        indices[name] = keep_flat[offset: offset + t.numel()].nonzero().view(-1)
+        offset += t.numel()
     always_numel = sum(scores[n].numel() for n in always_names)
     meta = {"k": k, "keep": k / n_total, "always_train_numel": always_numel}
     return FishMask(shapes=shapes, indices=indices, always_train=always_names, always_train_patterns=always,
-                    strategy=strategy, seed=seed if strategy == "rand" else None, meta=meta)
+                    frozen=excluded, strategy=strategy, seed=int(seed) if strategy == "rand" else None, meta=meta)
 
 
-def _resolve_k(n_total: int, keep: float | None, budget: int | None) -> int:
+def check_keep_budget(keep: object, budget: object) -> tuple[float | None, int | None]:
+    """Validate ``keep`` / ``budget`` before any work: exactly one, keep a fraction in (0, 1], budget >= 1.
+
+    Accepts numpy scalars and 0-d tensors; returns them as a Python float / int.
+    """
     if (keep is None) == (budget is None):
         raise ValueError("give exactly one of keep= (fraction in (0, 1]) or budget= (number of entries)")
     if budget is not None:
-        if isinstance(budget, bool) or not isinstance(budget, int) or not 0 < budget <= n_total:
-            raise ValueError(f"budget must be an integer in [1, {n_total:,}] (the number of candidates), got {budget!r}")
-        return budget
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+        value = budget.item() if isinstance(budget, Tensor) and budget.dim() == 0 else budget
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
+            raise ValueError(f"budget must be a positive integer (a number of entries), got {budget!r}")
+        return None, int(value)
+    value = keep.item() if isinstance(keep, Tensor) and keep.dim() == 0 else keep
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) <= 1:
         raise ValueError(f"keep must be a fraction in (0, 1], got {keep!r}; use budget= for an entry count")
+    return float(value), None
+
+
+def resolve_k(n_total: int, keep: float | None, budget: int | None) -> int:
+    """The exact number of entries to keep among ``n_total`` candidates."""
+    keep, budget = check_keep_budget(keep, budget)
+    if budget is not None:
+        if budget > n_total:
+            raise ValueError(f"budget must be an integer in [1, {n_total:,}] (the number of candidates), got {budget}")
+        return budget
     return max(1, min(n_total, round(keep * n_total)))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
+from .guard import MaskGuard
 from .mask import FishMask
 
 
@@ -15,27 +16,33 @@ class MaskedOptimizer(torch.optim.Optimizer):
     """Wrap any torch optimizer so that masked entries stay bit-identical.
 
     Zeroing the gradient is not enough: AdamW's decoupled weight decay shrinks every entry, and momentum moves
-    entries whose current gradient is zero. So two things happen:
+    entries whose current gradient is zero. A :class:`~fish_tuning.MaskGuard` owned by this wrapper therefore
 
-    1. after each backward (``post_accumulate_grad`` hook) the gradient of masked entries is zeroed in place, so
-       gradient clipping and accumulation see the masked gradient (Eq. 6), and optimizer moments stay 0 there;
-    2. around ``step()`` the candidate tensors are copied to a persistent buffer and masked entries are written
-       back afterwards, which undoes weight decay or any other rule of the wrapped optimizer.
+    1. zeroes the gradient of masked entries after each backward (``post_accumulate_grad`` hook), so gradient
+       clipping and accumulation see the masked gradient (Eq. 6), and optimizer moments stay 0 there;
+    2. backs up the candidate tensors around ``step()`` and writes masked entries back afterwards, which undoes
+       weight decay or any other rule of the wrapped optimizer.
 
-    Parameters matching the mask's ``always_train`` train normally. Any other optimizer parameter that is not a
-    mask candidate is an error. ``param_groups``, ``state``, ``state_dict`` and ``load_state_dict`` are those of
-    the wrapped optimizer, so LR schedulers and the HF Trainer work unchanged.
+    The hooks live as long as this wrapper: :meth:`close` removes them, and so does garbage collection of the
+    wrapper. Parameters matching the mask's ``always_train`` train normally; any other optimizer parameter that
+    is not a mask candidate is an error. ``param_groups`` and ``state`` are those of the wrapped optimizer, so
+    LR schedulers and the HF Trainer work unchanged; step / state-dict hooks registered on the wrapper fire as
+    on any torch optimizer. ``state_dict()`` records the mask's fingerprint, and ``load_state_dict`` refuses a
+    state saved with another mask or by another kind of optimizer.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, mask: FishMask, model: nn.Module):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"MaskedOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
         self.mask = mask
         for attr in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
                      "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
                      "_optimizer_load_state_dict_post_hooks"):
             setattr(self, attr, OrderedDict())
-        self._guard = MaskGuard(mask, model, [p for g in optimizer.param_groups for p in g["params"]])
-        self._frozen = self._guard.frozen
+        self._patch_step_function()  # what Optimizer.__init__ does so that registered step hooks fire
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        self._guard = MaskGuard(mask, model, params).attach(self, step_hooks=False)
 
     # Delegation: the wrapped optimizer owns all state.
     @property
@@ -63,10 +70,23 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self.optimizer.defaults = value
 
     def state_dict(self):
-        return self.optimizer.state_dict()
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        state = {**self.optimizer.state_dict(),
+                 FISH_STATE_KEY: fish_state("MaskedOptimizer", self.mask, inner=type(self.optimizer).__name__)}
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            out = hook(self, state)
+            state = out if out is not None else state
+        return state
 
     def load_state_dict(self, state_dict) -> None:
+        state_dict = check_fish_state(state_dict, "MaskedOptimizer", self.mask, inner=type(self.optimizer).__name__)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = hook(self, state_dict)
+            state_dict = out if out is not None else state_dict
         self.optimizer.load_state_dict(state_dict)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -76,6 +96,8 @@ class MaskedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
+        if not self._guard.attached:
+            raise RuntimeError("MaskedOptimizer was closed: its mask no longer applies; build a new one to train")
         self._guard.before_step()
         if closure is None:
             loss = self.optimizer.step()
@@ -85,101 +107,44 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self._guard.after_step()
         return loss
 
-    def remove_hooks(self) -> None:
-        """Detach the gradient hooks (e.g. before training the model without the mask)."""
-        self._guard.remove()
+    def close(self) -> None:
+        """Remove the masking hooks (also done when this optimizer is garbage-collected)."""
+        self._guard.close()
+
+    remove_hooks = close
 
     def __repr__(self) -> str:
         return f"MaskedOptimizer(k={self.mask.num_selected:,}, {self.optimizer!r})"
 
 
-class MaskGuard:
-    """The mechanism of :class:`MaskedOptimizer` for an optimizer you do not own (e.g. the HF Trainer's).
-
-    Construction registers the ``post_accumulate_grad`` hooks that zero masked gradients; :meth:`attach` adds step
-    pre/post hooks to a torch optimizer that back up the candidate tensors and write masked entries back, so the
-    optimizer object, its class and its state dict stay exactly as the caller built them.
-    """
-
-    def __init__(self, mask: FishMask, model: nn.Module, params: Iterable[Tensor]):
-        mask.check(model)
-        self.mask = mask
-        name_of = {id(p): n for n, p in model.named_parameters()}
-        self.frozen: dict[Tensor, Tensor] = {}  # param -> bool, True where the entry must not change
-        self._backup: dict[Tensor, Tensor] = {}
-        self._handles: list = []
-        for p in params:
-            name = name_of.get(id(p))
-            if name is None:
-                raise ValueError("the optimizer holds a tensor that is not a parameter of the model given")
-            if name in mask.shapes:
-                if p not in self.frozen:
-                    frozen = ~mask.bool_mask(name, device=p.device)
-                    self.frozen[p] = frozen
-                    self._handles.append(p.register_post_accumulate_grad_hook(_zero_masked_grad(frozen)))
-            elif not mask.is_always_train(name):
-                raise ValueError(
-                    f"parameter '{name}' is in the optimizer but is neither a mask candidate nor always_train. "
-                    "Add it to select_mask(..., always_train=...) or leave it out of the optimizer."
-                )
-
-    @torch.no_grad()
-    def before_step(self) -> None:
-        """Zero masked gradients (also ones set by hand, not through backward) and back up candidate tensors."""
-        for p, frozen in self.frozen.items():
-            if p.grad is not None:
-                p.grad.masked_fill_(frozen, 0)
-            buf = self._backup.get(p)
-            if buf is None:
-                buf = self._backup[p] = torch.empty_like(p)
-            buf.copy_(p)
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        """Write the backed-up value of every masked entry back (undoes weight decay, momentum, ...)."""
-        for p, frozen in self.frozen.items():
-            torch.where(frozen, self._backup[p], p, out=p)
-
-    def attach(self, optimizer: torch.optim.Optimizer) -> MaskGuard:
-        """Run :meth:`before_step` / :meth:`after_step` around every ``optimizer.step()`` (torch step hooks)."""
-        self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.before_step()))
-        self._handles.append(optimizer.register_step_post_hook(lambda *_: self.after_step()))
-        return self
-
-    def remove(self) -> None:
-        """Detach every hook this guard registered; the model then trains without the mask."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+FISH_STATE_KEY = "fish_tuning"
 
 
-def _zero_masked_grad(frozen: Tensor):
-    def hook(p: Tensor) -> None:
-        if p.grad is not None:
-            p.grad.masked_fill_(frozen, 0)
+def fish_state(kind: str, mask: FishMask, **extra: str) -> dict:
+    """What an optimizer's state_dict records about the mask it was built for."""
+    return {"optimizer": kind, "mask": mask.fingerprint(), **extra}
 
-    return hook
+
+def check_fish_state(state_dict: dict, kind: str, mask: FishMask, **extra: str) -> dict:
+    """Refuse a state from another optimizer kind or mask; returns the state without the fish record."""
+    info = state_dict.get(FISH_STATE_KEY) if isinstance(state_dict, dict) else None
+    if not isinstance(info, dict):
+        raise ValueError(f"this optimizer state was not saved by a {kind} (it has no '{FISH_STATE_KEY}' record, "
+                         "e.g. a plain torch optimizer's state): load it into the optimizer kind that saved it")
+    wanted = fish_state(kind, mask, **extra)
+    for key in ("optimizer", *extra):
+        if info.get(key) != wanted[key]:
+            raise ValueError(f"this optimizer state was saved by {info.get('optimizer')}"
+                             f"({info.get('inner', '')}), not {kind}({extra.get('inner', '')}): load it into "
+                             "the same kind of optimizer")
+    if info.get("mask") != wanted["mask"]:
+        raise ValueError(f"this optimizer state was saved with another mask (fingerprint {info.get('mask')}; this "
+                         f"optimizer's mask is {wanted['mask']}): resume with the mask of the run that saved it "
+                         "(FishMask.load of its fish_mask.safetensors)")
+    return {k: v for k, v in state_dict.items() if k != FISH_STATE_KEY}
 
 
 # --------------------------------------------------------------------------------------------- compact AdamW
-_INDEX_DTYPE: dict[str, torch.dtype] = {}
-
-
-def _index_dtype(device: torch.device) -> torch.dtype:
-    """int32 indices where this device's index_select/index_put_ accept them (half the bytes of int64)."""
-    key = str(device)
-    if key not in _INDEX_DTYPE:
-        try:
-            probe = torch.zeros(4, device=device)
-            idx = torch.tensor([1, 3], dtype=torch.int32, device=device)
-            probe.index_put_((idx,), probe.index_select(0, idx) + 1)
-            ok = bool(probe[1] == 1)
-        except (RuntimeError, NotImplementedError):
-            ok = False
-        _INDEX_DTYPE[key] = torch.int32 if ok else torch.int64
-    return _INDEX_DTYPE[key]
-
-
 class SparseAdamW(torch.optim.Optimizer):
     """AdamW with moments only for the k kept entries: the lean path for masked training.
 
@@ -188,11 +153,13 @@ class SparseAdamW(torch.optim.Optimizer):
     ``exp_avg_sq`` of length k. A step gathers the kept gradient entries, applies torch.optim.AdamW's update
     (decoupled weight decay, bias correction) to them, and writes the k new values back: O(k) work and memory per
     tensor, and masked entries are never written, so they stay bit-identical. Always-trainable parameters
-    (``mask.always_train``, e.g. a classifier head) get ordinary dense AdamW state.
+    (``mask.always_train``, e.g. a classifier head) get ordinary dense AdamW state; excluded candidates
+    (``mask.frozen``) get none and never change.
 
-    ``mask_grads`` zeroes the masked gradient entries after each backward (as ``MaskedOptimizer`` does) so that
-    gradient clipping and logging see Eq. 6's masked gradient; the step itself never reads them.
-    ``state_dict`` / ``load_state_dict`` and LR schedulers work as for any torch optimizer.
+    ``mask_grads`` zeroes the masked gradient entries after each backward (through a
+    :class:`~fish_tuning.MaskGuard` this optimizer owns) so that gradient clipping and logging see Eq. 6's masked
+    gradient; the step itself never reads them. :meth:`close` (or garbage collection) removes that hook.
+    ``state_dict`` records the mask's fingerprint; ``load_state_dict`` refuses a state of another mask or optimizer.
     """
 
     def __init__(self, model: nn.Module, mask: FishMask, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -201,17 +168,18 @@ class SparseAdamW(torch.optim.Optimizer):
             raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
-        mask.check(model)
         self.mask = mask
-        self._index: dict[Tensor, Tensor] = {}
-        params = []
+        params, masked = [], []
+        frozen = set(mask.frozen)
         for name, p in model.named_parameters():
-            if name in mask.shapes:
-                if not p.requires_grad:
+            if name in mask.shapes or name in frozen:
+                if name in mask.shapes and not p.requires_grad:
                     raise ValueError(f"mask candidate '{name}' does not require grad, so it can never train")
+                if not p.requires_grad:
+                    continue
                 if not p.is_contiguous():
                     raise ValueError(f"mask candidate '{name}' is not contiguous; SparseAdamW indexes its flat view")
-                self._index[p] = mask.indices[name].to(device=p.device, dtype=_index_dtype(p.device))
+                masked.append(p)
                 params.append(p)
             elif p.requires_grad:
                 if not mask.is_always_train(name):
@@ -220,11 +188,13 @@ class SparseAdamW(torch.optim.Optimizer):
                         "Add it to select_mask(..., always_train=...) or set requires_grad=False."
                     )
                 params.append(p)
+        guard = MaskGuard(mask, model, masked, restore=False)  # checks the mask against the model
+        self._index: dict[Tensor, Tensor] = guard.kept  # one copy of the kept indices, shared with the hooks
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
-        self._handles = []
         if mask_grads:
-            for p, idx in self._index.items():
-                self._handles.append(p.register_post_accumulate_grad_hook(_keep_only(idx)))
+            self._guard: MaskGuard | None = guard.attach(self, step_hooks=False)
+        else:
+            self._guard = None
 
     def _compact_size(self, p: Tensor) -> int:
         idx = self._index.get(p)
@@ -293,8 +263,13 @@ class SparseAdamW(torch.optim.Optimizer):
                 p.view(-1).index_put_((idx,), value)
         return loss
 
+    def state_dict(self):
+        state = super().state_dict()
+        state[FISH_STATE_KEY] = fish_state("SparseAdamW", self.mask)
+        return state
+
     def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)
+        super().load_state_dict(check_fish_state(state_dict, "SparseAdamW", self.mask))
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
@@ -312,30 +287,15 @@ class SparseAdamW(torch.optim.Optimizer):
             total += sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, Tensor))
         return total
 
-    def remove_hooks(self) -> None:
-        """Detach the gradient-masking hooks."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def close(self) -> None:
+        """Remove the gradient-masking hooks (also done when this optimizer is garbage-collected)."""
+        if self._guard is not None:
+            self._guard.close()
+
+    remove_hooks = close
 
     def __repr__(self) -> str:
         return f"SparseAdamW(k={self.mask.num_selected:,}, defaults={self.defaults})"
-
-
-def _keep_only(idx: Tensor):
-    """Zero every gradient entry except the kept ones without a dense mask: gather k, zero, scatter k back."""
-
-    def hook(p: Tensor) -> None:
-        if p.grad is None:
-            return
-        if not p.grad.is_contiguous():
-            p.grad = p.grad.contiguous()
-        flat = p.grad.view(-1)
-        kept = flat.index_select(0, idx)
-        flat.zero_()
-        flat.index_put_((idx,), kept)
-
-    return hook
 
 
 def make_optimizer(model: nn.Module, mask: FishMask, lr: float = 1e-3, weight_decay: float = 1e-2,

@@ -7,6 +7,7 @@ import inspect
 import logging
 import os
 import re
+import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 
@@ -15,10 +16,10 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..fisher import compute_fisher
-from ..mask import STRATEGIES, FishMask, select_mask
+from ..guard import MaskGuard
+from ..mask import STRATEGIES, FishMask, _patterns, check_keep_budget, select_mask
 from ..methods import peft_candidates
-from ..optim import MaskGuard
-from .adapter import FISH_MASK_NAME
+from .adapter import FISH_MASK_NAME, adapter_digest, check_adapter_digest
 from .distributed import calibration_loader
 
 logger = logging.getLogger("fish_tuning")
@@ -36,6 +37,11 @@ class FishCallback(TrainerCallback):
        ``AcceleratedOptimizer``): masked gradients are zeroed after each backward (so clipping, accumulation and
        the DDP all-reduce see Eq. 6), and masked entries are written back after each step (undoes weight decay).
 
+    The guard is removed at train end (before the final mask is written), by :meth:`remove`, on leaving a
+    ``with callback:`` block (use one around ``trainer.train()`` to detach on an exception too), and when the
+    Trainer's optimizer is garbage-collected; until then no other optimizer may step the guarded parameters.
+    The output folder is checked for writing at train begin, before any work.
+
     The Trainer's optimizer, scheduler, clipping and accumulation are used unchanged. Counts go to
     ``trainer.state.log_history`` (and ``self.stats``); the mask is written into every checkpoint and, at train
     end, into ``args.output_dir`` (beside the adapter ``trainer.save_model()`` writes there).
@@ -45,6 +51,7 @@ class FishCallback(TrainerCallback):
         candidates: names, or ``f(model) -> names``; default :func:`~fish_tuning.peft_candidates`.
         always_train: regexes of parameters trained fully outside the budget; default every trainable
             parameter that is not a candidate (e.g. a ``modules_to_save`` head).
+        exclude: regexes of candidates left out of the selection; they stay frozen (never trained).
         seed: subset and ``rand`` seed; default ``args.seed``. ``batch_size``: default per-device train size.
     """
 
@@ -68,6 +75,10 @@ class FishCallback(TrainerCallback):
             raise ValueError("FishCallback: give either mask= or keep=/budget=, not both")
         if mask is None and (keep is None) == (budget is None):
             raise ValueError("FishCallback needs exactly one of keep= (fraction) or budget= (entries), or mask=")
+        if mask is None:
+            keep, budget = check_keep_budget(keep, budget)
+        _patterns(exclude, "exclude")
+        _patterns(always_train, "always_train")
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if kind not in ("empirical", "expected"):
@@ -88,6 +99,8 @@ class FishCallback(TrainerCallback):
                        optimizer=None, train_dataloader=None, **kwargs):
         _check_supported(args, model)
         self.remove()
+        if args.should_save and (self.save_final_mask or args.save_strategy != "no"):
+            _check_writable(args.output_dir)
         if self.given_mask is not None:
             self.mask, self.source = self.given_mask, "given"
         elif state.global_step > 0:
@@ -108,21 +121,35 @@ class FishCallback(TrainerCallback):
             return
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(folder):
-            self.mask.save(os.path.join(folder, FISH_MASK_NAME))
+            self._save_mask(folder, kwargs.get("model"))
         else:
             warnings.warn(f"FishCallback: checkpoint folder {folder} not found; the mask was not saved with it "
                           "(save it yourself with mask.save(...))", stacklevel=2)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.remove()  # first: later training of this model is never masked by surprise, even if saving fails
         if self.mask is not None and self.save_final_mask and args.should_save:
-            self.mask.save(os.path.join(args.output_dir, FISH_MASK_NAME))
-        self.remove()  # later training of this model (outside this run) is not masked by surprise
+            self.mask.save(os.path.join(args.output_dir, FISH_MASK_NAME), model=kwargs.get("model"))
 
     def remove(self) -> None:
-        """Detach the gradient and step hooks (done automatically at train end)."""
+        """Detach the gradient and step hooks (done automatically at train end). Idempotent."""
         if self.guard is not None:
-            self.guard.remove()
+            self.guard.close()
             self.guard = None
+
+    def __enter__(self) -> FishCallback:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def _save_mask(self, folder: str, model: nn.Module | None) -> None:
+        """The mask beside a checkpoint's adapter, with a digest of those adapter files (checked on resume)."""
+        mask = self.mask
+        digest = adapter_digest(folder)
+        if digest:
+            mask = dataclasses.replace(mask, meta={**mask.meta, "adapter_files": digest})
+        mask.save(os.path.join(folder, FISH_MASK_NAME), model=model)
 
     # ------------------------------------------------------------------ mask sources
     def _select(self, args, state, model: nn.Module, train_dataloader) -> FishMask:
@@ -157,7 +184,8 @@ class FishCallback(TrainerCallback):
     def _with_always_train(self, mask: FishMask, model: nn.Module, fisher: dict) -> FishMask:
         """Record the non-candidate trainable parameters that train fully (select_mask only sees scored ones)."""
         patterns = [self.always_train] if isinstance(self.always_train, str) else list(self.always_train or [])
-        names = [n for n, p in model.named_parameters() if p.requires_grad and n not in mask.shapes
+        skip = set(mask.shapes) | set(mask.frozen)
+        names = [n for n, p in model.named_parameters() if p.requires_grad and n not in skip
                  and (self.always_train is None or any(re.search(pat, n) for pat in patterns))]
         numel = sum(p.numel() for n, p in model.named_parameters() if n in set(names))
         meta = {**mask.meta, "always_train_numel": numel, "fisher": fisher}
@@ -171,7 +199,9 @@ class FishCallback(TrainerCallback):
                 f"resuming at step {state.global_step} but {path} does not exist: the checkpoint was not written "
                 "with FishCallback. Pass the mask of the interrupted run: FishCallback(mask=FishMask.load(...))"
             )
-        return FishMask.load(path, model)
+        mask = FishMask.load(path, model)
+        check_adapter_digest(folder, mask)
+        return mask
 
     def _log(self, state: TrainerState, model: nn.Module) -> None:
         mask = self.mask
@@ -210,6 +240,18 @@ def _check_supported(args: TrainingArguments, model: nn.Module | None) -> None:
         )
     if model is None:
         raise ValueError("FishCallback got no model from the Trainer")
+
+
+def _check_writable(folder: str) -> None:
+    """Fail at train begin, before any work, when the mask could not be written at train end."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".fish_write_check."):
+            pass
+    except OSError as err:
+        raise PermissionError(f"FishCallback: output_dir {folder!r} is not writable ({err.strerror}); the mask and "
+                              "checkpoints could not be saved. Choose a writable output_dir (or "
+                              "save_strategy='no' and FishCallback(save_final_mask=False)).") from None
 
 
 def _accelerate_backend() -> str | None:

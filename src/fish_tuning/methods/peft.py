@@ -60,22 +60,42 @@ def peft_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Param
 
 
 def check_lora_init(model: nn.Module) -> list[str]:
-    """Warn before any Fisher pass when LoRA B factors are exactly zero (default init): A would get zero Fisher."""
+    """Warn before any Fisher pass when a LoRA factor pair has one side exactly zero: the other side then has
+    zero gradient and zero Fisher, so FISH can never pick it.
+
+    Linear / Conv LoRA starts with B = 0 (A scores zero) unless PiSSA-style init is used; embedding LoRA starts
+    with ``lora_embedding_A`` = 0 (``lora_embedding_B`` scores zero) for every ``init_lora_weights``, PiSSA
+    included. Returns the names of the all-zero factors.
+    """
     from peft.tuners.lora import LoraLayer
 
-    zero_b = []
+    zero_b, zero_emb_a = [], []
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             for adapter, lin in module.lora_B.items():
                 if not bool(lin.weight.any()):
                     zero_b.append(f"{name}.lora_B.{adapter}")
+            for adapter, param in getattr(module, "lora_embedding_A", {}).items():
+                if not bool(param.any()):
+                    zero_emb_a.append(f"{name}.lora_embedding_A.{adapter}")
     if zero_b:
         warnings.warn(
             f"{len(zero_b)} LoRA B factor(s) are all zero (e.g. {zero_b[0]}): with B = 0 every entry of A has zero "
             "gradient and zero Fisher, so FISH never trains A. Use LoraConfig(init_lora_weights='pissa').",
             stacklevel=2,
         )
-    return zero_b
+    if zero_emb_a:
+        warnings.warn(f"{len(zero_emb_a)} embedding LoRA factor(s) are all zero (e.g. {zero_emb_a[0]}): "
+                      + EMBEDDING_ADVICE, stacklevel=2)
+    return zero_b + zero_emb_a
+
+
+EMBEDDING_ADVICE = (
+    "peft initialises lora_embedding_A to zeros for every init_lora_weights (PiSSA does not apply to embeddings), "
+    "so every entry of lora_embedding_B has zero gradient and zero Fisher and FISH never trains it. Train the "
+    "embedding LoRA outside the budget (always_train=r'lora_embedding_'), leave it out (exclude=...), or give "
+    "lora_embedding_A small random values before the Fisher pass."
+)
 
 
 def prefix_tuning_compat(model: nn.Module) -> nn.Module:

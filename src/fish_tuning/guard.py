@@ -1,0 +1,262 @@
+"""MaskGuard: the one owner of the hooks that keep masked entries bit-identical (Eq. 6).
+
+Every masking hook in the library is registered here and nowhere else, so each has an owner with an explicit
+life: :meth:`MaskGuard.attach` (or ``with guard:``) registers them, :meth:`MaskGuard.close` removes them, and a
+guard bound to an optimizer closes itself when that optimizer is garbage-collected (``weakref.finalize``). A
+parameter can be guarded by one guard at a time: a second guard is an error naming the first, never a silent
+intersection of two masks. A process-wide optimizer step pre-hook refuses a step by any *other* optimizer over
+guarded parameters (their gradients were already masked by the guard's hooks, so that step would be silently
+wrong), e.g. after a Trainer run that raised before ``on_train_end``.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .mask import FishMask
+
+_ACTIVE: WeakIdKeyDictionary = WeakIdKeyDictionary()  # guarded parameter -> its attached MaskGuard
+_GLOBAL_HOOK = None
+
+
+_INDEX_DTYPE: dict[str, torch.dtype] = {}
+
+
+def index_dtype(device: torch.device | str) -> torch.dtype:
+    """int32 indices where this device's index_select/index_put_ accept them (half the bytes of int64)."""
+    key = str(device)
+    if key not in _INDEX_DTYPE:
+        try:
+            probe = torch.zeros(4, device=device)
+            idx = torch.tensor([1, 3], dtype=torch.int32, device=device)
+            probe.index_put_((idx,), probe.index_select(0, idx) + 1)
+            ok = bool(probe[1] == 1)
+        except (RuntimeError, NotImplementedError):
+            ok = False
+        _INDEX_DTYPE[key] = torch.int32 if ok else torch.int64
+    return _INDEX_DTYPE[key]
+
+
+def guard_of(param: Tensor) -> MaskGuard | None:
+    """The attached guard of a parameter, if any."""
+    return _ACTIVE.get(param)
+
+
+def _chain(optimizer) -> list:
+    """The optimizer and every optimizer it wraps (``.optimizer`` attributes: accelerate, MaskedOptimizer)."""
+    out = []
+    while optimizer is not None and optimizer not in out:
+        out.append(optimizer)
+        optimizer = getattr(optimizer, "optimizer", None)
+    return out
+
+
+def _refuse_foreign_step(optimizer, args, kwargs) -> None:
+    """Global step pre-hook: an optimizer that is not a guard's owner may not step that guard's parameters."""
+    if not len(_ACTIVE):
+        return
+    for group in getattr(optimizer, "param_groups", ()):
+        for p in group["params"]:
+            guard = _ACTIVE.get(p)
+            if guard is not None and not guard._allows(optimizer):
+                raise RuntimeError(
+                    f"{type(optimizer).__name__}.step() would update parameters that {guard!r} still guards: their "
+                    "masked gradients were zeroed by that guard, so this step would be silently masked. That guard's "
+                    "run did not end cleanly (e.g. Trainer.train raised before on_train_end). Call .close() on it "
+                    "(FishCallback: callback.remove()) before training these parameters another way."
+                )
+
+
+def _ensure_global_hook() -> None:
+    global _GLOBAL_HOOK
+    if _GLOBAL_HOOK is None:
+        _GLOBAL_HOOK = register_optimizer_step_pre_hook(_refuse_foreign_step)
+
+
+class MaskGuard:
+    """Keep the masked entries of ``mask``'s candidates bit-identical under any torch optimizer.
+
+    Two mechanisms, both owned here:
+
+    1. a ``post_accumulate_grad`` hook on each guarded tensor zeroes its masked gradient entries after every
+       backward, so clipping, accumulation and the DDP all-reduce see Eq. 6's masked gradient;
+    2. around each step of the owning optimizer (torch step pre/post hooks, or called directly by
+       :class:`~fish_tuning.MaskedOptimizer`), candidate tensors are backed up and masked entries written back,
+       which undoes decoupled weight decay, momentum and any other rule that moves zero-gradient entries.
+
+    Candidates excluded from selection (``mask.frozen``) are guarded with nothing kept: they never change.
+    Nothing is registered until :meth:`attach` (or ``with MaskGuard(...) as g:``), and :meth:`close` removes it all.
+
+    Args:
+        params: the tensors to guard (e.g. an optimizer's parameters); default every trainable parameter of
+            ``model``. Each must be a candidate, an excluded candidate or ``always_train`` (those train freely).
+        optimizer: the optimizer to attach to on ``with`` (same as ``attach(optimizer)``).
+        restore: back up and write back masked entries around steps (off when the optimizer never writes them,
+            as :class:`~fish_tuning.SparseAdamW`).
+    """
+
+    def __init__(self, mask: FishMask, model: nn.Module, params: Iterable[Tensor] | None = None,
+                 optimizer: torch.optim.Optimizer | None = None, restore: bool = True):
+        mask.check(model)
+        self.mask, self.restore, self._optimizer = mask, restore, optimizer
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        self.kept: dict[Tensor, Tensor] = {}  # guarded tensor -> its kept flat indices
+        self.names: dict[Tensor, str] = {}
+        frozen = set(mask.frozen)
+        for p in params:
+            name = name_of.get(id(p))
+            if name is None:
+                raise ValueError("the optimizer holds a tensor that is not a parameter of the model given")
+            if p in self.kept:
+                continue
+            if name in mask.shapes:
+                self.kept[p] = mask.indices[name].to(device=p.device, dtype=index_dtype(p.device))
+            elif name in frozen:
+                self.kept[p] = torch.zeros(0, dtype=index_dtype(p.device), device=p.device)
+            elif not mask.is_always_train(name):
+                raise ValueError(
+                    f"parameter '{name}' is in the optimizer but is neither a mask candidate nor always_train. "
+                    "Add it to select_mask(..., always_train=...) or leave it out of the optimizer."
+                )
+            else:
+                continue
+            self.names[p] = name
+        self._dense: dict[Tensor, Tensor] = {}  # lazily built bool masks (True = must not change)
+        self._backup: dict[Tensor, Tensor] = {}
+        self._handles: list = []
+        self._owner: weakref.ref | None = None
+        self._finalizer: weakref.finalize | None = None
+        self.attached = False
+
+    # ------------------------------------------------------------------ life
+    def attach(self, optimizer: torch.optim.Optimizer | None = None, step_hooks: bool = True) -> MaskGuard:
+        """Register the gradient hooks, and with ``optimizer`` the step hooks on it; returns ``self``.
+
+        The guard is then owned by ``optimizer``: it closes when the optimizer is garbage-collected, and no other
+        optimizer may step the guarded tensors while it is attached.
+        """
+        if self.attached:
+            raise RuntimeError(f"{self!r} is already attached; close() it first")
+        optimizer = optimizer if optimizer is not None else self._optimizer
+        self._check_free()
+        _ensure_global_hook()
+        for p, idx in self.kept.items():
+            self._handles.append(p.register_post_accumulate_grad_hook(_keep_only(idx)))
+            _ACTIVE[p] = self
+        self.attached = True
+        if optimizer is not None:
+            self._owner = weakref.ref(optimizer)
+            self._finalizer = weakref.finalize(optimizer, MaskGuard._close_handles, self._handles, list(self.kept))
+            if step_hooks:
+                self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.before_step()))
+                self._handles.append(optimizer.register_step_post_hook(lambda *_: self.after_step()))
+        return self
+
+    def close(self) -> None:
+        """Remove every hook this guard registered; the tensors then train without the mask. Idempotent."""
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        MaskGuard._close_handles(self._handles, list(self.kept))
+        self._backup.clear()
+        self.attached = False
+
+    remove = close  # the name of 0.1
+
+    @staticmethod
+    def _close_handles(handles: list, params: list[Tensor]) -> None:
+        # Static (no reference to the guard) so weakref.finalize does not keep the guard alive.
+        for handle in handles:
+            handle.remove()
+        handles.clear()
+        for p in params:
+            if p in _ACTIVE:
+                del _ACTIVE[p]
+
+    def __enter__(self) -> MaskGuard:
+        return self if self.attached else self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_free(self) -> None:
+        taken = [(p, _ACTIVE[p]) for p in self.kept if p in _ACTIVE and _ACTIVE[p] is not self]
+        if taken:
+            gc.collect()  # an unreachable owner (reference cycle) closes its guard through its finalizer
+            taken = [(p, _ACTIVE[p]) for p in self.kept if p in _ACTIVE and _ACTIVE[p] is not self]
+        if taken:
+            p, other = taken[0]
+            raise RuntimeError(
+                f"parameter '{self.names[p]}' is already guarded by {other!r}; two masks on one tensor would train "
+                "only their intersection. Close the first guard (optimizer.close(), callback.remove(), or drop that "
+                "optimizer) before attaching another."
+            )
+
+    def _allows(self, optimizer) -> bool:
+        owner = self._owner() if self._owner is not None else None
+        if self._owner is None:
+            return True  # gradient hooks only (no owner): any optimizer may step
+        if owner is None:
+            return True  # owner gone; its finalizer is about to close this guard
+        return owner in _chain(optimizer) or optimizer in _chain(owner)
+
+    # ------------------------------------------------------------------ the step
+    def _frozen(self, p: Tensor) -> Tensor:
+        dense = self._dense.get(p)
+        if dense is None:
+            dense = torch.ones(p.numel(), dtype=torch.bool, device=p.device)
+            dense[self.kept[p].long()] = False
+            dense = self._dense[p] = dense.view(p.shape)
+        return dense
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Zero masked gradients (also ones set by hand, not through backward) and back up guarded tensors."""
+        for p, idx in self.kept.items():
+            if p.grad is not None:
+                _keep_only(idx)(p)
+            if self.restore:
+                buf = self._backup.get(p)
+                if buf is None:
+                    buf = self._backup[p] = torch.empty_like(p)
+                buf.copy_(p)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Write the backed-up value of every masked entry back (undoes weight decay, momentum, ...)."""
+        if not self.restore:
+            return
+        for p in self.kept:
+            torch.where(self._frozen(p), self._backup[p], p, out=p)
+
+    def __repr__(self) -> str:
+        owner = self._owner() if self._owner is not None else None
+        by = f", owned by {type(owner).__name__} at {id(owner):#x}" if owner is not None else ""
+        state = "attached" if self.attached else "detached"
+        return f"MaskGuard(k={self.mask.num_selected:,}, {len(self.kept)} tensors, {state}{by}, id {id(self):#x})"
+
+
+def _keep_only(idx: Tensor):
+    """Zero every gradient entry except the kept ones without a dense mask: gather k, zero, scatter k back."""
+
+    def hook(p: Tensor) -> None:
+        if p.grad is None:
+            return
+        if not p.grad.is_contiguous():
+            p.grad = p.grad.contiguous()
+        flat = p.grad.view(-1)
+        index = idx if idx.device == flat.device else idx.to(flat.device)
+        kept = flat.index_select(0, index)
+        flat.zero_()
+        flat.index_put_((index,), kept)
+
+    return hook
