@@ -43,52 +43,102 @@ def test_low_rank_least_squares_reaches_eckart_young_optimum():
 # -- the update equals an independent reference of the documented rule ---------------------------------------
 
 
-def reference_run(B0, A0, c0, grads, lr, b1, b2, damping, wd, exponent, eps):
-    """docs/adafish.md written out in float64 numpy; c (a bias) follows AdamW."""
+def reference_run(B0, A0, c0, grads, lr, b1, b2, damping, wd, exponent, scale, n_side, eps):
+    """docs/adafish.md written out in float64 numpy, on rank-major factors; c (a bias) follows AdamW."""
     B, A, c = (x.double().numpy().copy() for x in (B0, A0, c0))
     r = B.shape[1]
-    mB, mA, mc = np.zeros_like(B), np.zeros_like(A), np.zeros_like(c)
-    FB, FA, vc = np.zeros((r, r)), np.zeros((r, r)), np.zeros_like(c)
+    fac = {"B": dict(W=B.T.copy()), "A": dict(W=A)}  # rank-major [r, n]
+    for st in fac.values():
+        n = st["W"].shape[1]
+        st.update(m=np.zeros((r, n)), v=np.zeros((r, n)), F=np.zeros((r, r)), d=np.zeros(n))
+    mc, vc = np.zeros_like(c), np.zeros_like(c)
     for t, (gB, gA, gc) in enumerate(grads, start=1):
-        gB, gA, gc = gB.double().numpy(), gA.double().numpy(), gc.double().numpy()
-        mB = b1 * mB + (1 - b1) * gB
-        mA = b1 * mA + (1 - b1) * gA
-        FB = b2 * FB + (1 - b2) * gB.T @ gB / B.shape[0]  # B is [out, r]: G^T G over the out rows
-        FA = b2 * FA + (1 - b2) * gA @ gA.T / A.shape[1]  # A is [r, in]: G G^T over the in columns
-
-        def precond(F, t=t):
-            Fh = F / (1 - b2**t)
-            delta = damping * np.trace(Fh) / r
-            return np.real(fractional_matrix_power(Fh + delta * np.eye(r), -exponent))
-
-        B = B * (1 - lr * wd) - lr * (mB / (1 - b1**t)) @ precond(FB)
-        A = A * (1 - lr * wd) - lr * precond(FA) @ (mA / (1 - b1**t))
+        for key, G in (("B", gB.double().numpy().T), ("A", gA.double().numpy())):
+            st, n = fac[key], G.shape[1]
+            st["m"] = b1 * st["m"] + (1 - b1) * G
+            st["v"] = b2 * st["v"] + (1 - b2) * G**2
+            mh, g = st["m"] / (1 - b1**t), G
+            if n_side == "diag":
+                st["d"] = b2 * st["d"] + (1 - b2) * (G**2).mean(0)
+                w = 1 / (np.sqrt(st["d"] / (1 - b2**t)) + eps)
+                g, mh = G * w, mh * w
+            st["F"] = b2 * st["F"] + (1 - b2) * g @ g.T / n
+            Fh = st["F"] / (1 - b2**t)
+            if scale == "trace":
+                Fh = Fh / (np.trace(Fh) / r)
+            P = np.real(fractional_matrix_power(Fh + damping * np.trace(Fh) / r * np.eye(r), -exponent))
+            s = P @ mh
+            adam = st["m"] / (1 - b1**t) / (np.sqrt(st["v"] / (1 - b2**t)) + eps)
+            if n_side == "graft":
+                s = s * np.linalg.norm(adam, axis=0) / np.linalg.norm(s, axis=0)
+            elif scale == "graft":
+                s = s * np.linalg.norm(adam) / np.linalg.norm(s)
+            st["W"] = st["W"] * (1 - lr * wd) - lr * s
+        gc = gc.double().numpy()
         mc = b1 * mc + (1 - b1) * gc
         vc = b2 * vc + (1 - b2) * gc**2
         c = c * (1 - lr * wd) - lr * (mc / (1 - b1**t)) / (np.sqrt(vc / (1 - b2**t)) + eps)
-    return B, A, c
+    return fac["B"]["W"].T, fac["A"]["W"], c
 
 
-@pytest.mark.parametrize("exponent", [0.5, 1.0])
-def test_update_matches_reference(exponent):
+@pytest.mark.parametrize("variant", sorted(ft.adafish.VARIANTS))
+def test_update_matches_reference(variant):
     g = torch.Generator().manual_seed(3)
     out, r, inp = 7, 3, 5
     B = torch.nn.Parameter(torch.randn(out, r, generator=g))
     A = torch.nn.Parameter(torch.randn(r, inp, generator=g))
     c = torch.nn.Parameter(torch.randn(out, generator=g))
     start = [x.detach().clone() for x in (B, A, c)]
-    hp = dict(lr=0.03, betas=(0.8, 0.95), damping=0.05, weight_decay=0.1, exponent=exponent, eps=1e-8)
-    opt = ft.AdaFish(factor_groups(B, A, c), **hp)
+    hp = dict(lr=0.03, betas=(0.8, 0.95), damping=0.05, weight_decay=0.1, eps=1e-8)
+    opt = ft.AdaFish(factor_groups(B, A, c), variant=variant, **hp)
     grads = [tuple(torch.randn(x.shape, generator=g) * s for x in (B, A, c)) for s in (1.0, 0.3, 2.0, 0.7)]
     for step_grads in grads:
         for p, gr in zip((B, A, c), step_grads):
             p.grad = gr.clone()
         opt.step()
-    ref = reference_run(*start, grads, hp["lr"], *hp["betas"], hp["damping"], hp["weight_decay"], exponent,
-                        hp["eps"])
+    rule = ft.adafish.VARIANTS[variant]
+    ref = reference_run(*start, grads, hp["lr"], *hp["betas"], hp["damping"], hp["weight_decay"], rule["exponent"],
+                        rule["scale"], rule["n_side"], hp["eps"])
     for got, want in zip((B, A, c), ref):
         np.testing.assert_allclose(got.detach().double().numpy(), want, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(B.detach(), start[0])
+
+
+def first_step(variant, grad, **kw):
+    """The step of an r=4 A factor [4, 50] for one gradient, per unit learning rate."""
+    A = torch.nn.Parameter(torch.zeros_like(grad))
+    opt = ft.AdaFish([{"params": [A], "factor": "A"}], lr=1.0, variant=variant, **kw)
+    A.grad = grad.clone()
+    opt.step()
+    return -A.detach()
+
+
+def test_default_step_is_scale_free_and_the_paper_step_is_not():
+    """Learning rates transfer for the default: the step does not depend on the gradient's scale."""
+    g = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    for variant in ("fisher", "fisher_graft", "fisher_colgraft", "sqrt"):
+        torch.testing.assert_close(first_step(variant, g * 1e-2), first_step(variant, g), rtol=1e-3, atol=1e-5)
+    paper = first_step("paper", g).norm()
+    assert first_step("paper", g * 1e-3).norm() > 500 * paper  # (F + d I)^-1 M scales as 1 / gradient
+    adam_norm = torch.ones_like(g).norm()  # AdamW's first step is sign(g): norm sqrt(numel)
+    torch.testing.assert_close(first_step("fisher_graft", g).norm(), adam_norm)
+    torch.testing.assert_close(first_step("fisher_colgraft", g).norm(dim=0), torch.full((50,), 2.0))
+
+
+def test_outlier_columns_do_not_dominate_the_default_step():
+    """A few input features with 100x larger gradients (MiniLM's outlier dims): the n-side treatment keeps every
+    column's step on AdamW's scale, while the untreated rules put almost the whole step there."""
+    g = torch.randn(4, 50, generator=torch.Generator().manual_seed(1))
+    g[:, :3] *= 100.0
+
+    def spread(step):
+        cols = step.norm(dim=0)
+        return (cols.max() / cols.median()).item()
+
+    assert spread(first_step("fisher", g)) < 2.5 and spread(first_step("sqrt_diag", g)) < 2.5
+    assert spread(first_step("fisher_colgraft", g)) == pytest.approx(1.0)
+    assert spread(first_step("sqrt", g)) > 8  # the first version's default
+    assert first_step("fisher", g).abs().max() < 5  # per entry: AdamW's first step is at most 1
 
 
 def test_non_lora_parameters_follow_adamw_exactly():
@@ -152,6 +202,36 @@ def test_dora_magnitude_falls_back_to_adamw():
     assert mags and all(opt.state[p]["exp_avg_sq"].shape == p.shape for p in mags)
 
 
+def test_per_sample_fisher_equals_the_sum_over_examples(bert_lora):
+    """fisher='per_sample': F = (1 - b2) sum_i G_i G_i^T / n with G_i the gradient of example i's share of the loss."""
+    batch = cls_batches(n_batches=1)[0]
+    b = len(batch["labels"])
+    bert_lora.eval()  # no dropout: single-example passes give the batch's per-example gradients
+    twin = copy.deepcopy(bert_lora)
+    kinds = ft.lora_factors(bert_lora)
+    want = {n: 0.0 for n in kinds}
+    for i in range(b):
+        twin.zero_grad()
+        (twin(**{k: v[i:i + 1] for k, v in batch.items()}).loss / b).backward()
+        for n, p in twin.named_parameters():
+            if n in kinds:
+                g = p.grad if kinds[n] == "A" else p.grad.T  # rank-major [r, n]
+                want[n] = want[n] + g @ g.T / g.shape[1]
+    b2 = 0.5
+    opt = ft.AdaFish(bert_lora, lr=1e-3, betas=(0.9, b2), n_side="none", fisher="per_sample")
+    bert_lora(**batch).loss.backward()
+    opt.step()
+    batch_stat = {}
+    for n, p in bert_lora.named_parameters():
+        if n in kinds:
+            torch.testing.assert_close(opt.state[p]["fisher"], (1 - b2) * want[n], rtol=1e-3, atol=1e-9)
+            g = p.grad if kinds[n] == "A" else p.grad.T
+            batch_stat[n] = (1 - b2) * g @ g.T / g.shape[1]
+    # the mini-batch statistic is a different matrix (rank <= 1 per column, no per-example spread)
+    named = dict(bert_lora.named_parameters())
+    assert all((opt.state[named[n]]["fisher"] - batch_stat[n]).norm() > 0.1 * batch_stat[n].norm() for n in kinds)
+
+
 # -- composition with a FISH mask -----------------------------------------------------------------------------
 
 
@@ -160,11 +240,12 @@ def fish_mask(model, batches, keep=0.1):
     return ft.select_mask(fisher, keep=keep, always_train="classifier")
 
 
-def test_masked_entries_bit_identical(bert_lora):
+@pytest.mark.parametrize("kw", [{}, {"variant": "fisher_colgraft"}, {"variant": "sqrt"}, {"fisher": "per_sample"}])
+def test_masked_entries_bit_identical(bert_lora, kw):
     batches = cls_batches(n_batches=4)
     mask = fish_mask(bert_lora, batches)
     before = {n: p.detach().clone() for n, p in bert_lora.named_parameters()}
-    opt = ft.make_adafish(bert_lora, mask=mask, lr=1e-2, weight_decay=0.1)
+    opt = ft.make_adafish(bert_lora, mask=mask, lr=1e-2, weight_decay=0.1, **kw)
     assert isinstance(opt, ft.MaskedOptimizer) and isinstance(opt.optimizer, ft.AdaFish)
     bert_lora.train()
     for step in range(5):
@@ -207,7 +288,7 @@ def test_masked_gradients_stay_out_of_the_fisher_statistics(bert_lora):
     twin(**batches[0]).loss.backward()
     full = {n: p.grad for n, p in twin.named_parameters() if p.grad is not None}
     b2 = 0.9
-    opt = ft.MaskedOptimizer(ft.AdaFish(bert_lora, lr=1e-3, betas=(0.5, b2)), mask, bert_lora)
+    opt = ft.MaskedOptimizer(ft.AdaFish(bert_lora, lr=1e-3, betas=(0.5, b2), n_side="none"), mask, bert_lora)
     bert_lora(**batches[0]).loss.backward()
     opt.step()
     named = dict(bert_lora.named_parameters())
@@ -225,18 +306,19 @@ def test_masked_gradients_stay_out_of_the_fisher_statistics(bert_lora):
 # -- state_dict, Trainer, arguments --------------------------------------------------------------------------
 
 
-def test_state_dict_round_trip_continues_identically(bert_lora):
+@pytest.mark.parametrize("variant", ["fisher", "fisher_colgraft"])
+def test_state_dict_round_trip_continues_identically(bert_lora, variant):
     batches = cls_batches(n_batches=2)
-    opt = ft.AdaFish(bert_lora, lr=1e-2, weight_decay=0.01)
+    opt = ft.AdaFish(bert_lora, lr=1e-2, weight_decay=0.01, variant=variant)
     for step in range(3):
         opt.zero_grad()
         bert_lora(**batches[step % 2]).loss.backward()
         opt.step()
     twin = copy.deepcopy(bert_lora)
-    fresh = ft.AdaFish(twin, lr=5.0)
+    fresh = ft.AdaFish(twin, lr=5.0, variant="sqrt")
     fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert [g["factor"] for g in fresh.param_groups] == ["A", "B", None]
-    assert fresh.param_groups[0]["lr"] == 1e-2
+    assert fresh.param_groups[0]["lr"] == 1e-2 and fresh.param_groups[0]["scale"] == opt.param_groups[0]["scale"]
     for m, o in ((bert_lora, opt), (twin, fresh)):
         o.zero_grad()
         m(**batches[0]).loss.backward()
@@ -275,6 +357,11 @@ def test_hf_trainer_with_masked_adafish(bert_lora, tmp_path):
     (dict(damping=-1e-3), "damping must be > 0"),
     (dict(exponent=0.0), "exponent"),
     (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(variant="newton"), "variant must be one of"),
+    (dict(scale="norm"), "scale must be one of"),
+    (dict(n_side="full"), "n_side must be one of"),
+    (dict(fisher="exact"), "fisher must be one of"),
+    (dict(fisher="per_sample", variant="paper"), "needs scale 'trace' or 'graft'"),
 ])
 def test_bad_arguments(bert_lora, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -288,3 +375,5 @@ def test_bad_param_groups():
         ft.AdaFish([{"params": [torch.nn.Parameter(torch.zeros(3))], "factor": "A"}])
     with pytest.raises(ValueError, match="damping"):
         ft.AdaFish([{"params": [torch.nn.Parameter(torch.zeros(2, 2))], "factor": "A", "damping": 0}])
+    with pytest.raises(ValueError, match="needs the model"):
+        ft.AdaFish([{"params": [torch.nn.Parameter(torch.zeros(2, 2))], "factor": "A"}], fisher="per_sample")

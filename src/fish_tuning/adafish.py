@@ -1,15 +1,16 @@
-"""AdaFish: AdamW with an r x r Fisher preconditioner for each LoRA factor (arXiv 2403.13128; rule in docs/adafish.md).
+"""AdaFish: an r x r generalized-Fisher preconditioner for each LoRA factor (arXiv 2403.13128; docs/adafish.md).
 
 For a factor with rank dimension r (peft: ``lora_A.weight`` is [r, in], ``lora_B.weight`` is [out, r]) write its
-gradient in rank-major form G in R^{r x n}. AdaFish keeps, per factor,
+gradient in rank-major form G in R^{r x n}. The default ("fisher") step, per factor and step t:
 
-    M <- b1 M + (1 - b1) G                        (first moment, as AdamW)
-    F <- b2 F + (1 - b2) G G^T / n                (r x r generalized Fisher, one Kronecker side)
-    P  = (F / (1 - b2^t) + delta I)^(-exponent),  delta = damping * tr(F / (1 - b2^t)) / r
-    W <- W (1 - lr wd) - lr P M / (1 - b1^t)      (for B: W <- ... - lr M P, the same thing in [out, r] layout)
+    d  <- b2 d + (1 - b2) mean_r(G^2),  w = 1 / (sqrt(d / (1 - b2^t)) + eps)   (n side, Adafactor-style; variant)
+    M  <- b1 M + (1 - b1) G
+    F  <- b2 F + (1 - b2) (G w)(G w)^T / n                                      (r x r generalized Fisher)
+    F^ = F / (1 - b2^t) / (tr F^ / r)                                            (trace-normalised)
+    W  <- W (1 - lr wd) - lr (F^ + damping I)^-1 (M w) / (1 - b1^t)             (exponent 1: the paper's inverse)
 
-so preconditioning costs one r x r eigendecomposition per factor and step. Every other parameter (heads, biases,
-DoRA magnitudes) gets exactly AdamW's update.
+Other variants (``VARIANTS``) change the exponent, drop the n-side treatment, or graft the step to AdamW's norm.
+Every parameter that is not a LoRA factor (heads, biases, DoRA magnitudes) gets exactly AdamW's update.
 """
 
 from __future__ import annotations
@@ -22,6 +23,18 @@ import torch
 from torch import Tensor, nn
 
 RANK_DIM = {"A": 0, "B": 1}  # where r sits in peft's weights: A [r, in(, k, k)], B [out, r(, 1, 1)]
+SCALES = ("trace", "graft", "none")
+N_SIDES = ("diag", "graft", "none")
+FISHERS = ("batch", "per_sample")
+# Named rules (docs/adafish.md). "fisher" is the default; "sqrt" is the exponent-0.5 rule of the first version.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "fisher": dict(exponent=1.0, scale="trace", n_side="diag"),
+    "fisher_graft": dict(exponent=1.0, scale="graft", n_side="none"),
+    "fisher_colgraft": dict(exponent=1.0, scale="graft", n_side="graft"),
+    "paper": dict(exponent=1.0, scale="none", n_side="none"),
+    "sqrt": dict(exponent=0.5, scale="none", n_side="none"),
+    "sqrt_diag": dict(exponent=0.5, scale="trace", n_side="diag"),
+}
 
 
 def lora_factors(model: nn.Module) -> dict[str, str]:
@@ -48,43 +61,57 @@ def lora_factors(model: nn.Module) -> dict[str, str]:
 
 
 class AdaFish(torch.optim.Optimizer):
-    """Second-order optimizer for low-rank adapters: an EMA of an r x r Fisher matrix per LoRA factor.
+    """Second-order optimizer for low-rank adapters: an EMA of an r x r Fisher matrix per LoRA factor, inverted.
 
     Args:
         model_or_params: a peft model (factors found through :func:`lora_factors`, every other trainable
             parameter falls back to AdamW), or parameters / param groups. In groups, ``"factor": "A"`` marks
             tensors whose dim 0 is the rank, ``"factor": "B"`` those whose dim 1 is; unmarked groups use AdamW.
-        lr: learning rate.
-        betas: EMA rates of the first moment and of the second moment / Fisher matrix.
-        damping: relative Tikhonov damping, a fraction of the mean eigenvalue of the bias-corrected Fisher
-            matrix (scale-free; it caps how much weak directions are amplified).
+        lr: learning rate (for the default variant on the same scale as AdamW's: the step is dimensionless).
+        betas: EMA rates of the first moment and of the second moments / Fisher matrix.
+        damping: Tikhonov damping relative to the mean eigenvalue of the bias-corrected Fisher matrix; it caps how
+            much a weak rank direction is amplified (by ``1 / damping`` at exponent 1).
         weight_decay: decoupled weight decay (as AdamW).
-        exponent: the preconditioner is ``(F + delta I)^-exponent``; 0.5 is Adam-like (learning rates transfer
-            from AdamW), 1.0 is a damped natural-gradient / Gauss-Newton step.
-        eps: AdamW's epsilon for the non-factor parameters.
+        variant: a name in ``VARIANTS`` giving ``exponent``, ``scale`` and ``n_side``; explicit arguments win.
+        exponent: the preconditioner is ``(F + delta I)^-exponent``: 1 is the paper's inverse, 0.5 Adam-like.
+        scale: how the step gets a learning rate that transfers: ``"trace"`` divides F by its mean eigenvalue,
+            ``"graft"`` rescales the step to AdamW's per-tensor step norm, ``"none"`` is the raw preconditioner.
+        n_side: the non-rank dimension: ``"diag"`` an Adafactor-style diagonal second moment per column,
+            ``"graft"`` each column rescaled to AdamW's column norm, ``"none"`` untreated (the paper).
+        fisher: ``"batch"`` builds F from the mini-batch gradient, ``"per_sample"`` from per-sample gradients
+            (hooks on the LoRA Linear layers; needs a model, and ``scale`` other than ``"none"``).
+        eps: AdamW's epsilon, for non-factor parameters and the AdamW / n-side denominators.
 
-    Compose with a FISH mask as ``MaskedOptimizer(AdaFish(model, ...), mask, model)``: the mask's gradient hook
-    keeps masked gradients out of M and F, and its restore undoes the parts of P M that the r x r mixing moves
-    onto masked entries.
+    Compose with a FISH mask as ``MaskedOptimizer(AdaFish(model, ...), mask, model)`` (or :func:`make_adafish`):
+    the mask's gradient hook keeps masked gradients out of every statistic, and its restore undoes the parts of the
+    step that the r x r mixing moves onto masked entries.
     """
 
     def __init__(self, model_or_params: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), damping: float = 1e-3, weight_decay: float = 0.0,
-                 exponent: float = 0.5, eps: float = 1e-8):
-        _check_hparams(lr, betas, damping, weight_decay, exponent, eps)
+                 variant: str = "fisher", exponent: float | None = None, scale: str | None = None,
+                 n_side: str | None = None, fisher: str = "batch", eps: float = 1e-8):
+        if variant not in VARIANTS:
+            raise ValueError(f"AdaFish: variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+        given = dict(exponent=exponent, scale=scale, n_side=n_side)
+        rule = {**VARIANTS[variant], **{k: v for k, v in given.items() if v is not None}}
+        if fisher not in FISHERS:
+            raise ValueError(f"AdaFish: fisher must be one of {FISHERS}, got {fisher!r}")
+        if fisher == "per_sample" and not isinstance(model_or_params, nn.Module):
+            raise ValueError("AdaFish: fisher='per_sample' needs the model (its LoRA layers are hooked)")
         if isinstance(model_or_params, nn.Module):
             params: Any = _groups_from_model(model_or_params)
         else:
             params = list(model_or_params)
-        defaults = dict(lr=lr, betas=tuple(betas), damping=damping, weight_decay=weight_decay, exponent=exponent,
-                        eps=eps, factor=None)
+        defaults = dict(lr=lr, betas=tuple(betas), damping=damping, weight_decay=weight_decay, eps=eps, factor=None,
+                        fisher=fisher, **rule)
         super().__init__(params, defaults)
+        self._per_sample = _PerSampleGrads(model_or_params, self) if fisher == "per_sample" else None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _check_hparams(group["lr"], group["betas"], group["damping"], group["weight_decay"], group["exponent"],
-                       group["eps"])
+        _check_group(group)
         factor = group["factor"]
         if factor is not None:
             if factor not in RANK_DIM:
@@ -93,6 +120,11 @@ class AdaFish(torch.optim.Optimizer):
                 if p.dim() < 2:
                     raise ValueError(f"a LoRA factor '{factor}' must have at least 2 dims, got shape "
                                      f"{tuple(p.shape)}")
+
+    def set_entry_masks(self, masks: dict[Tensor, Tensor]) -> None:
+        """Bool masks (True = trainable) applied to per-sample gradients; :func:`make_adafish` sets them."""
+        if self._per_sample is not None:
+            self._per_sample.masks = dict(masks)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -109,28 +141,34 @@ class AdaFish(torch.optim.Optimizer):
                     raise RuntimeError("AdaFish does not support sparse gradients")
                 state = self.state[p]
                 if not state:
-                    self._init_state(p, state, group["factor"])
+                    self._init_state(p, state, group)
                 state["step"] += 1
-                t = state["step"]
                 if wd != 0:
                     p.mul_(1 - lr * wd)
                 state["exp_avg"].lerp_(p.grad, 1 - b1)
+                if "exp_avg_sq" in state:
+                    state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
                 if group["factor"] is None:
-                    _adamw_update(p, state, lr, b1, b2, group["eps"], t)
+                    p.add_(_adam_direction(state, b1, b2, group["eps"]), alpha=-lr)
                 else:
-                    _fisher_update(p, state, lr, b1, b2, group["damping"], group["exponent"], t,
-                                   RANK_DIM[group["factor"]])
+                    samples = self._per_sample.pop(p) if self._per_sample is not None else None
+                    p.add_(_fisher_direction(p, state, group, samples).to(p.dtype), alpha=-lr)
+        if self._per_sample is not None:
+            self._per_sample.clear()
         return loss
 
     @staticmethod
-    def _init_state(p: Tensor, state: dict, factor: str | None) -> None:
+    def _init_state(p: Tensor, state: dict, group: dict) -> None:
         state["step"] = 0
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if factor is None:
+        factor = group["factor"]
+        if factor is None or "graft" in (group["scale"], group["n_side"]):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        else:
+        if factor is not None:
             r = p.shape[RANK_DIM[factor]]
             state["fisher"] = torch.zeros(r, r, dtype=torch.float32, device=p.device)
+            if group["n_side"] == "diag":
+                state["col_sq"] = torch.zeros(p.numel() // r, dtype=torch.float32, device=p.device)
 
 
 def make_adafish(model: nn.Module, mask=None, **kwargs: Any) -> torch.optim.Optimizer:
@@ -140,25 +178,33 @@ def make_adafish(model: nn.Module, mask=None, **kwargs: Any) -> torch.optim.Opti
         return opt
     from .optim import MaskedOptimizer
 
+    named = dict(model.named_parameters())
+    opt.set_entry_masks({named[n]: mask.bool_mask(n, device=named[n].device) for n in mask.names if n in named})
     return MaskedOptimizer(opt, mask, model)
 
 
 # -- internals -----------------------------------------------------------------------------------------------
 
 
-def _check_hparams(lr, betas, damping, weight_decay, exponent, eps) -> None:
-    if not lr >= 0:
-        raise ValueError(f"AdaFish: lr must be >= 0, got {lr}")
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"AdaFish: betas must be two numbers in [0, 1), got {betas}")
-    if not damping > 0:
-        raise ValueError(f"AdaFish: damping must be > 0 (it keeps the r x r Fisher invertible), got {damping}")
-    if not weight_decay >= 0:
-        raise ValueError(f"AdaFish: weight_decay must be >= 0, got {weight_decay}")
-    if not 0 < exponent <= 1:
-        raise ValueError(f"AdaFish: exponent must be in (0, 1], got {exponent}")
-    if not eps > 0:
-        raise ValueError(f"AdaFish: eps must be > 0, got {eps}")
+def _check_group(g: dict) -> None:
+    if not g["lr"] >= 0:
+        raise ValueError(f"AdaFish: lr must be >= 0, got {g['lr']}")
+    if len(g["betas"]) != 2 or not all(0.0 <= b < 1.0 for b in g["betas"]):
+        raise ValueError(f"AdaFish: betas must be two numbers in [0, 1), got {g['betas']}")
+    if not g["damping"] > 0:
+        raise ValueError(f"AdaFish: damping must be > 0 (it keeps the r x r Fisher invertible), got {g['damping']}")
+    if not g["weight_decay"] >= 0:
+        raise ValueError(f"AdaFish: weight_decay must be >= 0, got {g['weight_decay']}")
+    if not 0 < g["exponent"] <= 1:
+        raise ValueError(f"AdaFish: exponent must be in (0, 1], got {g['exponent']}")
+    if not g["eps"] > 0:
+        raise ValueError(f"AdaFish: eps must be > 0, got {g['eps']}")
+    for key, allowed in (("scale", SCALES), ("n_side", N_SIDES), ("fisher", FISHERS)):
+        if g[key] not in allowed:
+            raise ValueError(f"AdaFish: {key} must be one of {allowed}, got {g[key]!r}")
+    if g["fisher"] == "per_sample" and g["scale"] == "none":
+        raise ValueError("AdaFish: fisher='per_sample' needs scale 'trace' or 'graft' (its scale depends on the "
+                         "loss reduction)")
 
 
 def _groups_from_model(model: nn.Module) -> list[dict[str, Any]]:
@@ -176,27 +222,46 @@ def _groups_from_model(model: nn.Module) -> list[dict[str, Any]]:
     return out
 
 
-def _adamw_update(p: Tensor, state: dict, lr: float, b1: float, b2: float, eps: float, t: int) -> None:
-    """torch.optim.AdamW's single-tensor rule (weight decay already applied)."""
-    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-    exp_avg_sq.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-    denom = (exp_avg_sq.sqrt() / (1 - b2**t) ** 0.5).add_(eps)
-    p.addcdiv_(exp_avg, denom, value=-lr / (1 - b1**t))
+def _adam_direction(state: dict, b1: float, b2: float, eps: float) -> Tensor:
+    """torch.optim.AdamW's single-tensor step per unit learning rate (weight decay applied separately)."""
+    t = state["step"]
+    denom = (state["exp_avg_sq"].sqrt() / (1 - b2**t) ** 0.5).add_(eps)
+    return state["exp_avg"] / denom / (1 - b1**t)
 
 
 def _rank_major(x: Tensor, dim: int) -> Tensor:
     return x.movedim(dim, 0).reshape(x.shape[dim], -1)
 
 
-def _fisher_update(p: Tensor, state: dict, lr: float, b1: float, b2: float, damping: float, exponent: float,
-                   t: int, dim: int) -> None:
+def _fisher_direction(p: Tensor, state: dict, group: dict, samples: Tensor | None) -> Tensor:
+    """The factor's step per unit learning rate, in the factor's own layout (docs/adafish.md, "Update rule")."""
+    (b1, b2), t, eps = group["betas"], state["step"], group["eps"]
+    dim = RANK_DIM[group["factor"]]
     g = _rank_major(p.grad, dim).float()
-    fisher = state["fisher"]
-    fisher.mul_(b2).add_(g @ g.T, alpha=(1 - b2) / g.shape[1])
-    precond = inverse_power(fisher / (1 - b2**t), damping, exponent)
-    update = precond @ _rank_major(state["exp_avg"], dim).float()
-    moved = p.movedim(dim, 0).shape
-    p.add_(update.reshape(moved).movedim(0, dim).to(p.dtype), alpha=-lr / (1 - b1**t))
+    m = _rank_major(state["exp_avg"], dim).float() / (1 - b1**t)
+    n = g.shape[1]
+    if group["n_side"] == "diag":  # whiten the columns by their RMS over r before the r x r statistics
+        state["col_sq"].mul_(b2).add_(g.square().mean(0), alpha=1 - b2)
+        w = 1 / ((state["col_sq"] / (1 - b2**t)).sqrt() + eps)
+        g, m = g * w, m * w
+        if samples is not None:
+            samples = samples * w
+    if samples is None:
+        stat = g @ g.T
+    else:  # [b, r, n] per-sample gradients: sum_i G_i G_i^T
+        stat = torch.einsum("brn,bsn->rs", samples, samples)
+    state["fisher"].mul_(b2).add_(stat, alpha=(1 - b2) / n)
+    fhat = state["fisher"] / (1 - b2**t)
+    if group["scale"] == "trace":
+        mean_eig = torch.trace(fhat) / fhat.shape[0]
+        fhat = fhat / mean_eig if bool(mean_eig > 0) else fhat
+    step = inverse_power(fhat, group["damping"], group["exponent"]) @ m
+    if "graft" in (group["scale"], group["n_side"]):
+        adam = _rank_major(_adam_direction(state, b1, b2, eps), dim).float()
+        axis = 0 if group["n_side"] == "graft" else None  # per column, or the whole tensor
+        norm = step.norm(dim=axis, keepdim=axis is not None)
+        step = step * torch.where(norm > 0, adam.norm(dim=axis, keepdim=axis is not None) / norm, 0.0)
+    return step.reshape(p.movedim(dim, 0).shape).movedim(0, dim)
 
 
 def inverse_power(fisher: Tensor, damping: float, exponent: float) -> Tensor:
@@ -214,3 +279,50 @@ def inverse_power(fisher: Tensor, damping: float, exponent: float) -> Tensor:
     evals, evecs = torch.linalg.eigh(f)
     scale = (evals.clamp_min(0) + delta).pow(-exponent)
     return ((evecs * scale) @ evecs.T).to(fisher.dtype)
+
+
+class _PerSampleGrads:
+    """Per-sample gradients of the LoRA Linear factors, from forward / backward hooks (rank-major [b, r, n]).
+
+    Kept until the next ``step`` (several backward passes before a step are concatenated along b). Factors that
+    are not ``nn.Linear`` weights (embedding, Conv LoRA) fall back to the mini-batch Fisher.
+    """
+
+    def __init__(self, model: nn.Module, opt: AdaFish):
+        factor_of = {id(p): g["factor"] for g in opt.param_groups if g["factor"] for p in g["params"]}
+        self.grads: dict[Tensor, list[Tensor]] = {}
+        self.masks: dict[Tensor, Tensor] = {}
+        self._handles = []
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and id(module.weight) in factor_of:
+                hook = self._hook(module.weight, factor_of[id(module.weight)])
+                self._handles.append(module.register_forward_hook(hook))
+
+    def _hook(self, weight: Tensor, factor: str):
+        def forward_hook(module, inputs, output):
+            if not (torch.is_grad_enabled() and output.requires_grad):
+                return
+            act = inputs[0].detach()
+
+            def on_grad(grad: Tensor) -> None:
+                a = act.reshape(act.shape[0], -1, act.shape[-1]).float()
+                gr = grad.reshape(grad.shape[0], -1, grad.shape[-1]).float()
+                ps = torch.einsum("bto,bti->boi", gr, a)  # [b, out, in] = per-sample weight gradient
+                if weight in self.masks:
+                    ps = ps * self.masks[weight]
+                self.grads.setdefault(weight, []).append(ps if factor == "A" else ps.transpose(1, 2))
+
+            output.register_hook(on_grad)
+
+        return forward_hook
+
+    def pop(self, p: Tensor) -> Tensor | None:
+        chunks = self.grads.pop(p, None)
+        return torch.cat(chunks) if chunks else None
+
+    def clear(self) -> None:
+        self.grads.clear()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
