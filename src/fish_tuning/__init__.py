@@ -5,6 +5,7 @@ model -> compute_fisher -> select_mask -> MaskedOptimizer -> sparse adapter
 
 from .adafish import AdaFish, lora_factors, make_adafish
 from .fisher import ZeroFisherWarning, compute_fisher, per_sample_log_likelihood
+from .guard import MaskGuard
 from .integrations import (
     FISH_MASK_NAME,
     FishCallback,
@@ -23,7 +24,6 @@ from .methods import (
     prefix_tuning_compat,
     top_layers,
 )
-from .guard import MaskGuard
 from .optim import MaskedOptimizer, SparseAdamW, make_optimizer
 
 __version__ = "0.1.0"

@@ -68,7 +68,7 @@ def save_adapter(model: nn.Module, mask: FishMask, directory: str | os.PathLike,
         mask.save(os.path.join(staging, FISH_MASK_NAME), model=model)
         staged = [(root, name) for root, _, files in os.walk(staging) for name in files if name != FISH_MASK_NAME]
         for root, name in staged + [(staging, FISH_MASK_NAME)]:
-            target = os.path.join(directory, os.path.relpath(root, staging))
+            target = os.path.normpath(os.path.join(directory, os.path.relpath(root, staging)))
             os.makedirs(target, exist_ok=True)
             os.replace(os.path.join(root, name), os.path.join(target, name))
     finally:

@@ -1,0 +1,34 @@
+"""Test helpers shared by several test files (one copy of each idea)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class ListDataset(torch.utils.data.Dataset):
+    """A map-style dataset over a list of example dicts (what the Trainer and calibration_loader take)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_only_kept_moved(model, mask, before: dict[str, torch.Tensor]) -> int:
+    """Every masked candidate entry is bit-identical to ``before``; returns how many kept entries moved."""
+    after = dict(model.named_parameters())
+    moved = 0
+    for name in mask.names:
+        keep = mask.bool_mask(name)
+        new = after[name].detach()
+        assert torch.equal(new[~keep], before[name][~keep]), f"masked entries of {name} changed"
+        moved += int((new[keep] != before[name][keep]).sum())
+    return moved
