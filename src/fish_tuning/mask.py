@@ -16,8 +16,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-Strategy = Literal["fish", "rand", "rev"]
-STRATEGIES = ("fish", "rand", "rev")
+from . import allocation
+
+Strategy = Literal["fish", "rand", "rev", "fish_balanced", "fish_rank1"]
+STRATEGIES = ("fish", "rand", "rev", "fish_balanced", "fish_rank1")
+DEFAULT_ALPHA = 0.5  # fish_balanced's exponent; see BENCHMARKS.md (allocation study) for how it was measured
 _FORMAT = "fish-mask"
 _VERSION = 1
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)\.")
@@ -308,16 +311,22 @@ def select_mask(
     seed: int = 0,
     exclude: str | Iterable[str] | None = None,
     always_train: str | Iterable[str] | None = None,
+    alpha: float = DEFAULT_ALPHA,
 ) -> FishMask:
     """Keep exactly k entries of all candidates globally (Eq. 4-5).
 
-    ``fish`` keeps the top-k scores, ``rev`` the bottom-k (Eq. 15), ``rand`` a seeded uniform k. Ties are broken
-    by position (candidate order, then flat index), so the same scores always give the same mask; scores are
-    ranked in their own precision (float64 stays float64). Names matching a regex in ``exclude`` are not
-    candidates and never train (``mask.frozen``); names matching ``always_train`` leave the budget and train fully.
+    ``fish`` keeps the top-k scores, ``rev`` the bottom-k (Eq. 15), ``rand`` a seeded uniform k. Beyond the
+    paper (:mod:`fish_tuning.allocation`): ``fish_balanced`` gives each tensor a share of k proportional to its
+    Fisher mass to the power ``alpha`` and keeps its top entries; ``fish_rank1`` keeps whole LoRA rank-1
+    components by mean Fisher. Ties are broken by position (candidate order, then flat index), so the same scores
+    always give the same mask; scores are ranked in their own precision (float64 stays float64). Names matching a
+    regex in ``exclude`` are not candidates and never train (``mask.frozen``); names matching ``always_train``
+    leave the budget and train fully.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= float(alpha) <= 1:
+        raise ValueError(f"alpha (fish_balanced's exponent) must be a number in [0, 1], got {alpha!r}")
     if strategy == "rand" and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise ValueError(f"strategy='rand' needs an integer seed (the same seed gives the same mask), got {seed!r}")
     excl, always = _patterns(exclude, "exclude"), _patterns(always_train, "always_train")
@@ -338,12 +347,20 @@ def select_mask(
     if not bool(torch.isfinite(flat).all()):
         bad = next(n for n, t in cand.items() if not bool(torch.isfinite(t).all()))
         raise ValueError(f"Fisher scores of '{bad}' contain NaN/inf; recompute them")
-    if strategy == "rand":
-        chosen = torch.randperm(n_total, generator=torch.Generator().manual_seed(int(seed)))[:k]
-    else:  # stable sort: equal scores keep their positional order, so ties resolve deterministically
-        chosen = torch.sort(flat, descending=(strategy == "fish"), stable=True).indices[:k]
-    keep_flat = torch.zeros(n_total, dtype=torch.bool)
-    keep_flat[chosen] = True
+    if strategy == "fish_balanced":
+        sizes = [t.numel() for t in cand.values()]
+        keep_flat = allocation.balanced(list(torch.split(flat, sizes)), k, float(alpha))
+    elif strategy == "fish_rank1":
+        sizes = [t.numel() for t in cand.values()]
+        keep_flat = allocation.rank1({n: f.view(t.shape) for (n, t), f in zip(cand.items(), torch.split(flat, sizes))},
+                                     k)
+    else:
+        if strategy == "rand":
+            chosen = torch.randperm(n_total, generator=torch.Generator().manual_seed(int(seed)))[:k]
+        else:  # stable sort: equal scores keep their positional order, so ties resolve deterministically
+            chosen = torch.sort(flat, descending=(strategy == "fish"), stable=True).indices[:k]
+        keep_flat = torch.zeros(n_total, dtype=torch.bool)
+        keep_flat[chosen] = True
 
     shapes, indices, offset = {}, {}, 0
     for name, t in cand.items():
@@ -352,6 +369,8 @@ def select_mask(
         offset += t.numel()
     always_numel = sum(scores[n].numel() for n in always_names)
     meta = {"k": k, "keep": k / n_total, "always_train_numel": always_numel}
+    if strategy == "fish_balanced":
+        meta["alpha"] = float(alpha)
     return FishMask(shapes=shapes, indices=indices, always_train=always_names, always_train_patterns=always,
                     frozen=excluded, strategy=strategy, seed=int(seed) if strategy == "rand" else None, meta=meta)
 
