@@ -122,3 +122,24 @@ def test_concentration_and_trivial_baseline():
     assert trivial_baseline("accuracy", [1, 1, 0], [0, 1, 1, 1]) == {"score": 0.75, "rule": "majority class 1"}
     assert trivial_baseline("mcc", [0, 0, 1], [0, 1]) == {"score": 0.0, "rule": "majority class 0"}
     assert trivial_baseline("pearson_spearman", [1.0, 2.0], [3.0])["score"] == 0.0
+
+
+def test_group_by_length_keeps_the_examples_and_cuts_padding(workspace):  # noqa: F811
+    from fish_tuning.experiments.tasks import glue_batches
+
+    tok = runner.load_model(str(workspace / "model"))[1]
+    examples = [{"text_a": " ".join(["w3"] * (1 + (7 * i) % 23)), "text_b": None, "label": i % 2} for i in range(200)]
+    plain = glue_batches(examples, tok, 8, 64, shuffle=True, seed=0)
+    grouped = glue_batches(examples, tok, 8, 64, shuffle=True, seed=0, group_by_length=True)
+
+    def tokens(batches):
+        return sorted(tuple(row[m.bool()].tolist()) for b in batches for row, m in zip(b["input_ids"],
+                                                                                       b["attention_mask"]))
+
+    assert tokens(grouped) == tokens(plain)  # the same examples, batched differently
+    padded = sum(b["input_ids"].numel() for b in grouped)
+    assert padded < 0.7 * sum(b["input_ids"].numel() for b in plain)
+    assert all(a["input_ids"].equal(b["input_ids"]) for a, b in zip(grouped, glue_batches(
+        examples, tok, 8, 64, shuffle=True, seed=0, group_by_length=True)))  # deterministic
+    lengths = [b["input_ids"].shape[1] for b in grouped]
+    assert lengths != sorted(lengths) and lengths != sorted(lengths, reverse=True)  # batch order shuffled

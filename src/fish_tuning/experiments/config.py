@@ -36,6 +36,7 @@ class TrainConfig:
     # a seeded split of this many train examples is scored instead of dev (for choosing lr etc. without seeing dev);
     # it is taken out of train before the train_examples cap. GLUE tasks only.
     holdout_examples: int | None = None
+    group_by_length: bool = False  # batch GLUE examples of similar length together (less padding, same examples)
     fisher_samples: int | None = None  # None: the paper's 128 (256 for generation)
     optimizer: str = "adamw"
     optimizer_kwargs: dict = field(default_factory=dict)
@@ -238,6 +239,8 @@ def validate(cfg: CompareConfig) -> None:
         except ImportError as err:
             raise ValueError("config field 'train.optimizer': adafish needs the fish_tuning.adafish module "
                              f"(make_adafish), which is not available here ({err}); use optimizer: adamw") from err
+    if not isinstance(t.group_by_length, bool):
+        raise ValueError(f"config field 'train.group_by_length' must be true or false, got {t.group_by_length!r}")
     if t.holdout_examples is not None and "gsm8k" in cfg.tasks:
         raise ValueError("config field 'train.holdout_examples' is for GLUE tasks; set it to null for gsm8k")
     _check_optimizer_kwargs(cfg)

@@ -72,7 +72,8 @@ def plan_runs(cfg: CompareConfig) -> list[Run]:
 
 def setup_fingerprint(cfg: CompareConfig) -> str:
     """Hash of everything that changes a run's result besides its id (a resumed file must match it)."""
-    train = {k: v for k, v in asdict(cfg.train).items() if not (k == "holdout_examples" and v is None)}
+    later = {"holdout_examples": None, "group_by_length": False}  # fields added later: left out at their defaults
+    train = {k: v for k, v in asdict(cfg.train).items() if not (k in later and v == later[k])}
     keys = {"model": cfg.model, "rank": cfg.lora_rank, "fish_layers": cfg.fish_layers,
             "target_modules": cfg.target_modules, "train": train}
     if cfg.pool_rank != cfg.lora_rank:  # keys added later only when used, so older results files still resume
@@ -144,7 +145,7 @@ class _TaskData:
             self.metric, self.num_labels = spec.metric, spec.num_labels
             self.fisher_n = t.fisher_samples or 128
             self.make = lambda ex, shuffle=False, seed=0, bs=t.batch_size: glue_batches(
-                ex, tokenizer, bs, t.max_length, shuffle=shuffle, seed=seed)
+                ex, tokenizer, bs, t.max_length, shuffle=shuffle, seed=seed, group_by_length=t.group_by_length)
         if not train_ex or not self.dev_ex:
             raise ValueError(f"task {task}: the train or dev split is empty")
         self.train_ex = train_ex

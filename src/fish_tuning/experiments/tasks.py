@@ -156,11 +156,25 @@ def load_gsm8k(split: str = "train", data_dir: str | os.PathLike | None = None, 
 
 
 def glue_batches(examples: list[dict], tokenizer, batch_size: int = 32, max_length: int = 128,
-                 shuffle: bool = False, seed: int = 0) -> list[dict]:
-    """Tokenised batches with ``labels`` (long for classification, float for regression), padded per batch."""
+                 shuffle: bool = False, seed: int = 0, group_by_length: bool = False) -> list[dict]:
+    """Tokenised batches with ``labels`` (long for classification, float for regression), padded per batch.
+
+    ``group_by_length``: within windows of 50 batches (of the shuffled order), examples of similar length (in
+    characters) share a batch, so little compute goes to padding; the order of the batches is then shuffled again.
+    """
     order = list(range(len(examples)))
     if shuffle:
         random.Random(seed).shuffle(order)
+    if group_by_length:
+        def size(i: int) -> int:
+            return len(examples[i]["text_a"]) + len(examples[i]["text_b"] or "")
+
+        window = 50 * batch_size
+        order = [i for s in range(0, len(order), window) for i in sorted(order[s: s + window], key=size)]
+        chunks = [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
+        if shuffle:
+            random.Random(seed + 1).shuffle(chunks)
+        order = [i for chunk in chunks for i in chunk]
     batches = []
     for start in range(0, len(order), batch_size):
         chunk = [examples[i] for i in order[start: start + batch_size]]
