@@ -8,6 +8,7 @@ from torch import nn
 
 import fish_tuning as ft
 import fish_tuning.fisher as fisher_mod
+import fish_tuning.per_sample as per_sample
 from conftest import cls_batches
 from test_fisher import assert_close, brute_force
 
@@ -16,14 +17,14 @@ def test_row_chunks_match_brute_force(bert_lora, monkeypatch):
     batches = cls_batches(n_batches=2, batch_size=8)
     names = [n for n, p in bert_lora.named_parameters() if p.requires_grad]  # LoRA plus the dense head
     calls = []
-    real = fisher_mod._LinearPerSampleHooks._record
+    real = per_sample.LinearPerSampleHooks._record
 
     def spy(self, name, g, a):
         calls.append(self.chunk_elems)
         return real(self, name, g, a)
 
-    monkeypatch.setattr(fisher_mod, "CHUNK_ELEMS", 64)  # fewer entries than one sample's gradient: 1 row a chunk
-    monkeypatch.setattr(fisher_mod._LinearPerSampleHooks, "_record", spy)
+    monkeypatch.setattr(per_sample, "CHUNK_ELEMS", 64)  # fewer entries than one sample's gradient: 1 row a chunk
+    monkeypatch.setattr(per_sample.LinearPerSampleHooks, "_record", spy)
     got = ft.compute_fisher(bert_lora, batches, num_samples=16, params=names, method="vectorized", progress=False)
     assert calls and set(calls) == {64}
     assert_close(got, brute_force(bert_lora, batches, names))
@@ -47,7 +48,7 @@ class TwiceLinear(nn.Module):
 
 @pytest.mark.parametrize("chunk", [1 << 24, 8])
 def test_module_used_twice_matches_brute_force(monkeypatch, chunk):
-    monkeypatch.setattr(fisher_mod, "CHUNK_ELEMS", chunk)
+    monkeypatch.setattr(per_sample, "CHUNK_ELEMS", chunk)
     model = TwiceLinear()
     batches = cls_batches(n_batches=2, batch_size=6, num_labels=3)
     for b in batches:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..fisher import _dist_rank_world
+from ..dist import dist_rank_world
 
 
 def calibration_indices(
@@ -49,7 +49,7 @@ def calibration_loader(
             "calibration_loader needs a dataset with a length (map-style); for a streaming / IterableDataset, "
             "take num_samples examples yourself and pass the batches to compute_fisher"
         )
-    rank, world = _dist_rank_world(distributed)
+    rank, world = dist_rank_world(distributed)
     idx = calibration_indices(len(dataset), num_samples, seed=seed, rank=rank, world_size=world)
     return DataLoader(Subset(dataset, idx), batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
                       generator=torch.Generator().manual_seed(seed))

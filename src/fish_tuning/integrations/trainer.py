@@ -17,7 +17,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ..fisher import compute_fisher
 from ..guard import MaskGuard
-from ..mask import STRATEGIES, FishMask, _patterns, check_keep_budget, select_mask
+from ..mask import DEFAULT_ALPHA, STRATEGIES, FishMask, _patterns, check_keep_budget, select_mask
 from ..methods import peft_candidates
 from .adapter import FISH_MASK_NAME, adapter_digest, check_adapter_digest
 from .distributed import calibration_loader
@@ -52,6 +52,8 @@ class FishCallback(TrainerCallback):
         always_train: regexes of parameters trained fully outside the budget; default every trainable
             parameter that is not a candidate (e.g. a ``modules_to_save`` head).
         exclude: regexes of candidates left out of the selection; they stay frozen (never trained).
+        strategy: ``fish`` (the paper), ``rand`` / ``rev`` (controls), ``fish_balanced`` (per-tensor shares by
+            Fisher mass ** ``alpha``) or ``fish_rank1`` (whole LoRA rank-1 components); see ``select_mask``.
         seed: subset and ``rand`` seed; default ``args.seed``. ``batch_size``: default per-device train size.
     """
 
@@ -70,6 +72,7 @@ class FishCallback(TrainerCallback):
         seed: int | None = None,
         method: str = "auto",
         save_final_mask: bool = True,
+        alpha: float = DEFAULT_ALPHA,
     ):
         if mask is not None and (keep is not None or budget is not None):
             raise ValueError("FishCallback: give either mask= or keep=/budget=, not both")
@@ -89,6 +92,9 @@ class FishCallback(TrainerCallback):
         self.given_mask = mask
         self.candidates, self.always_train, self.exclude = candidates, always_train, exclude
         self.batch_size, self.seed, self.method, self.save_final_mask = batch_size, seed, method, save_final_mask
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+            raise ValueError(f"alpha (fish_balanced's exponent) must be a number in [0, 1], got {alpha!r}")
+        self.alpha = alpha
         self.mask: FishMask | None = mask
         self.guard: MaskGuard | None = None
         self.source: str | None = None  # "given", "checkpoint" or "fisher"
@@ -174,7 +180,7 @@ class FishCallback(TrainerCallback):
                                     method=self.method, seed=seed,
                                     progress=state.is_local_process_zero and not args.disable_tqdm)
         mask = select_mask(scores, keep=self.keep, budget=self.budget, strategy=self.strategy, seed=seed,
-                           exclude=self.exclude, always_train=self.always_train)
+                           exclude=self.exclude, always_train=self.always_train, alpha=self.alpha)
         kept = torch.cat([scores[n].reshape(-1)[mask.indices[n]] for n in mask.names])
         fisher = {"num_samples": min(self.num_samples, len(dataset)), "kind": self.kind,
                   "total": float(sum(float(scores[n].sum()) for n in mask.names)),

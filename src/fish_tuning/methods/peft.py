@@ -8,6 +8,8 @@ import warnings
 
 from torch import nn
 
+from .advice import EMBEDDING_ADVICE
+
 
 def _lora_params(module: nn.Module) -> list[nn.Parameter]:
     """A, B (Linear / Conv / Embedding variants) and DoRA's magnitude for every adapter of one LoraLayer."""
@@ -88,14 +90,6 @@ def check_lora_init(model: nn.Module) -> list[str]:
         warnings.warn(f"{len(zero_emb_a)} embedding LoRA factor(s) are all zero (e.g. {zero_emb_a[0]}): "
                       + EMBEDDING_ADVICE, stacklevel=2)
     return zero_b + zero_emb_a
-
-
-EMBEDDING_ADVICE = (
-    "peft initialises lora_embedding_A to zeros for every init_lora_weights (PiSSA does not apply to embeddings), "
-    "so every entry of lora_embedding_B has zero gradient and zero Fisher and FISH never trains it. Train the "
-    "embedding LoRA outside the budget (always_train=r'lora_embedding_'), leave it out (exclude=...), or give "
-    "lora_embedding_A small random values before the Fisher pass."
-)
 
 
 def prefix_tuning_compat(model: nn.Module) -> nn.Module:

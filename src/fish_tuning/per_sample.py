@@ -1,0 +1,221 @@
+"""Per-sample gradient engines for :func:`~fish_tuning.compute_fisher` (opacus-style hooks on ``nn.Linear``).
+
+One batched forward/backward gives every sample's own gradient of a hooked Linear weight/bias: activations ``a``
+and output gradients ``g`` per sample form ``Σ_t g_tᵀ a_t``. Each batch is checked against autograd's summed
+gradient, and once per pass a 2-sample probe checks that the hooked rows are the batch's samples; the driver
+falls back to the exact per-sample loop where either check fails.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .loglik import sample_labels
+
+Kind = Literal["empirical", "expected"]
+LogLikFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def batch_size_of(batch: Mapping[str, object]) -> int:
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    if labels is None:
+        keys = list(batch.keys()) if isinstance(batch, Mapping) else type(batch).__name__
+        raise ValueError(
+            f"compute_fisher needs batches that are dicts with a 'labels' entry (got {keys}). "
+            "Add labels to each batch (e.g. a DataCollator that sets 'labels'); the Fisher is the gradient of "
+            "log p(labels | inputs)."
+        )
+    return int(torch.as_tensor(labels).shape[0])
+
+
+def slice_batch(batch: Mapping[str, object], start: int, stop: int, size: int, device: torch.device) -> dict:
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, Tensor):
+            value = value[start:stop] if value.dim() > 0 and value.shape[0] == size else value
+            value = value.to(device)
+        out[key] = value
+    return out
+
+
+# Per-sample gradient entries materialised at once by the hooks (64 MB in float32), whatever the batch size.
+CHUNK_ELEMS = 1 << 24
+
+
+class LinearPerSampleHooks:
+    """Per-sample gradients of nn.Linear weight/bias candidates from one batched backward pass.
+
+    A module used once per forward (the usual case) is reduced at once to the sum and the sum of squares over the
+    batch, in row chunks of at most ``chunk_elems`` per-sample entries, so a large candidate (e.g. a full weight)
+    never materialises ``[B, out, in]``. A module used several times keeps per-sample gradients, because its uses
+    must be summed per sample before squaring.
+    """
+
+    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], chunk_elems: int | None = None):
+        by_id = {id(p): n for n, p in params.items()}
+        self.chunk_elems = CHUNK_ELEMS if chunk_elems is None else chunk_elems
+        self.grad_sample: dict[str, Tensor] = {}  # name -> [B, ...] (modules used several times)
+        self.reduced: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (Σ_i g_i, Σ_i g_i²)
+        self.calls: dict[str, int] = {}  # uses of each candidate in the current forward
+        self.covered: set[str] = set()
+        self.rows = 0  # samples in the current batch: a hooked input must have them as its leading dimension
+        self.unbatched: set[str] = set()  # candidates whose module saw another leading dimension
+        self._handles = []
+        for module in model.modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            names = {
+                attr: by_id[id(getattr(module, attr))]
+                for attr in ("weight", "bias")
+                if getattr(module, attr, None) is not None and id(getattr(module, attr)) in by_id
+            }
+            if names:
+                self.covered.update(names.values())
+                self._handles.append(module.register_forward_hook(self._forward_hook(names)))
+
+    def clear(self) -> None:
+        self.grad_sample.clear()
+        self.reduced.clear()
+        self.calls.clear()
+
+    def _forward_hook(self, names: dict[str, str]):
+        def hook(module, inputs, output):
+            if not (torch.is_grad_enabled() and output.requires_grad):
+                return
+            for name in names.values():
+                self.calls[name] = self.calls.get(name, 0) + 1
+            act = inputs[0].detach()
+            if act.dim() < 2 or act.shape[0] != self.rows:  # e.g. tokens flattened to [B*T, H] (MoE, packing)
+                self.unbatched.update(names.values())
+                return
+
+            def on_grad(grad: Tensor) -> None:
+                a = act.reshape(act.shape[0], -1, act.shape[-1]).float()
+                g = grad.reshape(grad.shape[0], -1, grad.shape[-1]).float()
+                if "weight" in names:
+                    self._record(names["weight"], g, a)
+                if "bias" in names:
+                    self._record(names["bias"], g, None)
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    def _record(self, name: str, g: Tensor, a: Tensor | None) -> None:
+        def per_sample(lo: int, hi: int) -> Tensor:
+            return g[lo:hi].sum(1) if a is None else torch.einsum("bto,bti->boi", g[lo:hi], a[lo:hi])
+
+        rows = g.shape[0]
+        if self.calls.get(name, 1) > 1:  # summed over uses per sample before squaring
+            ps = per_sample(0, rows)
+            prev = self.grad_sample.get(name)
+            self.grad_sample[name] = ps if prev is None else prev + ps
+            return
+        step = max(1, self.chunk_elems // (g.shape[-1] * (1 if a is None else a.shape[-1])))
+        total = square = None
+        for lo in range(0, rows, step):
+            ps = per_sample(lo, lo + step)
+            if total is None:
+                total, square = ps.sum(0), ps.square().sum(0)
+            else:
+                total.add_(ps.sum(0))
+                square.add_(ps.square().sum(0))
+        self.reduced[name] = (total, square)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def loss_for(model: nn.Module, batch: dict, kind: Kind, loglik_fn: LogLikFn, gen) -> Tensor:
+    labels = batch.pop("labels")
+    logits = model(**batch).logits
+    if kind == "expected":
+        labels = sample_labels(logits, labels, generator=gen)
+    # Minus the *sum* of per-sample log-likelihoods: its gradient w.r.t. sample i's activations is sample i's own.
+    return -loglik_fn(logits, labels).sum()
+
+
+def check_finite(name: str, value: Tensor) -> None:
+    if not torch.isfinite(value).all():
+        raise FloatingPointError(
+            f"non-finite (NaN/inf) gradient for parameter '{name}' while computing Fisher. Check the inputs "
+            "and labels of the calibration batches, and compute Fisher in float32 rather than half precision."
+        )
+
+
+def hooked_pass(model, hooks: LinearPerSampleHooks, batch: dict, rows: int, cand_list, kind, loglik_fn, gen):
+    hooks.clear()
+    hooks.unbatched.clear()
+    hooks.rows = rows
+    return torch.autograd.grad(loss_for(model, batch, kind, loglik_fn, gen), cand_list, allow_unused=True)
+
+
+def probe_sample_grouping(model, cand: dict, hooks: LinearPerSampleHooks, pair: dict, loglik_fn) -> str | None:
+    """Check once that the hooks group activations into the batch's samples: squared per-sample gradients of a
+    2-sample batch must equal those of two 1-sample passes. The summed-gradient check per batch cannot see a
+    module whose rows are not samples (tokens flattened to ``[B*T, H]``, MoE experts, packed sequences).
+    Returns why the hooks are not exact, or None."""
+    names = list(cand)
+    grads = hooked_pass(model, hooks, dict(pair), 2, list(cand.values()), "empirical", loglik_fn, None)
+    if hooks.unbatched:
+        hooks.clear()
+        return f"'{sorted(hooks.unbatched)[0]}' sees inputs whose leading dimension is not the batch of samples"
+    hooked = {n: hooks.reduced[n][1] for n in names if n in hooks.reduced}
+    hooked.update({n: g.square().sum(0) for n, g in hooks.grad_sample.items()})
+    hooks.clear()
+    exact = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in cand.items()}
+    for i in range(2):
+        row = slice_batch(pair, i, i + 1, 2, next(iter(cand.values())).device)
+        for n, g in zip(names, torch.autograd.grad(loss_for(model, row, "empirical", loglik_fn, None),
+                                                   list(cand.values()), allow_unused=True)):
+            if g is not None:
+                exact[n].add_(g.float().square())
+    del grads
+    for n, sq in hooked.items():
+        tol = 1e-4 * float(exact[n].abs().max()) + 1e-10
+        if float((sq - exact[n]).abs().max()) > tol:
+            return f"per-sample gradients of '{n}' do not group by sample (squared sums differ from a per-sample loop)"
+    return None
+
+
+def accumulate_hooked(cand, hooks: LinearPerSampleHooks, grads, sums, rows: int) -> bool:
+    """Add the hooks' squared per-sample gradients; False if any disagrees with autograd's summed gradient.
+
+    All finiteness and agreement checks are reduced on the device and read back with a single sync per batch.
+    """
+    stats: dict[str, tuple[Tensor, Tensor | None]] = {}
+    finite, agree = [], []
+    for name, g in zip(cand, grads):
+        if name in hooks.reduced:
+            stats[name] = hooks.reduced[name]
+        elif name in hooks.grad_sample:
+            stats[name] = (hooks.grad_sample[name].sum(0), None)
+        if g is None and name not in stats:
+            continue
+        if g is None or name not in stats or stats[name][0].shape != g.shape:
+            return False
+        g = g.detach()
+        # Relative tolerance: float32 rounding of a sum of B terms; looser when autograd's gradient is low precision.
+        rel = max(1e-5, 8 * torch.finfo(g.dtype).eps)
+        tol = rel * g.abs().max().float() + 1e-6 * math.sqrt(rows)
+        finite.append(torch.isfinite(g).all())
+        agree.append((stats[name][0] - g.float()).abs().max() <= tol)
+    if finite:
+        flags = torch.stack(finite + agree).cpu()
+        if not bool(flags[: len(finite)].all()):
+            for name, g in zip(cand, grads):
+                if g is not None:
+                    check_finite(name, g)
+        if not bool(flags[len(finite):].all()):
+            return False
+    for name, s in sums.items():
+        if name in stats:
+            square = stats[name][1]
+            s.add_(square if square is not None else hooks.grad_sample[name].square().sum(0))
+    return True
