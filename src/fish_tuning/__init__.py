@@ -4,6 +4,7 @@ model -> compute_fisher -> select_mask -> MaskedOptimizer -> sparse adapter
 """
 
 from .adafish import AdaFish, lora_factors, make_adafish
+from .config import FishConfig
 from .fisher import ZeroFisherWarning, compute_fisher, per_sample_log_likelihood
 from .guard import MaskGuard
 from .integrations import (
@@ -38,6 +39,7 @@ __all__ = [
     "compute_fisher",
     "FISH_MASK_NAME",
     "FishCallback",
+    "FishConfig",
     "FishMask",
     "load_adapter",
     "lora_factors",

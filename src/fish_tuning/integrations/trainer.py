@@ -15,9 +15,10 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..config import FishConfig
 from ..fisher import compute_fisher
 from ..guard import MaskGuard
-from ..mask import DEFAULT_ALPHA, STRATEGIES, FishMask, _patterns, check_keep_budget, select_mask
+from ..mask import DEFAULT_ALPHA, FishMask, select_mask
 from ..methods import peft_candidates
 from .adapter import FISH_MASK_NAME, adapter_digest, check_adapter_digest
 from .distributed import calibration_loader
@@ -48,6 +49,8 @@ class FishCallback(TrainerCallback):
 
     Args:
         keep / budget: fraction or number of candidate entries to train (exactly one, unless ``mask`` is given).
+        config: all FISH settings as one :class:`~fish_tuning.FishConfig` instead of the keywords (saved in
+            the mask file's metadata either way).
         candidates: names, or ``f(model) -> names``; default :func:`~fish_tuning.peft_candidates`.
         always_train: regexes of parameters trained fully outside the budget; default every trainable
             parameter that is not a candidate (e.g. a ``modules_to_save`` head).
@@ -73,28 +76,26 @@ class FishCallback(TrainerCallback):
         method: str = "auto",
         save_final_mask: bool = True,
         alpha: float = DEFAULT_ALPHA,
+        config: FishConfig | None = None,
     ):
-        if mask is not None and (keep is not None or budget is not None):
+        if config is None:
+            config = FishConfig(keep=keep, budget=budget, strategy=strategy, alpha=alpha, num_samples=num_samples,
+                                fisher_kind=kind, fisher_method=method, exclude=exclude, always_train=always_train,
+                                seed=seed)
+        elif any(v is not None for v in (keep, budget, exclude, always_train, seed)):
+            raise ValueError("FishCallback: give the FISH settings either as config= or as keywords, not both")
+        if mask is not None and (config.keep is not None or config.budget is not None):
             raise ValueError("FishCallback: give either mask= or keep=/budget=, not both")
-        if mask is None and (keep is None) == (budget is None):
+        if mask is None and (config.keep is None) == (config.budget is None):
             raise ValueError("FishCallback needs exactly one of keep= (fraction) or budget= (entries), or mask=")
-        if mask is None:
-            keep, budget = check_keep_budget(keep, budget)
-        _patterns(exclude, "exclude")
-        _patterns(always_train, "always_train")
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        if kind not in ("empirical", "expected"):
-            raise ValueError(f"kind must be 'empirical' or 'expected', got {kind!r}")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-        self.keep, self.budget, self.strategy, self.num_samples, self.kind = keep, budget, strategy, num_samples, kind
+        self.config = config
+        c = config
+        self.keep, self.budget, self.strategy, self.num_samples, self.kind = (c.keep, c.budget, c.strategy,
+                                                                              c.num_samples, c.fisher_kind)
+        self.always_train, self.exclude, self.seed, self.method, self.alpha = (c.always_train, c.exclude, c.seed,
+                                                                               c.fisher_method, c.alpha)
         self.given_mask = mask
-        self.candidates, self.always_train, self.exclude = candidates, always_train, exclude
-        self.batch_size, self.seed, self.method, self.save_final_mask = batch_size, seed, method, save_final_mask
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise ValueError(f"alpha (fish_balanced's exponent) must be a number in [0, 1], got {alpha!r}")
-        self.alpha = alpha
+        self.candidates, self.batch_size, self.save_final_mask = candidates, batch_size, save_final_mask
         self.mask: FishMask | None = mask
         self.guard: MaskGuard | None = None
         self.source: str | None = None  # "given", "checkpoint" or "fisher"
@@ -182,7 +183,7 @@ class FishCallback(TrainerCallback):
         mask = select_mask(scores, keep=self.keep, budget=self.budget, strategy=self.strategy, seed=seed,
                            exclude=self.exclude, always_train=self.always_train, alpha=self.alpha)
         kept = torch.cat([scores[n].reshape(-1)[mask.indices[n]] for n in mask.names])
-        fisher = {"num_samples": min(self.num_samples, len(dataset)), "kind": self.kind,
+        fisher = {"num_samples": min(self.num_samples, len(dataset)), "kind": self.kind, "seed": seed,
                   "total": float(sum(float(scores[n].sum()) for n in mask.names)),
                   "kept": float(kept.sum()), "min_kept": float(kept.min()) if kept.numel() else 0.0}
         return self._with_always_train(mask, model, fisher)
@@ -194,7 +195,8 @@ class FishCallback(TrainerCallback):
         names = [n for n, p in model.named_parameters() if p.requires_grad and n not in skip
                  and (self.always_train is None or any(re.search(pat, n) for pat in patterns))]
         numel = sum(p.numel() for n, p in model.named_parameters() if n in set(names))
-        meta = {**mask.meta, "always_train_numel": numel, "fisher": fisher}
+        meta = {**mask.meta, "always_train_numel": numel, "fisher": fisher,
+                "fish_config": self.config.to_dict()}
         return dataclasses.replace(mask, always_train=names, meta=meta)
 
     def _load_resumed(self, args, state, model: nn.Module) -> FishMask:

@@ -1,0 +1,67 @@
+"""FishConfig: every FISH setting in one validated dataclass (as peft's configs), shared by the callback, the CLI
+and the compare harness, and saved in the mask file's metadata."""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass, field
+
+from .mask import DEFAULT_ALPHA, STRATEGIES, _patterns, check_keep_budget
+
+KINDS = ("empirical", "expected")
+METHODS = ("auto", "vectorized", "loop")
+
+
+@dataclass
+class FishConfig:
+    """How a FISH mask is chosen. Give exactly one of ``keep`` / ``budget`` (unless a ready mask is used)."""
+
+    keep: float | None = field(default=None, metadata={
+        "help": "Fraction of the PEFT candidate entries to train, in (0, 1] (e.g. 0.05). Exclusive with budget."})
+    budget: int | None = field(default=None, metadata={
+        "help": "Number of PEFT candidate entries to train (e.g. the count of a smaller PEFT). Exclusive with keep."})
+    strategy: str = field(default="fish", metadata={
+        "help": f"Selection rule: one of {', '.join(STRATEGIES)}. fish = top-k Fisher (the paper); rand / rev = "
+                "controls; fish_balanced / fish_rank1 = allocation-aware variants."})
+    alpha: float = field(default=DEFAULT_ALPHA, metadata={
+        "help": "fish_balanced only: per-tensor budget ~ (Fisher mass)^alpha, alpha in [0, 1]."})
+    num_samples: int = field(default=128, metadata={
+        "help": "Calibration samples for the Fisher pass (the paper: 128; 256 for generation)."})
+    fisher_kind: str = field(default="empirical", metadata={
+        "help": "empirical: gradients at the data labels (Eq. 3); expected: labels sampled from the model (Eq. 2)."})
+    fisher_method: str = field(default="auto", metadata={
+        "help": "Per-sample gradient engine: auto (vectorised where exact, else loop), vectorized or loop."})
+    exclude: list[str] | None = field(default=None, metadata={
+        "help": "Regexes of candidate names left out of the selection; they never train."})
+    always_train: list[str] | None = field(default=None, metadata={
+        "help": "Regexes of parameters trained fully outside the budget (default: every trainable non-candidate, "
+                "e.g. a classifier head)."})
+    seed: int | None = field(default=None, metadata={
+        "help": "Seed of the calibration subset and of rand (default: the training seed)."})
+
+    def __post_init__(self):
+        if self.keep is not None or self.budget is not None:
+            self.keep, self.budget = check_keep_budget(self.keep, self.budget)
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha (fish_balanced's exponent) must be a number in [0, 1], got {self.alpha!r}")
+        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples <= 0:
+            raise ValueError(f"num_samples must be a positive integer, got {self.num_samples!r}")
+        if self.fisher_kind not in KINDS:
+            raise ValueError(f"fisher_kind must be one of {KINDS}, got {self.fisher_kind!r}")
+        if self.fisher_method not in METHODS:
+            raise ValueError(f"fisher_method must be one of {METHODS}, got {self.fisher_method!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
+                                      or self.seed < 0):
+            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+        self.exclude = _patterns(self.exclude, "exclude") or None
+        self.always_train = _patterns(self.always_train, "always_train") or None
+
+    def require_budget(self) -> None:
+        """Raise unless exactly one of keep / budget is set (needed whenever a mask is selected)."""
+        check_keep_budget(self.keep, self.budget)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
