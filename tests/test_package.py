@@ -1,0 +1,119 @@
+"""The package as users install it: a light import, lazy integrations, presets by name, --version, the wheel."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+import fish_tuning as ft
+from fish_tuning.cli import main
+from fish_tuning.commands.presets import list_presets, resolve_config
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ["transformers", "peft", "matplotlib", "sklearn", "scipy", "yaml", "datasets", "trl"]
+
+
+def _run(code: str, python: str = sys.executable, **kw) -> str:
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=300, **kw)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_import_is_light_and_integrations_load_on_first_use():
+    code = ("import sys, fish_tuning as ft\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+            "ft.FishCallback\n"
+            "print('transformers.trainer_callback' in sys.modules)\n")
+    heavy, callback_loaded = _run(code).split("\n")[:2]
+    assert heavy == "[]"
+    assert callback_loaded == "True"  # the lazy name really resolves (and brings the Trainer stack with it)
+
+
+def test_core_modules_never_import_the_experiment_extras():
+    mods = ["mask", "fisher", "guard", "optim", "adafish", "allocation", "config", "models", "methods",
+            "per_sample", "loglik", "dist", "cli", "commands.presets"]
+    code = "import importlib, sys\n" + "".join(f"importlib.import_module('fish_tuning.{m}')\n" for m in mods) + \
+        "print(sorted(m for m in ['matplotlib', 'sklearn', 'scipy', 'yaml', 'datasets'] if m in sys.modules))"
+    assert _run(code).strip() == "[]"
+
+
+def test_every_public_name_resolves_and_is_listed():
+    for name in ft.__all__:
+        assert getattr(ft, name) is not None, name
+    assert set(ft.__all__) <= set(dir(ft))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        ft.nope  # noqa: B018
+    assert (ROOT / "src" / "fish_tuning" / "py.typed").is_file()
+
+
+def test_version_matches_pyproject_from_python_m_and_cli(capsys):
+    version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert ft.__version__ == version
+    out = subprocess.run([sys.executable, "-m", "fish_tuning", "--version"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == f"fish-tune {version}"
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and version in capsys.readouterr().out
+
+
+def test_presets_by_name(tmp_path, monkeypatch):
+    assert {"demo", "glue6", "gsm8k"} <= set(list_presets())
+    assert resolve_config("demo") == ROOT / "configs" / "demo.yaml"
+    assert resolve_config("glue6.yaml").name == "glue6.yaml"
+    monkeypatch.chdir(tmp_path)  # outside the checkout: the README's "configs/demo.yaml" still finds the preset
+    assert resolve_config("configs/demo.yaml") == ROOT / "configs" / "demo.yaml"
+    own = tmp_path / "demo"
+    own.write_text("tasks: [sst2]\n")
+    assert resolve_config("demo").resolve() == own  # a real file wins over a preset of the same name
+
+
+def test_unknown_preset_is_one_line_listing_the_presets(capsys):
+    assert main(["compare", "no_such_preset"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fish-tune: error: config 'no_such_preset' is neither a file nor a preset")
+    assert "demo" in err and "glue6" in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
+    """Build the wheel, install it (not editable) into a fresh venv, and run it from a folder outside the repo.
+
+    The fresh venv reaches the heavy dependencies (torch, transformers, ...) of this test environment through a
+    .pth line appended after its own site-packages, so the installed wheel, not src/, is what gets imported.
+    """
+    pytest.importorskip("hatchling")
+    from hatchling.build import build_wheel
+
+    wheel = tmp_path / "dist" / build_wheel(str(tmp_path / "dist"))
+    env_dir = tmp_path / "env"
+    venv.EnvBuilder(with_pip=False).create(env_dir)
+    py = env_dir / "bin" / "python"
+    site = Path(_run("import sysconfig; print(sysconfig.get_paths()['purelib'])", str(py)).strip())
+    deps = [p for p in sys.path if p.endswith("site-packages")]
+    (site / "zz_test_deps.pth").write_text("\n".join(deps) + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    run_dir = tmp_path / "elsewhere"
+    run_dir.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    where = _run("import fish_tuning, sys; from fish_tuning.commands.presets import resolve_config as r\n"
+                 "print(fish_tuning.__file__); print(r('demo')); print('transformers' in sys.modules)",
+                 str(py), cwd=run_dir, env=env).split("\n")
+    assert where[0].startswith(str(site)) and where[1].startswith(str(site))  # the wheel's code and presets
+    assert where[2] == "False"
+    script = env_dir / "bin" / "fish-tune"
+    version = subprocess.run([str(script), "--version"], capture_output=True, text=True, cwd=run_dir, env=env,
+                             timeout=120)
+    assert version.returncode == 0 and version.stdout.strip() == f"fish-tune {ft.__version__}"
+    helptext = subprocess.run([str(script), "train", "--help"], capture_output=True, text=True, cwd=run_dir,
+                              env=env, timeout=300)
+    assert helptext.returncode == 0, helptext.stderr[-2000:]
+    for flag in ("--model_name_or_path", "--train_file", "--keep", "--budget", "--learning_rate", "--peft"):
+        assert flag in helptext.stdout
