@@ -1,11 +1,25 @@
-"""AdaFish vs AdamW on MiniLM + LoRA (PiSSA, r=8, q/k/v): dev-loss curves, final dev score, time per step.
+"""Does AdaFish reach AdamW's result in half the training? AdaFish at budget T/2 vs AdamW at T (issue 14).
 
-Protocol (issue 7): for each task, both optimizers run a learning-rate grid on seed 0; the rate with the lowest
-final dev loss is then run on the other seeds. Results are appended to a JSON file after every run and finished
-runs are skipped on restart, so an interrupted run resumes. ``benchmarks/adafish_report.py`` turns the file into
-the BENCHMARKS.md section.
+Design (each point answers a flaw of the issue-7 benchmark):
 
-    PYTHONPATH=src python benchmarks/adafish_bench.py --out benchmarks/results/adafish.json
+* four arms per (task, mask, seed): AdamW and AdaFish, each at budget T and at T/2 steps, every run with its *own*
+  schedule (10% linear warm-up, linear decay to 0 at its own last step). The claim is AdaFish@T/2 vs AdamW@T; the
+  control AdamW@T/2 vs AdamW@T says whether halving the budget costs AdamW anything (if not, the claim is untestable);
+* MiniLM + LoRA as in the evidence study (configs/glue6.yaml: r=16, alpha 32, PiSSA, q/k/v), the classification
+  head trained in both arms by the AdamW rule (AdaFish applies it to non-factor parameters), lr shared;
+* the learning rate of each arm (optimizer x budget x mask) is chosen by the *mean over all seeds* of the score on a
+  held-out part of train (disjoint from the training examples); if the best rate is at an edge of the grid, the
+  grid is extended by half a decade (up to ``--max-extend`` times), so no chosen rate sits at an edge untested;
+* full dev sets (SST-2 872, STS-B 1500), evaluated once at the end of each run; the mean training loss over the
+  last 10% of steps is recorded too;
+* with and without a FISH mask (keep 5% of LoRA entries, empirical Fisher on 256 train examples, head always
+  trained), masked entries frozen by ``MaskedOptimizer`` around AdamW / AdaFish.
+
+Every finished run is one line of a JSONL file; finished runs are skipped on restart, so the study resumes.
+``benchmarks/adafish_report.py`` turns the file into the BENCHMARKS.md section (paired intervals over seeds).
+
+    PYTHONPATH=src nice -n 15 python benchmarks/adafish_bench.py                 # the full study (see BENCHMARKS.md)
+    PYTHONPATH=src python benchmarks/adafish_bench.py --smoke --out /tmp/smoke.jsonl   # a 2-minute smoke run
 """
 
 from __future__ import annotations
@@ -14,161 +28,162 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 import fish_tuning as ft
+from fish_tuning.experiments.builders import METHODS, PeftSpec
 from fish_tuning.experiments.tasks import glue_batches, load_glue, task_spec
+from fish_tuning.experiments.train import evaluate, linear_schedule
 from fish_tuning.models import load_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from adafish_report import BUDGETS, OPTIMIZERS, chosen_lr  # noqa: E402  (the selection rule lives with the report)
 
-def build_model(seed: int, rank: int):
-    from peft import LoraConfig, get_peft_model
-
-    model, tok = load_model("minilm", num_labels=2)
-    torch.manual_seed(seed)  # the classification head is the only random part (PiSSA init is an SVD)
-    torch.nn.init.normal_(model.classifier.weight, std=model.config.initializer_range)
-    torch.nn.init.zeros_(model.classifier.bias)
-    cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=["query", "key", "value"], init_lora_weights="pissa",
-                     task_type="SEQ_CLS", lora_dropout=0.0)
-    return get_peft_model(model, cfg), tok
+GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
 
 
-def make_optimizer(name: str, model, lr: float, weight_decay: float):
-    if name == "adamw":
-        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    if name == "adafish":
-        return ft.make_adafish(model, lr=lr, weight_decay=weight_decay)
-    raise ValueError(name)
+def run_key(r: dict) -> tuple:
+    return r["task"], r["mask"], r["optimizer"], r["budget"], r["lr"], r["seed"]
 
 
-@torch.no_grad()
-def evaluate(model, batches, metric: str) -> dict:
-    model.eval()
-    losses, preds, labels = [], [], []
-    for batch in batches:
-        out = model(**batch)
-        losses.append(out.loss.item() * len(batch["labels"]))
-        preds += out.logits.argmax(-1).tolist()
-        labels += batch["labels"].tolist()
-    model.train()
-    acc = sum(p == y for p, y in zip(preds, labels)) / len(labels)
-    res = {"loss": sum(losses) / len(labels), "acc": acc}
-    if metric == "f1_acc":
-        tp = sum(p == 1 and y == 1 for p, y in zip(preds, labels))
-        f1 = 2 * tp / max(1, sum(preds) + sum(labels))
-        res.update(f1=f1, score=(f1 + acc) / 2)
-    else:
-        res["score"] = acc
-    return res
+class Study:
+    def __init__(self, args):
+        self.args = args
+        self.out = Path(args.out)
+        self.runs = [json.loads(line) for line in self.out.read_text().splitlines() if line.strip()] \
+            if self.out.is_file() else []
+        self.done = {run_key(r) for r in self.runs}
+        self._data: dict[str, tuple] = {}
+        self._masks: dict[tuple, object] = {}
 
+    def data(self, task: str, tok):
+        """(train batches source, held-out batches, dev batches): held-out is disjoint from the training part."""
+        if task not in self._data:
+            a = self.args
+            pool = load_glue(task, "train", limit=a.train_examples + a.heldout, seed=0)
+            train, held = pool[a.heldout:], pool[:a.heldout]
+            dev = load_glue(task, "dev", limit=a.dev_examples)
+            self._data[task] = (train, glue_batches(held, tok, 64, a.max_length),
+                                glue_batches(dev, tok, 64, a.max_length))
+        return self._data[task]
 
-def run_one(task: str, opt_name: str, lr: float, seed: int, args, data) -> dict:
-    model, tok = build_model(seed, args.rank)
-    train_ex, dev_ex = data
-    dev = glue_batches(dev_ex, tok, 64, args.max_length[task])
-    metric = task_spec(task).metric
-    batches = []
-    epoch = 0
-    while len(batches) < args.steps:
-        batches += glue_batches(train_ex, tok, args.batch_size, args.max_length[task], shuffle=True,
-                                seed=1000 * seed + epoch)
-        epoch += 1
-    opt = make_optimizer(opt_name, model, lr, args.weight_decay)
-    warm = max(1, int(0.1 * args.steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (args.steps - s) / (args.steps - warm))))
-    curve = [{"step": 0, **evaluate(model, dev, metric)}]
-    step_s, opt_s, train_loss = [], [], []
-    model.train()
-    for step in range(1, args.steps + 1):
-        t0 = time.perf_counter()
-        loss = model(**batches[step - 1]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        t1 = time.perf_counter()
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        t2 = time.perf_counter()
-        step_s.append(t2 - t0)
-        opt_s.append(t2 - t1)
-        train_loss.append(loss.item())
-        if step % args.eval_every == 0 or step == args.steps:
-            curve.append({"step": step, **evaluate(model, dev, metric)})
-            print(f"  {task} {opt_name} lr={lr:g} seed={seed} step {step}: dev loss {curve[-1]['loss']:.4f} "
-                  f"score {curve[-1]['score']:.4f}", flush=True)
-    if not all(math.isfinite(c["loss"]) for c in curve):
-        print(f"  {task} {opt_name} lr={lr:g}: non-finite dev loss", flush=True)
-    return {"task": task, "optimizer": opt_name, "lr": lr, "seed": seed, "curve": curve,
-            "train_loss": train_loss, "step_s_median": statistics.median(step_s),
-            "opt_step_s_median": statistics.median(opt_s)}
+    def build(self, task: str, seed: int):
+        spec = task_spec(task)
+        model, tok = load_model("minilm", num_labels=spec.num_labels)
+        torch.manual_seed(seed)  # the head is the only random part (PiSSA init is an SVD)
+        torch.nn.init.normal_(model.classifier.weight, std=model.config.initializer_range)
+        torch.nn.init.zeros_(model.classifier.bias)
+        peft_spec = PeftSpec(rank=self.args.rank, layers=None, target_modules=["query", "key", "value"],
+                             task_type="SEQ_CLS")
+        return METHODS["lora"](model, peft_spec), tok
+
+    def mask(self, task: str, seed: int, model, train):
+        if (task, seed) not in self._masks:
+            calib = glue_batches(train[: self.args.calibration], self._tok, 16, self.args.max_length)
+            fisher = ft.compute_fisher(model, calib, num_samples=self.args.calibration, progress=False)
+            self._masks[task, seed] = ft.select_mask(fisher, keep=self.args.keep, always_train="classifier")
+        return self._masks[task, seed]
+
+    def run(self, task: str, mask_name: str, opt_name: str, budget: str, lr: float, seed: int) -> dict:
+        a = self.args
+        model, self._tok = self.build(task, seed)
+        train, held, dev = self.data(task, self._tok)
+        steps_per_epoch = math.ceil(len(train) / a.batch_size)
+        steps = max(2, round(BUDGETS[budget] * a.epochs * steps_per_epoch))
+        mask = self.mask(task, seed, model, train) if mask_name == "fish" else None
+        params = [p for p in model.parameters() if p.requires_grad]
+        if opt_name == "adafish":
+            opt = ft.make_adafish(model, mask=mask, lr=lr, weight_decay=a.weight_decay, **json.loads(a.adafish))
+        else:
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=a.weight_decay)
+            opt = ft.MaskedOptimizer(opt, mask, model) if mask is not None else opt
+        sched = linear_schedule(opt, steps, warmup=0.1)
+        losses, t0, epoch, batches = [], time.perf_counter(), 0, []
+        model.train()
+        for _ in range(steps):
+            if not batches:
+                batches = glue_batches(train, self._tok, a.batch_size, a.max_length, shuffle=True,
+                                       seed=1000 * seed + epoch)
+                epoch += 1
+            loss = model(**batches.pop(0)).loss
+            losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                break
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+        tail = losses[-max(1, len(losses) // 10):]
+        finite = all(math.isfinite(x) for x in losses)
+        bad = {"loss": math.inf, "score": -math.inf}
+        return {"task": task, "mask": mask_name, "optimizer": opt_name, "budget": budget, "lr": lr, "seed": seed,
+                "steps": steps, "train_loss_tail": statistics.mean(tail) if finite else math.inf,
+                "heldout": evaluate(model, held, task_spec(task).metric) if finite else bad,
+                "dev": evaluate(model, dev, task_spec(task).metric) if finite else bad,
+                "train_seconds": seconds, "adafish": json.loads(a.adafish) if opt_name == "adafish" else None}
+
+    def record(self, run: dict) -> None:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.out, "a", encoding="utf-8") as f:
+            f.write(json.dumps(run) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.runs.append(run)
+        self.done.add(run_key(run))
+        print(f"{run['task']} {run['mask']} {run['optimizer']}@{run['budget']} lr={run['lr']:g} seed={run['seed']}: "
+              f"held-out {run['heldout']['score']:.4f} dev {run['dev']['score']:.4f} "
+              f"train loss {run['train_loss_tail']:.4f} ({run['train_seconds']:.0f} s)", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="benchmarks/results/adafish.json")
-    ap.add_argument("--tasks", nargs="+", default=["sst2", "mrpc"])
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2], help="grid, both optimizers")
-    ap.add_argument("--train-limit", type=int, default=1000)
-    ap.add_argument("--dev-limit", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--eval-every", type=int, default=5)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-length-sst2", type=int, default=64)
-    ap.add_argument("--max-length-mrpc", type=int, default=96)
-    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--out", default="benchmarks/results/adafish_halfT.jsonl")
+    ap.add_argument("--tasks", nargs="+", default=["sst2", "stsb"])
+    ap.add_argument("--masks", nargs="+", default=["dense", "fish"], choices=["dense", "fish"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    ap.add_argument("--lrs", nargs="+", type=float, default=GRID, help="starting grid, both optimizers")
+    ap.add_argument("--max-extend", type=int, default=2, help="grid extensions past an edge, per arm")
+    ap.add_argument("--train-examples", type=int, default=4000)
+    ap.add_argument("--heldout", type=int, default=1000, help="train examples held out for lr selection")
+    ap.add_argument("--dev-examples", type=int, default=None, help="None: the full dev set")
+    ap.add_argument("--epochs", type=float, default=2.0, help="budget T in epochs of the training part")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--keep", type=float, default=0.05)
+    ap.add_argument("--calibration", type=int, default=256)
     ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--threads", type=int, default=1, help="1: 2 threads thrash on a loaded machine")
+    ap.add_argument("--adafish", default="{}", help='AdaFish kwargs as JSON, e.g. \'{"variant": "sqrt"}\'')
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the pipeline, not the claim")
     args = ap.parse_args()
-    args.max_length = {"sst2": args.max_length_sst2, "mrpc": args.max_length_mrpc}
-    torch.set_num_threads(args.threads)
-
-    out = Path(args.out)
-    results = json.loads(out.read_text()) if out.is_file() else {}
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "tasks", "seeds")}
-    if results.get("config", config) != config:
-        raise SystemExit(f"{out} was produced with another config: {results['config']}; use another --out")
-    results.update(config=config, machine=f"{platform.machine()} {os.cpu_count()} CPUs (shared with other jobs), "
-                                           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    results.setdefault("runs", [])
-
-    def done(task, opt_name, lr, seed):
-        return next((r for r in results["runs"] if (r["task"], r["optimizer"], r["lr"], r["seed"])
-                     == (task, opt_name, lr, seed)), None)
-
-    def record(run):
-        results["runs"].append(run)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, out)
-
+    if args.smoke:
+        args.tasks, args.masks, args.seeds = args.tasks[:1], args.masks, args.seeds[:2]
+        args.lrs, args.train_examples, args.heldout, args.dev_examples = [1e-3, 1e-2], 64, 32, 64
+        args.epochs, args.batch_size, args.max_extend, args.calibration = 2.0, 16, 0, 32
+    torch.set_num_threads(1)
+    study = Study(args)
     for task in args.tasks:
-        data = (load_glue(task, "train", limit=args.train_limit, seed=0),
-                load_glue(task, "dev", limit=args.dev_limit, seed=0))
-        # both optimizers advance together, so an interrupted benchmark still has paired runs
-        for lr in args.lrs:
-            for opt_name in ("adamw", "adafish"):
-                if not done(task, opt_name, lr, args.seeds[0]):
-                    record(run_one(task, opt_name, lr, args.seeds[0], args, data))
-        best = {opt_name: best_lr(results["runs"], task, opt_name, args.seeds[0]) for opt_name in ("adamw", "adafish")}
-        for seed in args.seeds[1:]:
-            for opt_name, lr in best.items():
-                if not done(task, opt_name, lr, seed):
-                    record(run_one(task, opt_name, lr, seed, args, data))
-
-
-def best_lr(runs: list[dict], task: str, opt_name: str, seed: int) -> float:
-    """Grid rate with the lowest final dev loss on the grid seed (non-finite losses lose)."""
-    grid = [r for r in runs if r["task"] == task and r["optimizer"] == opt_name and r["seed"] == seed]
-    final = [(r["curve"][-1]["loss"] if math.isfinite(r["curve"][-1]["loss"]) else math.inf, r["lr"]) for r in grid]
-    return min(final)[1]
+        for mask in args.masks:
+            for opt in OPTIMIZERS:
+                for budget in BUDGETS:
+                    grid = sorted(args.lrs)
+                    while True:
+                        for lr in grid:
+                            for seed in args.seeds:
+                                if (task, mask, opt, budget, lr, seed) not in study.done:
+                                    study.record(study.run(task, mask, opt, budget, lr, seed))
+                        best, grid = chosen_lr(study.runs, task, mask, opt, budget, args.seeds)
+                        extended = sum(not min(args.lrs) <= lr <= max(args.lrs) for lr in grid)  # survives restarts
+                        if extended >= args.max_extend or best not in (grid[0], grid[-1]):
+                            break
+                        grid = sorted(grid + [best * 10 ** (0.5 if best == grid[-1] else -0.5)])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ gradient in rank-major form G in R^{r x n}. The default ("fisher") step, per fac
     M  <- b1 M + (1 - b1) G
     F  <- b2 F + (1 - b2) (G w)(G w)^T / n                                      (r x r generalized Fisher)
     F^ = F / (1 - b2^t) / (tr F^ / r)                                            (trace-normalised)
-    W  <- W (1 - lr wd) - lr (F^ + damping I)^-1 (M w) / (1 - b1^t)             (exponent 1: the paper's inverse)
+    W  <- W (1 - lr wd) - lr (F^ + 0.1 I)^-1 (M w) / (1 - b1^t)                 (exponent 1: the paper's inverse)
 
 Other variants (``VARIANTS``) change the exponent, drop the n-side treatment, or graft the step to AdamW's norm.
 Every parameter that is not a LoRA factor (heads, biases, DoRA magnitudes) gets exactly AdamW's update.
@@ -26,14 +26,15 @@ RANK_DIM = {"A": 0, "B": 1}  # where r sits in peft's weights: A [r, in(, k, k)]
 SCALES = ("trace", "graft", "none")
 N_SIDES = ("diag", "graft", "none")
 FISHERS = ("batch", "per_sample")
-# Named rules (docs/adafish.md). "fisher" is the default; "sqrt" is the exponent-0.5 rule of the first version.
+# Named rules (docs/adafish.md; damping as measured in BENCHMARKS.md). "fisher" is the default; "paper" is the
+# literal step; "sqrt" is the exponent-0.5 rule that was the default of the first version.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "fisher": dict(exponent=1.0, scale="trace", n_side="diag"),
-    "fisher_graft": dict(exponent=1.0, scale="graft", n_side="none"),
-    "fisher_colgraft": dict(exponent=1.0, scale="graft", n_side="graft"),
-    "paper": dict(exponent=1.0, scale="none", n_side="none"),
-    "sqrt": dict(exponent=0.5, scale="none", n_side="none"),
-    "sqrt_diag": dict(exponent=0.5, scale="trace", n_side="diag"),
+    "fisher": dict(exponent=1.0, scale="trace", n_side="diag", damping=0.1),
+    "fisher_graft": dict(exponent=1.0, scale="graft", n_side="none", damping=1e-3),
+    "fisher_colgraft": dict(exponent=1.0, scale="graft", n_side="graft", damping=1e-3),
+    "paper": dict(exponent=1.0, scale="none", n_side="none", damping=1e-3),
+    "sqrt": dict(exponent=0.5, scale="none", n_side="none", damping=1e-3),
+    "sqrt_diag": dict(exponent=0.5, scale="trace", n_side="diag", damping=1e-3),
 }
 
 
@@ -70,9 +71,10 @@ class AdaFish(torch.optim.Optimizer):
         lr: learning rate (for the default variant on the same scale as AdamW's: the step is dimensionless).
         betas: EMA rates of the first moment and of the second moments / Fisher matrix.
         damping: Tikhonov damping relative to the mean eigenvalue of the bias-corrected Fisher matrix; it caps how
-            much a weak rank direction is amplified (by ``1 / damping`` at exponent 1).
+            much a weak rank direction is amplified (by ``1 / damping`` at exponent 1). None: the variant's.
         weight_decay: decoupled weight decay (as AdamW).
-        variant: a name in ``VARIANTS`` giving ``exponent``, ``scale`` and ``n_side``; explicit arguments win.
+        variant: a name in ``VARIANTS`` giving ``exponent``, ``scale``, ``n_side`` and ``damping``; explicit
+            arguments win.
         exponent: the preconditioner is ``(F + delta I)^-exponent``: 1 is the paper's inverse, 0.5 Adam-like.
         scale: how the step gets a learning rate that transfers: ``"trace"`` divides F by its mean eigenvalue,
             ``"graft"`` rescales the step to AdamW's per-tensor step norm, ``"none"`` is the raw preconditioner.
@@ -88,12 +90,12 @@ class AdaFish(torch.optim.Optimizer):
     """
 
     def __init__(self, model_or_params: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), damping: float = 1e-3, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), damping: float | None = None, weight_decay: float = 0.0,
                  variant: str = "fisher", exponent: float | None = None, scale: str | None = None,
                  n_side: str | None = None, fisher: str = "batch", eps: float = 1e-8):
         if variant not in VARIANTS:
             raise ValueError(f"AdaFish: variant must be one of {sorted(VARIANTS)}, got {variant!r}")
-        given = dict(exponent=exponent, scale=scale, n_side=n_side)
+        given = dict(exponent=exponent, scale=scale, n_side=n_side, damping=damping)
         rule = {**VARIANTS[variant], **{k: v for k, v in given.items() if v is not None}}
         if fisher not in FISHERS:
             raise ValueError(f"AdaFish: fisher must be one of {FISHERS}, got {fisher!r}")
@@ -103,8 +105,8 @@ class AdaFish(torch.optim.Optimizer):
             params: Any = _groups_from_model(model_or_params)
         else:
             params = list(model_or_params)
-        defaults = dict(lr=lr, betas=tuple(betas), damping=damping, weight_decay=weight_decay, eps=eps, factor=None,
-                        fisher=fisher, **rule)
+        defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps, factor=None, fisher=fisher,
+                        **rule)
         super().__init__(params, defaults)
         self._per_sample = _PerSampleGrads(model_or_params, self) if fisher == "per_sample" else None
 
