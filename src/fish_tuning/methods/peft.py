@@ -11,53 +11,60 @@ from torch import nn
 from .advice import EMBEDDING_ADVICE
 
 
-def _lora_params(module: nn.Module) -> list[nn.Parameter]:
-    """A, B (Linear / Conv / Embedding variants) and DoRA's magnitude for every adapter of one LoraLayer."""
+def _tuner_params(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters a peft tuner layer declares as its adapter weights (``adapter_layer_names``), for its
+    active adapters: LoRA's A / B / embedding factors and DoRA's magnitude, (IA)³ vectors, LoHa / LoKr factors,
+    VeRA's scaling vectors, OFT / BOFT blocks, ... New peft methods need no code here."""
+    adapters = getattr(module, "active_adapters", None)
+    if isinstance(adapters, str):
+        adapters = [adapters]
     out = []
-    for adapter in getattr(module, "active_adapters", None) or list(getattr(module, "lora_A", {}).keys()):
-        for attr in ("lora_A", "lora_B", "lora_magnitude_vector"):
-            container = getattr(module, attr, None)
-            if container is not None and adapter in container:
-                out.extend(p for p in container[adapter].parameters())
-        for attr in ("lora_embedding_A", "lora_embedding_B"):
-            container = getattr(module, attr, None)
-            if container is not None and adapter in container:
-                out.append(container[adapter])
+    for attr in getattr(module, "adapter_layer_names", ()):
+        container = getattr(module, attr, None)
+        if container is None:
+            continue
+        for adapter in adapters if adapters is not None else list(container.keys()):
+            if adapter not in container:
+                continue
+            item = container[adapter]
+            out.extend([item] if isinstance(item, nn.Parameter) else item.parameters())
     return out
 
 
-def _ia3_params(module: nn.Module) -> list[nn.Parameter]:
-    """The scaling vectors l (l_k, l_v on attention, l_ff on feed-forward inputs; Eq. 11-12) of one IA3Layer."""
-    out = []
-    for adapter in getattr(module, "active_adapters", None) or list(module.ia3_l.keys()):
-        if adapter in module.ia3_l:
-            out.append(module.ia3_l[adapter])
-    return out
+def _prompt_params(model: nn.Module) -> list[nn.Parameter]:
+    """Prompt-learning methods (Prefix-Tuning, Prompt Tuning, P-Tuning) keep their table in ``prompt_encoder``."""
+    encoders = getattr(model, "prompt_encoder", None)
+    if not isinstance(encoders, nn.ModuleDict):
+        return []
+    active = getattr(model, "active_adapter", None)
+    names = [active] if isinstance(active, str) and active in encoders else list(encoders.keys())
+    return [p for name in names for p in encoders[name].parameters()]
 
 
 def peft_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(candidates, gates) of every peft tuner in ``model``; peft's tuners have no gates, so the second is empty.
 
-    - LoRA / DoRA: ``lora_A``, ``lora_B``, ``lora_embedding_A/B``, ``lora_magnitude_vector`` (Eq. 7-8).
-    - (IA)³: ``ia3_l`` of each IA3Layer (Eq. 11-12).
-    - Prefix-Tuning: every parameter of the ``PrefixEncoder`` in ``model.prompt_encoder`` (Eq. 10). With
-      ``prefix_projection=False`` (the default) that is the table holding P^K and P^V of all layers; with the
-      projection it is the embedding plus the reparametrisation MLP (the only trainable tensors there are).
+    Candidates are what each ``BaseTunerLayer`` declares in ``adapter_layer_names`` (e.g. LoRA / DoRA:
+    ``lora_A``, ``lora_B``, ``lora_embedding_A/B``, ``lora_magnitude_vector``, Eq. 7-8; (IA)³: ``ia3_l``, Eq.
+    11-12), plus the prompt encoder of prompt-learning methods (Prefix-Tuning's P^K, P^V table, Eq. 10, or its
+    reparametrisation MLP). ``modules_to_save`` heads are not tuner layers: they stay always-trainable.
     """
     try:
-        from peft.tuners.ia3 import IA3Layer
-        from peft.tuners.lora import LoraLayer
-        from peft.tuners.prefix_tuning import PrefixEncoder
+        from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:  # peft missing: a model without peft tuners has no peft candidates
         return [], []
     cand: list[nn.Parameter] = []
+    seen: set[int] = set()
     for module in model.modules():
-        if isinstance(module, LoraLayer):
-            cand.extend(_lora_params(module))
-        elif isinstance(module, IA3Layer):
-            cand.extend(_ia3_params(module))
-        elif isinstance(module, PrefixEncoder):
-            cand.extend(module.parameters())
+        if isinstance(module, BaseTunerLayer):
+            for p in _tuner_params(module):
+                if id(p) not in seen:  # shared tensors (e.g. VB-LoRA's vector bank) count once
+                    seen.add(id(p))
+                    cand.append(p)
+    for p in _prompt_params(model):
+        if id(p) not in seen:
+            seen.add(id(p))
+            cand.append(p)
     return cand, []
 
 
