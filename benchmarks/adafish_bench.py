@@ -150,7 +150,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     ap.add_argument("--lrs", nargs="+", type=float, default=GRID, help="starting grid, both optimizers")
     ap.add_argument("--max-extend", type=int, default=2, help="grid extensions past an edge, per arm")
-    ap.add_argument("--train-examples", type=int, default=4000)
+    ap.add_argument("--train-examples", type=int, default=2000)
     ap.add_argument("--heldout", type=int, default=1000, help="train examples held out for lr selection")
     ap.add_argument("--dev-examples", type=int, default=None, help="None: the full dev set")
     ap.add_argument("--epochs", type=float, default=2.0, help="budget T in epochs of the training part")

@@ -1,7 +1,7 @@
 """Where does each AdaFish rule put its step on a real model? Step ratios vs AdamW on MiniLM + LoRA.
 
-MiniLM (all-MiniLM-L6-v2) + LoRA (PiSSA, r=8, q/k/v, as in adafish_bench.py), SST-2 train batches of 16 (max length
-64), gradients clipped to norm 1. Every optimizer starts from the same weights and sees the same batches; after
+MiniLM (all-MiniLM-L6-v2) + LoRA (PiSSA, r=8, q/k/v, as in the issue-7 benchmark), SST-2 train batches of 16 (max
+length 64), dropout off, gradients clipped to norm 1. Every optimizer starts from the same weights and sees the same batches; after
 step 1 and after step 10 (lr 1e-4, so the weights barely move and the steps are comparable) we record, per LoRA
 factor, the update per unit learning rate:
 
@@ -60,7 +60,7 @@ def updates(model, name: str, batches: list[dict]) -> dict[int, dict[str, torch.
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=LR) if kw is None else ft.make_adafish(model, lr=LR, **kw)
     out = {}
-    model.train()
+    model.eval()  # dropout off: every optimizer sees exactly the same gradients
     for step, batch in enumerate(batches, start=1):
         before = {n: p.detach().clone() for n, p in named.items()}
         opt.zero_grad()

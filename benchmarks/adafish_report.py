@@ -103,7 +103,7 @@ def synthetic_section(res: dict) -> list[str]:
 def probe_section(res: dict) -> list[str]:
     runs = res["runs"]
     lines = ["### Where the step goes on MiniLM + LoRA (`benchmarks/adafish_probe.py`)", "",
-             "MiniLM + LoRA (PiSSA r=8, q/k/v), SST-2 batches of 16, clip 1, same weights and batches for every "
+             "MiniLM + LoRA (PiSSA r=8, q/k/v), SST-2 batches of 16, dropout off, clip 1, same weights and batches for every "
              f"optimizer; update per unit lr after step 1 and step 10 (lr {res['config']['lr']:g}), over "
              f"{len({r['seed'] for r in runs})} seeds (head inits). entry max = largest |update| of one factor "
              "entry (AdamW's first step is sign(g), so 1); column spread = max / median column norm of an A "
