@@ -103,6 +103,7 @@ def run_one(opt_name: str, lr: float, condition: str, seed: int) -> dict:
             if not math.isfinite(curve[-1]) or curve[-1] > 3 * curve[0]:
                 curve.append(math.inf)
                 break
+    curve = [round(x, 5) if math.isfinite(x) else x for x in curve]
     return {"opt": opt_name, "lr": lr, "condition": condition, "seed": seed, "curve": curve}
 
 
