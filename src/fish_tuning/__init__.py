@@ -11,6 +11,7 @@ stays a small addition to ``import torch``.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 from .adafish import AdaFish, lora_factors, make_adafish
@@ -40,6 +41,12 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the lazy names as ordinar
     )
 
 __version__ = "0.1.0"
+
+# The "fish_tuning" logger follows transformers' verbosity (TrainingArguments(log_level=...),
+# transformers.logging.set_verbosity_info()) and handler: its parent is the "transformers" logger. Until
+# transformers configures that logger it is a plain pass-through to the root logger, so nothing changes for
+# programs without transformers, and nothing is imported here.
+logging.getLogger("fish_tuning").parent = logging.getLogger("transformers")
 
 # name -> module that defines it; imported on first attribute access
 _LAZY = {

@@ -1,0 +1,320 @@
+"""What `fish-tune train` and `fish-tune mask` share: their flags, the checks done before any model loads, and
+building the (model, tokenised data, collator) a ``Trainer`` / ``SFTTrainer`` needs.
+
+Flags follow ``trl sft`` / the transformers example scripts (``--model_name_or_path``, ``--dataset_name`` or
+``--train_file``, ``--text_column`` ...), parsed with ``transformers.HfArgumentParser`` so every
+``TrainingArguments`` flag works and ``--config file.yaml`` supplies defaults that the command line overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import FishConfig
+
+PEFT_METHODS = ("lora", "dora", "ia3", "prefix")
+TASKS = ("auto", "classification", "regression", "causal-lm")
+EXTENSIONS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+LORA_INITS = ("pissa", "default", "gaussian", "olora", "false")
+TEXT_NAMES = ("text", "sentence", "sentence1", "question", "content")
+LABEL_NAMES = ("label", "labels", "score")
+
+
+class CommandError(ValueError):
+    """A user error: printed as one ``fish-tune: error: ...`` line, exit status 2."""
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={  # required, but may come from --config
+        "help": "Required. Local folder, hub id, or an offline alias (minilm, smollm2)."})
+    task: str = field(default="auto", metadata={
+        "help": "auto (from the data: prompt/completion or messages -> causal-lm; a label column -> classification, "
+                "or regression when the labels are non-integer numbers), classification, regression, causal-lm."})
+    max_length: int = field(default=256, metadata={"help": "Tokens per example (longer ones are truncated)."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "A hub dataset id (needs the datasets package and internet). Or give --train_file."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The hub dataset's config name."})
+    train_file: str | None = field(default=None, metadata={
+        "help": "Local train data: .csv, .tsv, .json, .jsonl or .parquet."})
+    validation_file: str | None = field(default=None, metadata={"help": "Local validation data (same formats)."})
+    train_split: str = field(default="train", metadata={"help": "Split of --dataset_name to train on."})
+    validation_split: str | None = field(default=None, metadata={
+        "help": "Split of --dataset_name to evaluate on (default: validation, if the dataset has it)."})
+    text_column: str | None = field(default=None, metadata={
+        "help": f"Input text column (default: the first of {', '.join(TEXT_NAMES)} that exists)."})
+    text_pair_column: str | None = field(default=None, metadata={
+        "help": "Second text column for sentence-pair tasks (e.g. sentence2)."})
+    label_column: str | None = field(default=None, metadata={
+        "help": f"Label column (default: the first of {', '.join(LABEL_NAMES)} that exists). Integer or string "
+                "labels: classification; other numbers: regression."})
+    prompt_column: str = field(default="prompt", metadata={"help": "SFT: prompt column (with --completion_column)."})
+    completion_column: str = field(default="completion", metadata={"help": "SFT: completion column."})
+    messages_column: str = field(default="messages", metadata={"help": "SFT: chat column (list of role/content)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N train rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation rows."})
+
+
+@dataclass
+class PeftArguments:
+    peft: str = field(default="lora", metadata={
+        "help": f"PEFT method whose new parameters FISH selects from: {', '.join(PEFT_METHODS)}."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA / DoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA / DoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA / DoRA dropout."})
+    target_modules: list[str] | None = field(default=None, metadata={
+        "help": "Module names to adapt (default: peft's choice for the architecture, e.g. query value)."})
+    init_lora_weights: str = field(default="pissa", metadata={
+        "help": f"LoRA init: {', '.join(LORA_INITS)}. pissa (the paper's): with 'default' B = 0, so every entry "
+                "of A has zero Fisher and FISH can never pick it."})
+    num_virtual_tokens: int = field(default=20, metadata={"help": "Prefix-Tuning: virtual tokens."})
+
+
+def _fish_arguments() -> type:
+    """FishConfig's fields as flags; ``seed`` becomes ``--fish_seed`` (``--seed`` is TrainingArguments')."""
+    hints = typing.get_type_hints(FishConfig)
+    out = []
+    for f in dataclasses.fields(FishConfig):
+        name = "fish_seed" if f.name == "seed" else f.name
+        out.append((name, hints[f.name], field(default=f.default, metadata=dict(f.metadata))))
+    return dataclasses.make_dataclass("FishArguments", out)
+
+
+FishArguments = _fish_arguments()
+
+
+def fish_config(fish: Any) -> FishConfig:
+    """Validate the FISH flags into a FishConfig; errors name the flags."""
+    values = dataclasses.asdict(fish)
+    values["seed"] = values.pop("fish_seed")
+    try:
+        config = FishConfig(**values)
+        config.require_budget()
+    except (TypeError, ValueError) as err:
+        raise CommandError(str(err).replace("keep=", "--keep").replace("budget=", "--budget")) from None
+    return config
+
+
+class Parser:
+    """HfArgumentParser with one-line errors and ``--config file.yaml`` as defaults under the command line."""
+
+    def __init__(self, prog: str, description: str, dataclass_types: list[type], defaults: dict | None = None):
+        from transformers import HfArgumentParser
+
+        class _Hf(HfArgumentParser):
+            def error(self, message: str) -> typing.NoReturn:  # argparse would print the usage block first
+                print(f"fish-tune: error: {message} (see {prog} --help)", file=sys.stderr)
+                raise SystemExit(2)
+
+        self.types = dataclass_types
+        self.parser = _Hf(dataclass_types, prog=prog, description=description)
+        self.parser.add_argument("--config", default=None, help="YAML file of flag values; command-line flags win.")
+        if defaults:
+            self.parser.set_defaults(**defaults)
+
+    def parse(self, argv: list[str]) -> tuple:
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--config")
+        known, _ = pre.parse_known_args(argv)
+        if known.config:
+            self.parser.set_defaults(**read_yaml(known.config, self.parser))
+        out = self.parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        if out[-1]:
+            self.parser.error(f"unrecognized arguments: {' '.join(out[-1])}")
+        return tuple(out[: len(self.types)])  # then come a Namespace holding --config, and the remaining strings
+
+
+def read_yaml(path: str, parser: argparse.ArgumentParser) -> dict:
+    try:
+        import yaml
+    except ImportError:
+        raise CommandError("--config needs pyyaml: pip install 'fish-tuning[cli]'") from None
+    p = Path(path)
+    if not p.is_file():
+        raise CommandError(f"--config file {path} not found")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise CommandError(f"--config file {path} is not valid YAML ({type(err).__name__}); fix it") from None
+    if not isinstance(raw, dict):
+        raise CommandError(f"--config file {path} must hold a mapping of flag names to values")
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise CommandError(f"--config file {path}: unknown field {unknown[0]!r}; use the flag names without "
+                           "dashes (e.g. learning_rate: 5.0e-4)")
+    return raw
+
+
+# --------------------------------------------------------------------------- data
+def check_data_args(data: DataArguments) -> None:
+    """File names, formats and the one-of rules, before anything is read."""
+    if (data.dataset_name is None) == (data.train_file is None):
+        raise CommandError("give exactly one of --dataset_name (hub id) or --train_file (local .csv/.tsv/.json/"
+                           ".jsonl/.parquet)")
+    if data.validation_file and not data.train_file:
+        raise CommandError("--validation_file goes with --train_file; with --dataset_name use --validation_split")
+    for flag, path in (("--train_file", data.train_file), ("--validation_file", data.validation_file)):
+        if path is None:
+            continue
+        if Path(path).suffix.lower() not in EXTENSIONS:
+            raise CommandError(f"{flag} {path}: unsupported format; use one of {', '.join(EXTENSIONS)}")
+        if not Path(path).is_file():
+            raise CommandError(f"{flag} {path} not found")
+
+
+def load_data(data: DataArguments) -> dict:
+    """{"train": Dataset, "validation": Dataset | None} through ``datasets.load_dataset``."""
+    check_data_args(data)
+    try:
+        import datasets
+    except ImportError:
+        raise CommandError("reading data needs the datasets package: pip install 'fish-tuning[cli]'") from None
+    datasets.disable_progress_bars()
+    if data.train_file:
+        files = {"train": data.train_file, **({"validation": data.validation_file} if data.validation_file else {})}
+        suffix = Path(data.train_file).suffix.lower()
+        if data.validation_file and Path(data.validation_file).suffix.lower() != suffix:
+            raise CommandError("--train_file and --validation_file must have the same format")
+        kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+        try:
+            loaded = datasets.load_dataset(EXTENSIONS[suffix], data_files=files, **kwargs)
+        except Exception as err:  # datasets raises many types for malformed files
+            raise CommandError(f"could not read {data.train_file}: {str(err).splitlines()[0]}") from None
+        return {"train": loaded["train"], "validation": loaded.get("validation")}
+    try:
+        loaded = datasets.load_dataset(data.dataset_name, data.dataset_config_name)
+    except Exception as err:
+        raise CommandError(f"could not load --dataset_name {data.dataset_name}: {str(err).splitlines()[0]}") from None
+    if data.train_split not in loaded:
+        raise CommandError(f"--train_split {data.train_split!r} is not in {data.dataset_name}; splits: "
+                           f"{', '.join(loaded)}")
+    val = data.validation_split or ("validation" if "validation" in loaded else None)
+    if val is not None and val not in loaded:
+        raise CommandError(f"--validation_split {val!r} is not in {data.dataset_name}; splits: {', '.join(loaded)}")
+    return {"train": loaded[data.train_split], "validation": loaded[val] if val else None}
+
+
+def _pick(columns: list[str], given: str | None, flag: str, names: tuple[str, ...]) -> str | None:
+    if given is not None:
+        if given not in columns:
+            raise CommandError(f"column {given!r} ({flag}) is not in the train data; its columns are: "
+                               f"{', '.join(columns)}")
+        return given
+    return next((n for n in names if n in columns), None)
+
+
+def infer_task(model: ModelArguments, data: DataArguments, train) -> dict:
+    """Task and columns from the data (and --task): a dict with task, text, pair, label, label_list."""
+    cols = list(train.column_names)
+    text = _pick(cols, data.text_column, "--text_column", TEXT_NAMES)
+    pair = _pick(cols, data.text_pair_column, "--text_pair_column", ())
+    label = _pick(cols, data.label_column, "--label_column", LABEL_NAMES)
+    chat = data.messages_column in cols
+    prompt = data.prompt_column in cols and data.completion_column in cols
+    task = model.task
+    if task not in TASKS:
+        raise CommandError(f"--task {task!r} is unknown; use one of {', '.join(TASKS)}")
+    if task == "auto":
+        if chat or prompt:
+            task = "causal-lm"
+        elif label is not None:
+            task = "regression" if _is_float(train[label]) else "classification"
+        else:
+            raise CommandError(f"cannot tell the task from the columns ({', '.join(cols)}): give --label_column for "
+                               "classification / regression, or prompt + completion or messages columns for SFT")
+    out = {"task": task, "text": text, "pair": pair, "label": label, "label_list": None}
+    if task == "causal-lm":
+        if not (chat or prompt or text):
+            raise CommandError(f"causal-lm needs prompt + completion, messages or a text column; columns: "
+                               f"{', '.join(cols)}")
+        out["sft_format"] = "messages" if chat else "prompt-completion" if prompt else "text"
+        return out
+    if label is None:
+        raise CommandError(f"{task} needs a label column; none of {', '.join(LABEL_NAMES)} is in the data "
+                           f"({', '.join(cols)}): give --label_column")
+    if text is None:
+        raise CommandError(f"{task} needs a text column; none of {', '.join(TEXT_NAMES)} is in the data "
+                           f"({', '.join(cols)}): give --text_column")
+    values = train[label]
+    if any(v is None for v in values):
+        raise CommandError(f"label column {label!r} has empty values; fill or drop those rows")
+    if task == "regression":
+        try:
+            [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise CommandError(f"regression needs numeric labels in {label!r}; use --task classification") from None
+    else:
+        out["label_list"] = sorted(set(values), key=lambda v: (isinstance(v, str), v))
+        if len(out["label_list"]) < 2:
+            raise CommandError(f"label column {label!r} has a single value; classification needs two or more")
+    return out
+
+
+def _is_float(values) -> bool:
+    return any(isinstance(v, float) and not float(v).is_integer() for v in values)
+
+
+# --------------------------------------------------------------------------- peft
+def check_peft_args(peft: PeftArguments) -> None:
+    if peft.peft not in PEFT_METHODS:
+        raise CommandError(f"--peft {peft.peft!r} is not supported; use one of {', '.join(PEFT_METHODS)}")
+    init = peft.init_lora_weights.lower()
+    if init not in LORA_INITS and not init.startswith("pissa_niter_"):
+        raise CommandError(f"--init_lora_weights {peft.init_lora_weights!r} is unknown; use one of "
+                           f"{', '.join(LORA_INITS)} (or pissa_niter_N)")
+    if peft.lora_r < 1 or peft.num_virtual_tokens < 1:
+        raise CommandError("--lora_r and --num_virtual_tokens must be positive")
+
+
+def peft_config(peft: PeftArguments, task_type: str):
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig
+
+    if peft.peft in ("lora", "dora"):
+        init = peft.init_lora_weights.lower()
+        init = True if init == "default" else False if init == "false" else init
+        return LoraConfig(r=peft.lora_r, lora_alpha=peft.lora_alpha, lora_dropout=peft.lora_dropout,
+                          target_modules=peft.target_modules, init_lora_weights=init,
+                          use_dora=peft.peft == "dora", task_type=task_type)
+    if peft.peft == "ia3":
+        return IA3Config(target_modules=peft.target_modules, task_type=task_type,
+                         feedforward_modules=[] if peft.target_modules else None)
+    return PrefixTuningConfig(num_virtual_tokens=peft.num_virtual_tokens, task_type=task_type)
+
+
+def resolve_model_path(name: str | None) -> str:
+    """The model's folder or hub id; its config is read here so a wrong name fails before any weights load."""
+    if not name:
+        raise CommandError("--model_name_or_path is required (a local folder, hub id, or minilm / smollm2)")
+    from transformers import AutoConfig
+
+    from ..models import resolve_model
+
+    try:
+        path = resolve_model(name)
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, ImportError) as err:
+        raise CommandError(f"--model_name_or_path {name}: {str(err).splitlines()[0]}") from None
+    return path
+
+
+def check_output_dir(path: str | os.PathLike) -> None:
+    """Writable before the model loads, so a long run never dies at the save."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = Path(path) / ".fish_write_check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise CommandError(f"--output_dir {path} is not writable ({err.strerror}); choose another folder") from None

@@ -1,0 +1,136 @@
+"""`fish-tune mask`: compute a FISH mask for a model + data (the flags of `fish-tune train`), save it, and show
+where the budget goes; or show an existing mask file.
+
+    fish-tune mask --model_name_or_path minilm --train_file reviews.csv --keep 0.05 --output mask.safetensors
+    fish-tune mask --show out/fish_mask.safetensors
+
+Prints the per-layer / per-kind table and a layers x modules grid, writes a JSON summary and a PNG heat map
+beside the mask. The Fisher pass uses the batches `fish-tune train` would train on (same columns, collator and
+seed), so ``--seed S --per_device_train_batch_size B`` here gives the mask that train run selects.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .common import (
+    CommandError,
+    DataArguments,
+    FishArguments,
+    ModelArguments,
+    Parser,
+    PeftArguments,
+    check_data_args,
+    check_output_dir,
+    check_peft_args,
+    fish_config,
+    infer_task,
+    load_data,
+    resolve_model_path,
+)
+
+
+@dataclass
+class OutputArguments:
+    show: str | None = field(default=None, metadata={
+        "help": "Show an existing mask file (no model, data or Fisher pass needed)."})
+    output: str = field(default="fish_mask.safetensors", metadata={"help": "Where to write the mask."})
+    summary_json: str | None = field(default=None, metadata={
+        "help": "JSON summary path (default: the mask path with .json)."})
+    png: str | None = field(default=None, metadata={
+        "help": "Heat map path (default: the mask path with .png); 'none' skips the picture."})
+    per_tensor: bool = field(default=False, metadata={"help": "Also print every candidate tensor's counts."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Batch size of the Fisher pass."})
+    seed: int = field(default=42, metadata={"help": "Seed of the model head init and the calibration subset "
+                                                    "(as --seed of fish-tune train)."})
+
+
+def _paths(out: OutputArguments, mask_path: str) -> tuple[str, str | None]:
+    stem = os.path.splitext(mask_path)[0]
+    png = None if (out.png or "").lower() == "none" else (out.png or stem + ".png")
+    return out.summary_json or stem + ".json", png
+
+
+def _show(mask, out: OutputArguments, mask_path: str, model=None) -> None:
+    from .maskview import draw_heatmap, grid_table, write_summary
+
+    json_path, png = _paths(out, mask_path)
+    data = write_summary(mask, json_path, model)
+    print(mask.summary(per_tensor=out.per_tensor))
+    print("\nkept entries per layer x module (% of that cell's entries):")
+    print(grid_table(data["grid"]))
+    print(f"\nsummary: {json_path}")
+    if png:
+        draw_heatmap(data["grid"], png, title=f"FISH mask ({mask.strategy}): {mask.num_selected:,} of "
+                                              f"{mask.num_candidates:,} entries")
+        print(f"heat map: {png}")
+
+
+def show(argv: list[str]) -> int:
+    from ..mask import FishMask
+    from .maskview import check_png_support
+
+    (out,) = Parser("fish-tune mask --show", "Show a FISH mask file.", [OutputArguments]).parse(argv)
+    path = out.show
+    if not Path(path).is_file():
+        raise CommandError(f"--show {path}: file not found (give a fish_mask.safetensors file)")
+    if _paths(out, path)[1]:
+        check_png_support()
+    _show(FishMask.load(path), out, path)
+    return 0
+
+
+def compute(argv: list[str]) -> int:
+    model_args, data_args, peft_args, fish_args, out = Parser(
+        "fish-tune mask", __doc__.split("\n\n")[0],
+        [ModelArguments, DataArguments, PeftArguments, FishArguments, OutputArguments]).parse(argv)
+    config = fish_config(fish_args)
+    check_peft_args(peft_args)
+    check_data_args(data_args)
+    check_output_dir(os.path.dirname(os.path.abspath(out.output)))
+    if _paths(out, out.output)[1]:
+        from .maskview import check_png_support
+
+        check_png_support()
+    path = resolve_model_path(model_args.model_name_or_path)
+    data = load_data(data_args)
+    info = infer_task(model_args, data_args, data["train"])
+    from .build import build_trainer, check_task_requirements
+
+    check_task_requirements(info["task"])
+    # ---- nothing above loads model weights
+    import torch
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from .. import FishCallback
+
+    with tempfile.TemporaryDirectory(prefix="fish-mask-") as tmp:
+        targs = TrainingArguments(output_dir=tmp, per_device_train_batch_size=out.per_device_train_batch_size,
+                                  seed=out.seed, report_to="none", save_strategy="no")
+        data["validation"] = None
+        trainer = build_trainer(model_args, data_args, peft_args, info, path, data, targs, [])
+        model = trainer.model
+        fish = FishCallback(config=config, save_final_mask=False)
+        # the callback's own selection (candidates, always-train heads, seeded calibration subset); its guard is
+        # attached to a throwaway optimizer and removed at once
+        probe = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        with fish:
+            fish.on_train_begin(targs, TrainerState(), TrainerControl(), model=model, optimizer=probe,
+                                train_dataloader=trainer.get_train_dataloader())
+    mask = fish.mask
+    mask.save(out.output, model=model)
+    print(f"mask: {out.output}")
+    _show(mask, out, out.output, model)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    try:
+        return show(argv) if any(a == "--show" or a.startswith("--show=") for a in argv) else compute(argv)
+    except (CommandError, ValueError, OSError, ImportError) as err:
+        print(f"fish-tune: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        return 2
