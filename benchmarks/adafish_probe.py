@@ -2,7 +2,7 @@
 
 MiniLM (all-MiniLM-L6-v2) + LoRA (PiSSA, r=8, q/k/v, as in the issue-7 benchmark), SST-2 train batches of 16 (max
 length 64), dropout off, gradients clipped to norm 1. Every optimizer starts from the same weights and sees the same batches; after
-step 1 and after step 10 (lr 1e-4, so the weights barely move and the steps are comparable) we record, per LoRA
+step 1 and after step 10 (lr 1e-4, variant paper 1e-9, so the weights barely move and the steps are comparable) we record, per LoRA
 factor, the update per unit learning rate:
 
 * ``entry_max``: the largest |update| of one entry (AdamW's first step is sign(g): exactly 1);
@@ -37,6 +37,7 @@ VARIANTS = {"adamw": None, "fisher": dict(variant="fisher", damping=0.1),
             "sqrt": dict(variant="sqrt", damping=1e-3), "sqrt_diag": dict(variant="sqrt_diag", damping=1e-3)}
 PROBE_STEPS = (1, 10)
 LR = 1e-4
+LR_PAPER = 1e-9  # the literal step is ~1e5 x AdamW's per unit lr: at 1e-4 it wrecks the model within 10 steps
 
 
 def build(seed: int = 0):
@@ -57,8 +58,9 @@ def updates(model, name: str, batches: list[dict]) -> dict[int, dict[str, torch.
     kinds = ft.lora_factors(model)
     named = {n: p for n, p in model.named_parameters() if n in kinds}
     kw = VARIANTS[name]
+    lr = LR_PAPER if kw is not None and kw["variant"] == "paper" else LR
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=LR) if kw is None else ft.make_adafish(model, lr=LR, **kw)
+    opt = torch.optim.AdamW(trainable, lr=lr) if kw is None else ft.make_adafish(model, lr=lr, **kw)
     out = {}
     model.eval()  # dropout off: every optimizer sees exactly the same gradients
     for step, batch in enumerate(batches, start=1):
@@ -68,7 +70,7 @@ def updates(model, name: str, batches: list[dict]) -> dict[int, dict[str, torch.
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         if step in PROBE_STEPS:
-            out[step] = {n: (p.detach() - before[n]) / -LR for n, p in named.items()}
+            out[step] = {n: (p.detach() - before[n]) / -lr for n, p in named.items()}
     return out
 
 
@@ -86,7 +88,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     args = ap.parse_args()
     torch.set_num_threads(1)
-    res = {"config": {"lr": LR, "probe_steps": PROBE_STEPS, "batch": 16, "max_length": 64, "clip": 1.0,
+    res = {"config": {"lr": LR, "lr_paper": LR_PAPER, "probe_steps": PROBE_STEPS, "batch": 16, "max_length": 64, "clip": 1.0,
                       "variants": VARIANTS}, "runs": []}
     data = load_glue("sst2", "train", limit=16 * max(PROBE_STEPS), seed=0)
     for seed in args.seeds:
