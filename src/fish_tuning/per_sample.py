@@ -135,6 +135,10 @@ class LinearPerSampleHooks:
 def loss_for(model: nn.Module, batch: dict, kind: Kind, loglik_fn: LogLikFn, gen) -> Tensor:
     labels = batch.pop("labels")
     logits = model(**batch).logits
+    if logits.dim() == 3 and labels.dim() == 2 and logits.shape[1] > labels.shape[1]:
+        # Prompt learning on a causal LM (Prompt Tuning, P-Tuning, CPT) prepends virtual tokens to the sequence:
+        # they have no label, as in peft's own loss (labels padded on the left with -100).
+        labels = nn.functional.pad(labels, (logits.shape[1] - labels.shape[1], 0), value=-100)
     if kind == "expected":
         labels = sample_labels(logits, labels, generator=gen)
     # Minus the *sum* of per-sample log-likelihoods: its gradient w.r.t. sample i's activations is sample i's own.

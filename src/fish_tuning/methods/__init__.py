@@ -12,8 +12,9 @@ from .adapters import adapters_parameters
 from .budget import baseline_budget, top_layers
 from .peft import check_lora_init, peft_parameters, prefix_tuning_compat
 
-SUPPORTED = ("peft: LoRA, DoRA, (IA)³, Prefix-Tuning; adapters: seq_bn / double_seq_bn / par_bn Adapters, LoRA, "
-             "IA3, prefix_tuning, UniPELT")
+SUPPORTED = ("peft: every tuner that adds parameters (LoRA, DoRA, (IA)³, LoHa, LoKr, VeRA, OFT, ..., Prefix / Prompt "
+             "Tuning; table in README); adapters: seq_bn / double_seq_bn / par_bn Adapters, LoRA, IA3, prefix_tuning, "
+             "UniPELT")
 
 
 def _split(model: nn.Module) -> tuple[set[int], set[int]]:

@@ -23,4 +23,8 @@ def zero_fisher_hint(zero: list[str]) -> str:
         else:
             hint += "peft's LoraConfig(init_lora_weights='pissa')."
         parts.append(hint)
+    if any("adaption_prompt" in n for n in zero):
+        parts.append("LLaMA-Adapter's gate starts at 0, so its prompts have zero gradient and zero Fisher: train the "
+                     "gate a few steps first (or set it to a small value) before the Fisher pass, or train the prompts "
+                     "outside the budget (always_train=r'adaption_prompt').")
     return " ".join(parts) or "These entries can only be picked by 'rand' or as ties; check that they influence the loss."

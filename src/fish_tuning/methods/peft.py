@@ -42,7 +42,7 @@ def _prompt_params(model: nn.Module) -> list[nn.Parameter]:
 
 
 def peft_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(candidates, gates) of every peft tuner in ``model``; peft's tuners have no gates, so the second is empty.
+    """(candidates, gates) of every peft tuner in ``model``; only LLaMA-Adapter (adaption prompt) has a gate.
 
     Candidates are what each ``BaseTunerLayer`` declares in ``adapter_layer_names`` (e.g. LoRA / DoRA:
     ``lora_A``, ``lora_B``, ``lora_embedding_A/B``, ``lora_magnitude_vector``, Eq. 7-8; (IA)³: ``ia3_l``, Eq.
@@ -50,22 +50,28 @@ def peft_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Param
     reparametrisation MLP). ``modules_to_save`` heads are not tuner layers: they stay always-trainable.
     """
     try:
+        from peft.tuners.adaption_prompt.layer import _BaseAdaptedAttention
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:  # peft missing: a model without peft tuners has no peft candidates
         return [], []
     cand: list[nn.Parameter] = []
+    gates: list[nn.Parameter] = []
     seen: set[int] = set()
+
+    def add(params, into: list[nn.Parameter]) -> None:
+        for p in params:
+            if id(p) not in seen:  # shared tensors (e.g. VB-LoRA's vector bank) count once
+                seen.add(id(p))
+                into.append(p)
+
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
-            for p in _tuner_params(module):
-                if id(p) not in seen:  # shared tensors (e.g. VB-LoRA's vector bank) count once
-                    seen.add(id(p))
-                    cand.append(p)
-    for p in _prompt_params(model):
-        if id(p) not in seen:
-            seen.add(id(p))
-            cand.append(p)
-    return cand, []
+            add(_tuner_params(module), cand)
+        elif isinstance(module, _BaseAdaptedAttention):  # LLaMA-Adapter: prompts are candidates, its gate is not
+            add([module.adaption_prompt], cand)
+            add([module.adaption_gate], gates)
+    add(_prompt_params(model), cand)
+    return cand, gates
 
 
 def check_lora_init(model: nn.Module) -> list[str]:
