@@ -18,7 +18,7 @@ Design (each point answers a flaw of the issue-7 benchmark):
 Every finished run is one line of a JSONL file; finished runs are skipped on restart, so the study resumes.
 ``benchmarks/adafish_report.py`` turns the file into the BENCHMARKS.md section (paired intervals over seeds).
 
-    PYTHONPATH=src nice -n 15 python benchmarks/adafish_bench.py                 # the full study (see BENCHMARKS.md)
+    PYTHONPATH=src nice -n 15 python benchmarks/adafish_bench.py --tasks sst2   # one task per process (BENCHMARKS.md)
     PYTHONPATH=src python benchmarks/adafish_bench.py --smoke --out /tmp/smoke.jsonl   # a 2-minute smoke run
 """
 
@@ -144,7 +144,7 @@ class Study:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="benchmarks/results/adafish_halfT.jsonl")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/adafish_halfT_<tasks>.jsonl")
     ap.add_argument("--tasks", nargs="+", default=["sst2", "stsb"])
     ap.add_argument("--masks", nargs="+", default=["dense", "fish"], choices=["dense", "fish"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
@@ -167,6 +167,7 @@ def main() -> None:
         args.tasks, args.masks, args.seeds = args.tasks[:1], args.masks, args.seeds[:2]
         args.lrs, args.train_examples, args.heldout, args.dev_examples = [1e-3, 1e-2], 64, 32, 64
         args.epochs, args.batch_size, args.max_extend, args.calibration = 2.0, 16, 0, 32
+    args.out = args.out or f"benchmarks/results/adafish_halfT_{'_'.join(args.tasks)}.jsonl"
     torch.set_num_threads(1)
     study = Study(args)
     for task in args.tasks:
