@@ -327,6 +327,27 @@ def test_state_dict_round_trip_continues_identically(bert_lora, variant):
         assert torch.equal(p, q), n
 
 
+def test_first_version_checkpoint_keeps_its_rule(bert_lora):
+    """A state dict saved by the first version (no scale / n_side / fisher keys) continues as variant 'sqrt'."""
+    batches = cls_batches(n_batches=2)
+    opt = ft.AdaFish(bert_lora, lr=1e-2, variant="sqrt")
+    bert_lora(**batches[0]).loss.backward()
+    opt.step()
+    old = copy.deepcopy(opt.state_dict())
+    for group in old["param_groups"]:
+        for key in ("scale", "n_side", "fisher"):
+            del group[key]
+    twin = copy.deepcopy(bert_lora)
+    fresh = ft.AdaFish(twin, lr=1e-2)  # the new default rule ...
+    fresh.load_state_dict(old)  # ... replaced by the checkpoint's
+    for m, o in ((bert_lora, opt), (twin, fresh)):
+        o.zero_grad()
+        m(**batches[1]).loss.backward()
+        o.step()
+    for (n, p), q in zip(bert_lora.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), n
+
+
 def test_hf_trainer_with_masked_adafish(bert_lora, tmp_path):
     from transformers import Trainer, TrainingArguments
 

@@ -123,6 +123,13 @@ class AdaFish(torch.optim.Optimizer):
                     raise ValueError(f"a LoRA factor '{factor}' must have at least 2 dims, got shape "
                                      f"{tuple(p.shape)}")
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Also loads checkpoints of the first version, whose groups lack the rule keys: they keep its rule."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for key, old in (("scale", "none"), ("n_side", "none"), ("fisher", "batch")):
+                group.setdefault(key, old)
+
     def set_entry_masks(self, masks: dict[Tensor, Tensor]) -> None:
         """Bool masks (True = trainable) applied to per-sample gradients; :func:`make_adafish` sets them."""
         if self._per_sample is not None:
