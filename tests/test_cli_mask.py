@@ -88,3 +88,25 @@ def test_grid_columns_drop_any_adapter_name():
     assert g["layers"] == [0, 1, "-"] and g["kinds"] == ["q.lora_A", "x.embedding"]
     assert g["kept"] == [[3, 0], [0, 0], [0, 3 - 3]]  # top-3 of 0..3 in layer 0; ties go to the earlier entry
     assert g["total"] == [[4, 0], [4, 0], [0, 3]]
+
+
+def test_report_draws_the_per_layer_mask_summary_of_each_run(tmp_path):
+    """`fish-tune report` turns the per-layer summary each compare record carries into a heat map."""
+    from pathlib import Path
+
+    from fish_tuning.commands.maskview import draw_run_layers
+    from fish_tuning.experiments.report import write_report
+    from fish_tuning.experiments.results import read_results
+
+    demo = Path(__file__).resolve().parents[1] / "docs" / "demo" / "demo.jsonl"
+    records = read_results(demo)
+    assert draw_run_layers(records, tmp_path / "none.png") is None  # no run recorded a mask: nothing drawn
+    for r in records:
+        if r["strategy"] != "original":
+            r["mask"] = {"per_layer": [[0, 10, 100], [1, 30, 100], [None, 0, 4]]}
+    results = tmp_path / "study.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    paths = write_report(results)
+    assert paths["mask_plot"] == tmp_path / "study_mask_layers.png"
+    assert paths["mask_plot"].read_bytes()[:8] == PNG_MAGIC
+    assert main(["report", str(results)]) == 0

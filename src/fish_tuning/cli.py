@@ -45,7 +45,7 @@ def _compare(args: argparse.Namespace) -> int:
     print()
     print(f"results: {results_path(cfg)}")
     print(f"table:   {paths['table']}")
-    print(f"plots:   {paths['proportion_plot']}  {paths['epoch_plot']}")
+    print(f"plots:   {paths['proportion_plot']}  {paths['epoch_plot']}  {paths.get('mask_plot', '')}")
     return 0
 
 
@@ -60,7 +60,8 @@ def _report(args: argparse.Namespace) -> int:
 
     paths = write_report(args.results, args.out_dir)
     print(paths["table"].read_text())
-    print(f"table: {paths['table']}\nplots: {paths['proportion_plot']}  {paths['epoch_plot']}")
+    print(f"table: {paths['table']}\nplots: {paths['proportion_plot']}  {paths['epoch_plot']}  "
+          f"{paths.get('mask_plot', '')}")
     return 0
 
 

@@ -249,4 +249,8 @@ def write_report(results: str | os.PathLike, out_dir: str | os.PathLike | None =
     os.replace(tmp, paths["table"])
     plot_score_vs_proportion(records, paths["proportion_plot"])
     plot_epochs(records, paths["epoch_plot"])
+    from ..commands.maskview import draw_run_layers  # each run's recorded per-layer mask summary
+
+    if draw_run_layers(records, out / f"{results.stem}_mask_layers.png"):
+        paths["mask_plot"] = out / f"{results.stem}_mask_layers.png"
     return paths
