@@ -143,3 +143,15 @@ def test_group_by_length_keeps_the_examples_and_cuts_padding(workspace):  # noqa
         examples, tok, 8, 64, shuffle=True, seed=0, group_by_length=True)))  # deterministic
     lengths = [b["input_ids"].shape[1] for b in grouped]
     assert lengths != sorted(lengths) and lengths != sorted(lengths, reverse=True)  # batch order shuffled
+
+
+@pytest.mark.skipif("fish_balanced" not in fish_tuning.mask.STRATEGIES, reason="fish_balanced not in this checkout")
+def test_new_mask_strategies_run_at_the_original_budget(workspace, tmp_path):  # noqa: F811
+    raw = _equal_budget(workspace, tmp_path, select_kwargs={"fish_balanced": {"alpha": 0.0}})
+    raw.update(budgets=[2], seeds=[0], strategies=["original", "fish", "fish_balanced"])
+    records = Study(load_config(raw=raw), log=lambda *a: None).run()
+    orig, fish, bal = records
+    assert fish["trainable"]["peft"] == bal["trainable"]["peft"] == orig["trainable"]["peft"]
+    assert bal["select_kwargs"] == {"alpha": 0.0} and fish["select_kwargs"] == {}
+    # alpha 0: every tensor gets an equal share, so the layers hold the budget evenly; fish need not
+    assert [kept for _, kept, _ in bal["mask"]["per_layer"]] == [orig["trainable"]["peft"] // 2] * 2
