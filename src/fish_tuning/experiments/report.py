@@ -234,7 +234,7 @@ def write_report(results: str | os.PathLike, out_dir: str | os.PathLike | None =
         "",
         table(records),
         "",
-        "Dev loss after the last epoch (mean ± std over seeds):",
+        f"{'Held-out' if holdout else 'Dev'} loss after the last epoch (mean ± std over seeds):",
         "",
         table(records, value="dev_loss"),
         "",
