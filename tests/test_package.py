@@ -117,3 +117,15 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
     assert helptext.returncode == 0, helptext.stderr[-2000:]
     for flag in ("--model_name_or_path", "--train_file", "--keep", "--budget", "--learning_rate", "--peft"):
         assert flag in helptext.stdout
+
+
+def test_study_commands_without_the_experiments_extra_say_which_extra(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
+    for argv in (["compare", "demo"], ["report", "x.jsonl"], ["demo"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"fish-tune: error: fish-tune {argv[0]} needs the experiments extra (missing: sklearn): "
+                       "pip install 'fish-tuning[experiments]'")

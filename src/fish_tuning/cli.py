@@ -17,7 +17,18 @@ HF_COMMANDS = {
 }
 
 
+def _needs_experiments(command: str) -> None:
+    """compare / report / demo use the [experiments] extra; say so in one line instead of a bare import error."""
+    import importlib.util
+
+    missing = [m for m in ("yaml", "matplotlib", "sklearn", "scipy") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"fish-tune {command} needs the experiments extra (missing: {', '.join(missing)}): "
+                          "pip install 'fish-tuning[experiments]'")
+
+
 def _demo(args: argparse.Namespace) -> int:
+    _needs_experiments("demo")
     from .experiments.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(data_dir=args.data_dir, keep=args.keep, train_examples=args.train_examples,
@@ -27,6 +38,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    _needs_experiments("compare")
     from .experiments.config import load_config
     from .experiments.report import table, write_report
     from .experiments.runner import Study, results_path
@@ -56,6 +68,7 @@ def resolve_config(spec: str):
 
 
 def _report(args: argparse.Namespace) -> int:
+    _needs_experiments("report")
     from .experiments.report import write_report
 
     paths = write_report(args.results, args.out_dir)
