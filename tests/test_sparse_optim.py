@@ -152,3 +152,26 @@ def test_tensors_without_gradient_skip_a_step_like_adamw(bert_lora):
         assert_params_close(ref_model, sparse_model)
     named = dict(sparse_model.named_parameters())
     assert float(sparse.state[named[skipped]]["step"]) == 3 and float(sparse.state[named[mask.names[1]]]["step"]) == 4
+
+
+def test_param_groups_decay_and_no_decay_match_masked_adamw():
+    base = lora(tiny_bert(), modules_to_save=["classifier"])
+    batches = cls_batches(n_batches=3)
+    fisher = ft.compute_fisher(base, batches, num_samples=16, params=ft.peft_candidates(base), progress=False)
+    mask = ft.select_mask(fisher, keep=0.2, always_train="classifier")
+    ref_model, sparse_model = copy.deepcopy(base), copy.deepcopy(base)
+
+    def groups(model):  # nanoGPT-style: no decay on 1-d tensors, a higher lr for the head
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return [{"params": [p for n, p in named if p.dim() >= 2 and "classifier" not in n], "weight_decay": 0.1},
+                {"params": [p for n, p in named if p.dim() < 2 and "classifier" not in n], "weight_decay": 0.0},
+                {"params": [p for n, p in named if "classifier" in n], "weight_decay": 0.0, "lr": 3e-2}]
+
+    ref = ft.MaskedOptimizer(torch.optim.AdamW(groups(ref_model), lr=1e-2), mask, ref_model)
+    sparse = ft.SparseAdamW(groups(sparse_model), mask, lr=1e-2, model=sparse_model)
+    assert [g["weight_decay"] for g in sparse.param_groups] == [0.1, 0.0, 0.0]
+    assert sparse.param_groups[2]["lr"] == 3e-2
+    for _ in zip(run_steps(ref_model, ref, batches, 4), run_steps(sparse_model, sparse, batches, 4)):
+        assert_params_close(ref_model, sparse_model)
+    with pytest.raises(TypeError, match="model=model"):
+        ft.SparseAdamW(groups(sparse_model), mask)

@@ -113,11 +113,20 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path):
     a, b = snapshot(full.model), snapshot(resumed.model)
     assert all(torch.equal(a[n], b[n]) for n in a), "resumed run differs from the uninterrupted one"
 
-    bare = tmp_path / "bare"
-    shutil.copytree(ckpt, bare)
-    os.remove(bare / ft.FISH_MASK_NAME)
+    # The mask travels in the checkpoint's optimizer state: the resume does not depend on finding the file.
+    moved = tmp_path / "moved"
+    shutil.copytree(ckpt, moved)
+    os.remove(moved / ft.FISH_MASK_NAME)
+    third = ft.FishCallback(keep=0.1, num_samples=16)
+    again = train(tmp_path / "again", [third], steps=4, resume=str(moved), **kw)
+    assert third.source == "checkpoint" and third.mask.fingerprint() == first.mask.fingerprint()
+    assert all(torch.equal(a[n], b) for n, b in snapshot(again.model).items())
+
+    # A checkpoint of a run without FishCallback: a clear error, not a fresh mask over trained weights.
+    train(tmp_path / "plain", [StopAt(2)], steps=4, **kw)
     with pytest.raises(FileNotFoundError, match="not written with FishCallback"):
-        train(tmp_path / "bare_run", [ft.FishCallback(keep=0.1, num_samples=16)], steps=4, resume=str(bare), **kw)
+        train(tmp_path / "bare_run", [ft.FishCallback(keep=0.1, num_samples=16)], steps=4,
+              resume=str(tmp_path / "plain" / "checkpoint-2"), **kw)
 
 
 def test_checkpoint_is_a_peft_adapter_with_mask_and_save_adapter_round_trip(tmp_path):

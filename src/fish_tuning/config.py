@@ -4,9 +4,9 @@ and the compare harness, and saved in the mask file's metadata."""
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from dataclasses import dataclass, field
 
+from .checks import is_int, positive_int, unit_interval
 from .mask import DEFAULT_ALPHA, STRATEGIES, _patterns, check_keep_budget
 
 KINDS = ("empirical", "expected")
@@ -45,16 +45,13 @@ class FishConfig:
             self.keep, self.budget = check_keep_budget(self.keep, self.budget)
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or not 0 <= self.alpha <= 1:
-            raise ValueError(f"alpha (fish_balanced's exponent) must be a number in [0, 1], got {self.alpha!r}")
-        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples <= 0:
-            raise ValueError(f"num_samples must be a positive integer, got {self.num_samples!r}")
+        self.alpha = unit_interval(self.alpha, "alpha (fish_balanced's exponent)")
+        self.num_samples = positive_int(self.num_samples, "num_samples")
         if self.fisher_kind not in KINDS:
             raise ValueError(f"fisher_kind must be one of {KINDS}, got {self.fisher_kind!r}")
         if self.fisher_method not in METHODS:
             raise ValueError(f"fisher_method must be one of {METHODS}, got {self.fisher_method!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
-                                      or self.seed < 0):
+        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
             raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
         self.exclude = _patterns(self.exclude, "exclude") or None
         self.always_train = _patterns(self.always_train, "always_train") or None

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .checks import positive_int
 from .dist import dist_rank_world, sum_over_ranks
 from .loglik import per_sample_log_likelihood, sample_labels
 from .per_sample import (
@@ -79,8 +80,7 @@ def compute_fisher(
         raise ValueError(f"kind must be 'empirical' or 'expected', got {kind!r}")
     if method not in ("auto", "vectorized", "loop"):
         raise ValueError(f"method must be 'auto', 'vectorized' or 'loop', got {method!r}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    num_samples = positive_int(num_samples, "num_samples")
 
     named = dict(model.named_parameters())
     if params is None:

@@ -8,7 +8,6 @@ import math
 import numbers
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -17,6 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from . import allocation
+from .checks import is_int, unit_interval
+from .files import atomic_write
+from .names import adapter_of, agnostic_names, insert_adapter
 
 Strategy = Literal["fish", "rand", "rev", "fish_balanced", "fish_rank1"]
 STRATEGIES = ("fish", "rand", "rev", "fish_balanced", "fish_rank1")
@@ -173,6 +175,25 @@ class FishMask:
                 raise ValueError(f"mask does not fit this model: '{name}' has shape {tuple(named[name].shape)} "
                                  f"in the model but {tuple(shape)} in the mask")
 
+    # ------------------------------------------------------------------ in-memory form
+    def to_state(self) -> dict:
+        """Plain dict of tensors / lists / strings (``torch.load(weights_only=True)`` reads it back)."""
+        return {"format": _FORMAT, "version": _VERSION, "shapes": {n: list(s) for n, s in self.shapes.items()},
+                "indices": {n: i.to(device="cpu", dtype=torch.int64) for n, i in self.indices.items()},
+                "always_train": list(self.always_train), "always_train_patterns": list(self.always_train_patterns),
+                "frozen": list(self.frozen), "strategy": self.strategy, "seed": self.seed,
+                "meta": json.dumps(self.meta)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> FishMask:
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise ValueError("not a FishMask state (FishMask.to_state() output expected)")
+        return cls(shapes={n: tuple(s) for n, s in state["shapes"].items()},
+                   indices={n: torch.as_tensor(i, dtype=torch.long) for n, i in state["indices"].items()},
+                   always_train=list(state["always_train"]), always_train_patterns=list(state["always_train_patterns"]),
+                   frozen=list(state["frozen"]), strategy=state["strategy"], seed=state["seed"],
+                   meta=json.loads(state["meta"]))
+
     # ------------------------------------------------------------------ file format
     def save(self, path: str | os.PathLike, model: nn.Module | None = None) -> None:
         """Write a safetensors file atomically (temp file + rename): indices per tensor, metadata as JSON.
@@ -184,7 +205,7 @@ class FishMask:
 
         if model is not None:
             self.check(model)
-        rename, adapter = _agnostic_names([*self.shapes, *self.always_train, *self.frozen], _adapter_of(model))
+        rename, adapter = agnostic_names([*self.shapes, *self.always_train, *self.frozen], adapter_of(model))
         tensors = {}
         for name, idx in self.indices.items():
             dtype = torch.int32 if math.prod(self.shapes[name]) < 2**31 else torch.int64
@@ -225,10 +246,10 @@ class FishMask:
         if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
             raise ValueError(f"corrupt mask file {path}: no fish-mask metadata (not written by FishMask.save)")
         adapter = meta.get("adapter")
-        target = adapter_name or _adapter_of(model) or (adapter or {}).get("name")
+        target = adapter_name or adapter_of(model) or (adapter or {}).get("name")
 
         def name_of(stored: str) -> str:
-            return stored if adapter is None else _insert(stored, target, adapter["pos"].get(stored, -1))
+            return stored if adapter is None else insert_adapter(stored, target, adapter["pos"].get(stored, -1))
 
         shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
         if set(shapes) != set(tensors):
@@ -253,56 +274,6 @@ class FishMask:
         return mask
 
 
-def atomic_write(path: str | os.PathLike, write) -> str:
-    """Call ``write(tmp)`` on a temp file beside ``path`` and rename it into place: never a half-written file."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _adapter_of(model: nn.Module | None) -> str | None:
-    """The active adapter name of a peft model (None for anything else)."""
-    if model is None or not getattr(model, "peft_config", None):
-        return None
-    active = getattr(model, "active_adapter", None)
-    return active if isinstance(active, str) else None
-
-
-def _agnostic_names(names: list[str], adapter: str | None) -> tuple[dict[str, tuple[str, int]], str | None]:
-    """name -> (name without its last ``adapter`` segment, that segment's position or -1), and the adapter used.
-
-    Falls back to the names as they are when stripping would make two names equal.
-    """
-    out = {}
-    for name in names:
-        parts = name.split(".")
-        if adapter is None or adapter not in parts:
-            out[name] = (name, -1)
-            continue
-        pos = len(parts) - 1 - parts[::-1].index(adapter)
-        out[name] = (".".join(parts[:pos] + parts[pos + 1:]), pos)
-    if adapter is None or len({a for a, _ in out.values()}) < len(out):
-        return {n: (n, -1) for n in names}, None
-    return out, adapter
-
-
-def _insert(name: str, adapter: str | None, pos: int) -> str:
-    if pos < 0 or adapter is None:
-        return name
-    parts = name.split(".")
-    return ".".join(parts[:pos] + [adapter] + parts[pos:])
-
-
 def select_mask(
     scores: Mapping[str, Tensor],
     keep: float | None = None,
@@ -325,9 +296,8 @@ def select_mask(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= float(alpha) <= 1:
-        raise ValueError(f"alpha (fish_balanced's exponent) must be a number in [0, 1], got {alpha!r}")
-    if strategy == "rand" and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+    alpha = unit_interval(alpha, "alpha (fish_balanced's exponent)")
+    if strategy == "rand" and not is_int(seed):
         raise ValueError(f"strategy='rand' needs an integer seed (the same seed gives the same mask), got {seed!r}")
     excl, always = _patterns(exclude, "exclude"), _patterns(always_train, "always_train")
     always_names = [n for n in scores if _matches(n, always)]
@@ -384,7 +354,7 @@ def check_keep_budget(keep: object, budget: object) -> tuple[float | None, int |
         raise ValueError("give exactly one of keep= (fraction in (0, 1]) or budget= (number of entries)")
     if budget is not None:
         value = budget.item() if isinstance(budget, Tensor) and budget.dim() == 0 else budget
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
+        if not is_int(value) or int(value) < 1:
             raise ValueError(f"budget must be a positive integer (a number of entries), got {budget!r}")
         return None, int(value)
     value = keep.item() if isinstance(keep, Tensor) and keep.dim() == 0 else keep

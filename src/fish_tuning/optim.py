@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -160,18 +160,40 @@ class SparseAdamW(torch.optim.Optimizer):
     :class:`~fish_tuning.MaskGuard` this optimizer owns) so that gradient clipping and logging see Eq. 6's masked
     gradient; the step itself never reads them. :meth:`close` (or garbage collection) removes that hook.
     ``state_dict`` records the mask's fingerprint; ``load_state_dict`` refuses a state of another mask or optimizer.
+
+    Parameter groups as in every torch optimizer: ``SparseAdamW(groups, mask, model=model)`` with e.g. decay and
+    no-decay groups or per-group ``lr``; ``SparseAdamW(model, mask)`` puts every trainable parameter in one group.
     """
 
-    def __init__(self, model: nn.Module, mask: FishMask, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, mask_grads: bool = True):
+    def __init__(self, params: nn.Module | Iterable, mask: FishMask, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 mask_grads: bool = True, model: nn.Module | None = None):
         if not 0.0 <= lr or not 0.0 <= eps or not 0.0 <= weight_decay:
             raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if isinstance(params, nn.Module):  # SparseAdamW(model, mask): every trainable parameter, one group
+            model, groups = params, None
+        elif model is None:
+            raise TypeError("SparseAdamW(params, mask, model=model): the model is needed to map parameters to the "
+                            "mask's names (or pass the model itself as the first argument)")
+        else:  # torch convention: an iterable of tensors or of param-group dicts
+            groups = list(params)
+            if not groups:
+                raise ValueError("SparseAdamW got an empty parameter list")
+            if not isinstance(groups[0], dict):
+                groups = [{"params": groups}]
+            groups = [{**g, "params": list(g["params"])} for g in groups]
         self.mask = mask
-        params, masked = [], []
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        chosen = (p for _, p in model.named_parameters()) if groups is None else (
+            p for g in groups for p in g["params"])
+        masked, dense = [], []
         frozen = set(mask.frozen)
-        for name, p in model.named_parameters():
+        for p in chosen:
+            name = name_of.get(id(p))
+            if name is None:
+                raise ValueError("SparseAdamW got a tensor that is not a parameter of the model")
             if name in mask.shapes or name in frozen:
                 if name in mask.shapes and not p.requires_grad:
                     raise ValueError(f"mask candidate '{name}' does not require grad, so it can never train")
@@ -180,17 +202,21 @@ class SparseAdamW(torch.optim.Optimizer):
                 if not p.is_contiguous():
                     raise ValueError(f"mask candidate '{name}' is not contiguous; SparseAdamW indexes its flat view")
                 masked.append(p)
-                params.append(p)
-            elif p.requires_grad:
+            elif p.requires_grad or groups is not None:
                 if not mask.is_always_train(name):
                     raise ValueError(
-                        f"parameter '{name}' requires grad but is neither a mask candidate nor always_train. "
+                        f"parameter '{name}' is trainable but is neither a mask candidate nor always_train. "
                         "Add it to select_mask(..., always_train=...) or set requires_grad=False."
                     )
-                params.append(p)
+                dense.append(p)
         guard = MaskGuard(mask, model, masked, restore=False)  # checks the mask against the model
         self._index: dict[Tensor, Tensor] = guard.kept  # one copy of the kept indices, shared with the hooks
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        if groups is None:
+            groups = [{"params": masked + dense}]
+        else:
+            keep = {id(p) for p in masked + dense}
+            groups = [{**g, "params": [p for p in g["params"] if id(p) in keep]} for g in groups]
+        super().__init__(groups, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         if mask_grads:
             self._guard: MaskGuard | None = guard.attach(self, step_hooks=False)
         else:

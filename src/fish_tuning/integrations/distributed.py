@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..checks import positive_int
 from ..dist import dist_rank_world
 
 
@@ -22,8 +23,7 @@ def calibration_indices(
     """
     if dataset_size <= 0:
         raise ValueError("the calibration dataset is empty: pass the training dataset (or a non-empty subset)")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    num_samples = positive_int(num_samples, "num_samples")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     order = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed))[:num_samples]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import os
 import re
@@ -24,6 +23,7 @@ from .adapter import FISH_MASK_NAME, adapter_digest, check_adapter_digest
 from .distributed import calibration_loader
 
 logger = logging.getLogger("fish_tuning")
+MASK_GROUP_KEY = "fish_tuning_mask"
 
 
 class FishCallback(TrainerCallback):
@@ -108,17 +108,20 @@ class FishCallback(TrainerCallback):
         self.remove()
         if args.should_save and (self.save_final_mask or args.save_strategy != "no"):
             _check_writable(args.output_dir)
+        inner = innermost_optimizer(optimizer)
         if self.given_mask is not None:
             self.mask, self.source = self.given_mask, "given"
         elif state.global_step > 0:
-            self.mask, self.source = self._load_resumed(args, state, model), "checkpoint"
+            self.mask, self.source = self._load_resumed(args, state, model, inner), "checkpoint"
             wanted = self.budget if self.budget is not None else round(self.keep * self.mask.num_candidates)
             if wanted != self.mask.num_selected:
                 warnings.warn(f"FishCallback: resuming with the checkpoint's mask ({self.mask.num_selected} entries), "
                               f"not the {wanted} that keep/budget ask for now", stacklevel=2)
         else:
             self.mask, self.source = self._select(args, state, model, train_dataloader), "fisher"
-        inner = innermost_optimizer(optimizer)
+        # The mask travels in the optimizer's first param group (as schedulers keep "initial_lr" there), so every
+        # checkpoint's optimizer.pt carries it and resuming from any folder restores exactly this mask.
+        inner.param_groups[0][MASK_GROUP_KEY] = self.mask.to_state()
         params = [p for group in inner.param_groups for p in group["params"]]
         self.guard = MaskGuard(self.mask, model, params).attach(inner)
         self._log(state, model)
@@ -199,13 +202,21 @@ class FishCallback(TrainerCallback):
                 "fish_config": self.config.to_dict()}
         return dataclasses.replace(mask, always_train=names, meta=meta)
 
-    def _load_resumed(self, args, state, model: nn.Module) -> FishMask:
-        folder = _resume_folder() or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+    def _load_resumed(self, args, state, model: nn.Module, optimizer: torch.optim.Optimizer) -> FishMask:
+        """The interrupted run's mask: restored with the optimizer state the Trainer just loaded from the
+        checkpoint; checkpoints without it (older versions) fall back to ``output_dir/checkpoint-N``'s file."""
+        saved = optimizer.param_groups[0].get(MASK_GROUP_KEY)
+        if saved is not None:
+            mask = FishMask.from_state(saved)
+            mask.check(model)
+            return mask
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         path = os.path.join(folder, FISH_MASK_NAME)
         if not os.path.exists(path):
             raise FileNotFoundError(
-                f"resuming at step {state.global_step} but {path} does not exist: the checkpoint was not written "
-                "with FishCallback. Pass the mask of the interrupted run: FishCallback(mask=FishMask.load(...))"
+                f"resuming at step {state.global_step}, but the checkpoint's optimizer state holds no FISH mask and "
+                f"{path} does not exist: the checkpoint was not written with FishCallback. Pass the mask of the "
+                "interrupted run: FishCallback(mask=FishMask.load('<checkpoint>/fish_mask.safetensors'))"
             )
         mask = FishMask.load(path, model)
         check_adapter_digest(folder, mask)
@@ -271,17 +282,3 @@ def _accelerate_backend() -> str | None:
     if not AcceleratorState._shared_state:
         return None
     return getattr(AcceleratorState().distributed_type, "name", None)
-
-
-def _resume_folder() -> str | None:
-    """The ``resume_from_checkpoint`` folder of the running ``Trainer.train`` (it is not passed to callbacks)."""
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            if frame.f_code.co_name == "_inner_training_loop":
-                value = frame.f_locals.get("resume_from_checkpoint")
-                return value if isinstance(value, (str, os.PathLike)) else None
-            frame = frame.f_back
-        return None
-    finally:
-        del frame
