@@ -249,3 +249,42 @@ def test_config_yaml_gives_defaults_and_flags_win(tiny, tmp_path):
     cfg.write_text("kepp: 0.1\n")
     with pytest.raises(ValueError, match="unknown field 'kepp'"):
         train.parser().parse(["--config", str(cfg)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, candidates, kind", [
+    ("dora", 2048 + 2 * 2 * 32, "lora_magnitude_vector"),  # + a magnitude per output of each adapted module
+    ("ia3", 2 * (32 + 32 + 32 + 64), "ia3_l"),  # peft's BERT targets: key, value, both output.dense (in 32, 64)
+    ("prefix", 20 * 2 * 2 * 32, "embedding"),  # 20 virtual tokens x 2 layers x (key, value) x hidden 32
+])
+def test_other_peft_methods(tiny, tmp_path, method, candidates, kind):
+    out_dir = tmp_path / method
+    assert main(["train", "--model_name_or_path", str(tiny["bert"]), "--train_file", str(tiny["csv"]), "--peft",
+                 method, "--keep", "0.1", "--output_dir", str(out_dir), *FAST, "--max_steps", "1"]) == 0
+    mask = ft.FishMask.load(out_dir / ft.FISH_MASK_NAME)
+    assert mask.num_candidates == candidates
+    assert any(kind in k for k in mask.per_kind()), mask.per_kind()
+    assert mask.num_selected == round(0.1 * mask.num_candidates)
+
+
+def test_sft_from_a_chat_messages_column(tiny, tmp_path, capsys):
+    pytest.importorskip("trl")
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "chat_llama"
+    tok = AutoTokenizer.from_pretrained(tiny["llama"])
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }}{{ eos_token }}{% endfor %}"
+                         "{% if add_generation_prompt %}assistant {% endif %}")
+    tok.save_pretrained(model_dir)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tiny["llama"]).save_pretrained(model_dir)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "question the movie was good"},
+                                                     {"role": "assistant", "content": "yes" if i % 2 else "no"}]})
+                            + "\n" for i in range(16)))
+    out_dir = tmp_path / "chat"
+    assert main(["train", "--model_name_or_path", str(model_dir), "--train_file", str(data), "--budget", "40",
+                 "--output_dir", str(out_dir), "--max_length", "32", *FAST]) == 0
+    assert "causal-lm with lora" in capsys.readouterr().out
+    assert ft.FishMask.load(out_dir / ft.FISH_MASK_NAME).num_selected == 40
