@@ -105,6 +105,24 @@ def test_classification_from_csv_writes_adapter_mask_and_the_real_count(tiny, tm
     assert mask.num_candidates == 2 * 2 * 2 * 8 * 32  # 2 layers x (query, value) x (A, B) of 8 x 32
     assert f"peft would report {mask.num_candidates + head:,}" in printed
     assert json.loads((out_dir / "adapter_config.json").read_text())["init_lora_weights"] == "pissa"
+    # the saved adapter moved exactly the kept entries away from the PiSSA init (deterministic: an SVD)
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    def base():
+        return AutoModelForSequenceClassification.from_pretrained(tiny["bert"], num_labels=2)
+
+    fresh = dict(get_peft_model(base(), LoraConfig(r=8, lora_alpha=16, init_lora_weights="pissa",
+                                                   task_type="SEQ_CLS")).named_parameters())
+    model, loaded = ft.load_adapter(base(), out_dir)
+    trained = dict(model.named_parameters())
+    assert loaded.fingerprint() == mask.fingerprint()
+    moved = 0
+    for name in loaded.names:
+        keep = loaded.bool_mask(name)
+        assert torch.equal(fresh[name][~keep], trained[name][~keep]), name
+        moved += int((fresh[name][keep] != trained[name][keep]).sum())
+    assert moved > 0.9 * mask.num_selected
 
 
 def test_regression_from_float_labels(tiny, tmp_path, capsys):
