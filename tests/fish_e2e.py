@@ -8,15 +8,12 @@ import pytest
 import torch
 
 import fish_tuning as ft
+from helpers import assert_only_kept_moved, snapshot
 
 
 def exact(names):
     """always_train patterns matching exactly these parameter names."""
     return [re.escape(n) + "$" for n in names]
-
-
-def snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 @torch.no_grad()
@@ -55,11 +52,7 @@ def fish_train(model, batches, keep=0.1, steps=5, lr=1e-2, wd=0.1, num_samples=8
         opt.zero_grad()
     opt.remove_hooks()
     after = dict(model.named_parameters())
-    for name in mask.names:
-        keep_m = mask.bool_mask(name)
-        new, old = after[name].detach(), before[name]
-        assert torch.equal(new[~keep_m], old[~keep_m]), f"masked entries of {name} changed"
-        assert bool((new[keep_m] != old[keep_m]).all()), f"a selected entry of {name} did not move"
+    assert assert_only_kept_moved(model, mask, before) == mask.num_selected, "a selected entry did not move"
     for name in always:
         assert not torch.equal(after[name].detach(), before[name]), f"always-trainable {name} did not train"
     for name, p in after.items():

@@ -13,6 +13,7 @@ from transformers import default_data_collator
 
 import fish_tuning as ft
 from conftest import cls_batches, lora, tiny_bert
+from helpers import ListDataset
 
 FISHER_SAMPLES = 21  # odd on purpose: rank 0 scores 11 samples, rank 1 scores 10
 TRAIN_SAMPLES = 16
@@ -29,17 +30,6 @@ def stack(rows):
 
 def calibration_rows():
     return rows_of(cls_batches(n_batches=3, batch_size=8, seed=5))
-
-
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
 
 
 def train_rows():

@@ -5,6 +5,7 @@ from accelerate import Accelerator
 
 import fish_tuning as ft
 from conftest import cls_batches, lora, tiny_bert
+from helpers import assert_only_kept_moved
 
 
 def setup():
@@ -17,13 +18,7 @@ def setup():
 
 
 def assert_masked(model, mask, before):
-    after = dict(model.named_parameters())
-    moved = 0
-    for name in mask.names:
-        keep = mask.bool_mask(name)
-        assert torch.equal(after[name].detach()[~keep], before[name][~keep]), f"masked entries of {name} changed"
-        moved += int((after[name].detach()[keep] != before[name][keep]).sum())
-    assert moved > 0.9 * mask.num_selected
+    assert assert_only_kept_moved(model, mask, before) > 0.9 * mask.num_selected
 
 
 def test_mask_guard_attached_to_own_optimizer_then_removed():

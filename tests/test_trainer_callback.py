@@ -11,17 +11,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 import fish_tuning as ft
 from conftest import cls_batches, lora, tiny_bert
-
-
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
+from helpers import ListDataset, assert_only_kept_moved, snapshot
 
 
 def bert_rows(n_batches=6, batch_size=8):
@@ -34,10 +24,6 @@ def make_args(out, steps=6, **kw):
                 logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, data_seed=0,
                 disable_tqdm=True)
     return TrainingArguments(**{**base, **kw})
-
-
-def snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def train(out, callbacks, steps=4, model=None, resume=None, **kw):
@@ -62,13 +48,7 @@ def test_callback_masks_trainer_adamw_and_logs_counts(tmp_path):
     assert all(torch.equal(mask.indices[n], expected.indices[n]) for n in mask.names)
 
     after = dict(model.named_parameters())
-    moved = total = 0
-    for name in mask.names:
-        keep = mask.bool_mask(name)
-        assert torch.equal(after[name].detach()[~keep], before[name][~keep]), f"masked entries of {name} changed"
-        moved += int((after[name].detach()[keep] != before[name][keep]).sum())
-        total += int(keep.sum())
-    assert moved > 0.9 * total
+    assert assert_only_kept_moved(model, mask, before) > 0.9 * mask.num_selected
     head = [n for n in mask.always_train if "classifier" in n]
     assert head and all(not torch.equal(after[n].detach(), before[n]) for n in head)
 
