@@ -41,8 +41,8 @@ def _layers(n: int, total: int) -> list[int]:
     return list(range(total - n, total))
 
 
-def _unwrap_peft(model: nn.Module) -> nn.Module:
-    """The transformers model under a PeftModel (before injection the names are the base model's own)."""
+def _require_base_model(model: nn.Module) -> nn.Module:
+    """``model`` itself, refusing a PeftModel: the baseline needs the base model's own module names (before injection)."""
     if getattr(model, "peft_config", None) and hasattr(model, "get_base_model"):
         raise ValueError("pass the base model (before peft.get_peft_model), not a PeftModel: its module names "
                          "already contain the injected tuner layers")
@@ -82,7 +82,7 @@ def top_layers(config_or_model: Any, n: int, model: nn.Module | None = None, *, 
         if model is None:
             raise ValueError("top_layers(IA3Config, n, model=base_model): (IA)³ layers are chosen by module name, "
                              "so the base model is needed")
-        return _ia3_top(config, set(keep), _unwrap_peft(model))
+        return _ia3_top(config, set(keep), _require_base_model(model))
     if kind == "PrefixTuningConfig":
         raise ValueError("peft's PrefixTuningConfig puts prefixes in every layer (no per-layer option); use the "
                          "adapters library's prefix_tuning, whose leave_out top_layers sets")
@@ -134,7 +134,7 @@ def baseline_budget(model: nn.Module, config: Any) -> int:
     if is_adapters_config(config):
         skeleton = meta_skeleton(model, config)
     else:
-        skeleton = _peft_skeleton(_unwrap_peft(model), config)
+        skeleton = _peft_skeleton(_require_base_model(model), config)
     named = dict(skeleton.named_parameters())
     return sum(math.prod(named[n].shape) for n in peft_candidates(skeleton))
 
