@@ -83,7 +83,8 @@ def run(argv: list[str]) -> int:
     print(f"fish-tune train: {info['task']} with {peft_args.peft} + FISH {config.strategy} "
           f"({'keep ' + str(config.keep) if config.keep is not None else 'budget ' + str(config.budget)}) "
           f"on {len(trainer.train_dataset):,} examples", flush=True)
-    trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
+    resume = targs.resume_from_checkpoint  # a checkpoint folder, or true: the last one in output_dir
+    trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
     trainer.save_model(targs.output_dir)  # the peft adapter; FishCallback already wrote fish_mask.safetensors
     summary = write_summary(fish.mask, os.path.join(targs.output_dir, "fish_mask.json"), trainer.model)
     metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
