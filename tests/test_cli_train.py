@@ -306,3 +306,16 @@ def test_sft_from_a_chat_messages_column(tiny, tmp_path, capsys):
                  "--output_dir", str(out_dir), "--max_length", "32", *FAST]) == 0
     assert "causal-lm with lora" in capsys.readouterr().out
     assert ft.FishMask.load(out_dir / ft.FISH_MASK_NAME).num_selected == 40
+
+
+def test_resume_from_checkpoint_true_keeps_the_checkpoint_mask(tiny, tmp_path, capsys):
+    out_dir = tmp_path / "resume"
+    base = ["train", "--model_name_or_path", str(tiny["bert"]), "--train_file", str(tiny["csv"]), "--keep", "0.1",
+            "--output_dir", str(out_dir), "--per_device_train_batch_size", "8", "--num_samples", "16",
+            "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "steps", "--save_steps", "1"]
+    assert main([*base, "--max_steps", "2"]) == 0
+    first = ft.FishMask.load(out_dir / "checkpoint-2" / ft.FISH_MASK_NAME)
+    # a fresh selection with rand would give another mask; on resume the checkpoint's fish mask is used instead
+    assert main([*base, "--max_steps", "3", "--resume_from_checkpoint", "true", "--strategy", "rand"]) == 0
+    assert ft.FishMask.load(out_dir / ft.FISH_MASK_NAME).fingerprint() == first.fingerprint()
+    assert (out_dir / "checkpoint-3").is_dir()
