@@ -319,3 +319,16 @@ def test_resume_from_checkpoint_true_keeps_the_checkpoint_mask(tiny, tmp_path, c
     assert main([*base, "--max_steps", "3", "--resume_from_checkpoint", "true", "--strategy", "rand"]) == 0
     assert ft.FishMask.load(out_dir / ft.FISH_MASK_NAME).fingerprint() == first.fingerprint()
     assert (out_dir / "checkpoint-3").is_dir()
+
+
+def test_unwritable_output_dir_is_refused_before_loading(tiny, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["train", "--model_name_or_path", str(tiny["bert"]), "--train_file", str(tiny["csv"]), "--keep",
+                 "0.1", "--output_dir", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"fish-tune: error: --output_dir {blocker / 'run'}: {blocker} is not a folder; choose another folder"
+    # a run refused after the output check (here: a missing column) leaves no empty output folder behind
+    assert main(["train", "--model_name_or_path", str(tiny["bert"]), "--train_file", str(tiny["csv"]), "--keep",
+                 "0.1", "--label_column", "nope", "--output_dir", str(tmp_path / "new")]) == 2
+    assert not (tmp_path / "new").exists()

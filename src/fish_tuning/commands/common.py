@@ -310,11 +310,10 @@ def resolve_model_path(name: str | None) -> str:
 
 
 def check_output_dir(path: str | os.PathLike) -> None:
-    """Writable before the model loads, so a long run never dies at the save."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = Path(path) / ".fish_write_check"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise CommandError(f"--output_dir {path} is not writable ({err.strerror}); choose another folder") from None
+    """Writable before the model loads, so a long run never dies at the save; creates nothing (a failed run
+    leaves no empty folder behind)."""
+    target = Path(path).absolute()
+    existing = next((p for p in (target, *target.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not a folder" if existing is not None and not existing.is_dir() else "is not writable"
+        raise CommandError(f"--output_dir {path}: {existing} {what}; choose another folder")
