@@ -202,7 +202,8 @@ def test_fish_logger_follows_transformers_verbosity(tiny, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--label_column", "stars"], "column 'stars' (--label_column) is not in the train data; its columns are: "
                                   "sentence, label"),
-    (["--peft", "bitfit"], "--peft 'bitfit' is not supported; use one of lora, dora, ia3, prefix"),
+    (["--peft", "bitfit"], "--peft 'bitfit' is not supported; use one of lora, dora, ia3, prefix or a peft tuner"),
+    (["--peft", "loha", "--peft_kwargs", "{r: 4}"], "--peft_kwargs is not valid JSON"),
     (["--keep", "0.1", "--budget", "10"], "give exactly one of --keep (fraction in (0, 1]) or --budget (number of entries)"),
     (["--strategy", "best"], "strategy must be one of"),
     (["--keep", "1.5"], "keep must be a fraction in (0, 1]"),
@@ -274,11 +275,13 @@ def test_config_yaml_gives_defaults_and_flags_win(tiny, tmp_path):
     ("dora", 2048 + 2 * 2 * 32, "lora_magnitude_vector"),  # + a magnitude per output of each adapted module
     ("ia3", 2 * (32 + 32 + 32 + 64), "ia3_l"),  # peft's BERT targets: key, value, both output.dense (in 32, 64)
     ("prefix", 20 * 2 * 2 * 32, "embedding"),  # 20 virtual tokens x 2 layers x (key, value) x hidden 32
+    ("loha", 4 * 4 * 32 * 8, "hada_w1_a"),  # any other peft tuner by name: 4 factors of 32 x r 8, query + value x 2
 ])
 def test_other_peft_methods(tiny, tmp_path, method, candidates, kind):
     out_dir = tmp_path / method
+    targets = ["--target_modules", "query", "value"] if method == "loha" else []
     assert main(["train", "--model_name_or_path", str(tiny["bert"]), "--train_file", str(tiny["csv"]), "--peft",
-                 method, "--keep", "0.1", "--output_dir", str(out_dir), *FAST, "--max_steps", "1"]) == 0
+                 method, *targets, "--keep", "0.1", "--output_dir", str(out_dir), *FAST, "--max_steps", "1"]) == 0
     mask = ft.FishMask.load(out_dir / ft.FISH_MASK_NAME)
     assert mask.num_candidates == candidates
     assert any(kind in k for k in mask.per_kind()), mask.per_kind()

@@ -124,3 +124,10 @@ def test_fish_on_every_peft_tuner(tuner, arch):
             opt.zero_grad()
     moved = assert_only_kept_moved(model, mask, before)
     assert moved > 0, "no kept entry moved"
+
+
+def test_zero_factor_init_of_loha_is_named():
+    model = build("LoHaConfig", "bert")
+    with pytest.warns(ft.ZeroFisherWarning, match="LoHa / LoKr start with one factor at zero"):
+        ft.compute_fisher(model, cls_batches(1, batch_size=4), num_samples=4, params=ft.peft_candidates(model),
+                          progress=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import typing
@@ -69,7 +70,11 @@ class DataArguments:
 @dataclass
 class PeftArguments:
     peft: str = field(default="lora", metadata={
-        "help": f"PEFT method whose new parameters FISH selects from: {', '.join(PEFT_METHODS)}."})
+        "help": f"PEFT method whose new parameters FISH selects from: {', '.join(PEFT_METHODS)}, or any other peft "
+                "tuner by its type name (loha, lokr, vera, oft, boft, adalora, fourierft, ...; extra config "
+                "arguments through --peft_kwargs)."})
+    peft_kwargs: str | None = field(default=None, metadata={
+        "help": "JSON object of extra arguments for the peft config, e.g. '{\"n_frequency\": 64}'."})
     lora_r: int = field(default=8, metadata={"help": "LoRA / DoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA / DoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA / DoRA dropout."})
@@ -267,9 +272,31 @@ def _is_float(values) -> bool:
 
 
 # --------------------------------------------------------------------------- peft
+def _other_tuners() -> dict[str, type]:
+    """peft tuner type name (lower case) -> its config class, for every tuner beside the named shortcuts."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    return {str(getattr(k, "value", k)).lower(): v for k, v in PEFT_TYPE_TO_CONFIG_MAPPING.items()
+            if str(getattr(k, "value", k)).lower() not in ("lora", "ia3", "prefix_tuning")}
+
+
+def _peft_kwargs(peft: PeftArguments) -> dict:
+    if not peft.peft_kwargs:
+        return {}
+    try:
+        value = json.loads(peft.peft_kwargs)
+    except json.JSONDecodeError as err:
+        raise CommandError(f"--peft_kwargs is not valid JSON ({err.msg}); write e.g. '{{\"r\": 4}}'") from None
+    if not isinstance(value, dict):
+        raise CommandError("--peft_kwargs must be a JSON object of config arguments, e.g. '{\"r\": 4}'")
+    return value
+
+
 def check_peft_args(peft: PeftArguments) -> None:
-    if peft.peft not in PEFT_METHODS:
-        raise CommandError(f"--peft {peft.peft!r} is not supported; use one of {', '.join(PEFT_METHODS)}")
+    if peft.peft not in PEFT_METHODS and peft.peft not in _other_tuners():
+        raise CommandError(f"--peft {peft.peft!r} is not supported; use one of {', '.join(PEFT_METHODS)} or a peft "
+                           f"tuner type ({', '.join(sorted(_other_tuners())[:8])}, ...)")
+    _peft_kwargs(peft)
     init = peft.init_lora_weights.lower()
     if init not in LORA_INITS and not init.startswith("pissa_niter_"):
         raise CommandError(f"--init_lora_weights {peft.init_lora_weights!r} is unknown; use one of "
@@ -279,8 +306,26 @@ def check_peft_args(peft: PeftArguments) -> None:
 
 
 def peft_config(peft: PeftArguments, task_type: str):
+    import inspect
+
     from peft import IA3Config, LoraConfig, PrefixTuningConfig
 
+    if peft.peft not in PEFT_METHODS:  # any other peft tuner: its config with the shared flags it accepts
+        cls = _other_tuners()[peft.peft]
+        accepted = inspect.signature(cls).parameters
+        kw = {"task_type": task_type}
+        if "target_modules" in accepted and peft.target_modules:
+            kw["target_modules"] = peft.target_modules
+        if "r" in accepted:
+            kw["r"] = peft.lora_r
+        if "num_virtual_tokens" in accepted:
+            kw["num_virtual_tokens"] = peft.num_virtual_tokens
+        kw.update(_peft_kwargs(peft))
+        try:
+            return cls(**kw)
+        except (TypeError, ValueError) as err:
+            raise CommandError(f"--peft {peft.peft}: {cls.__name__} refused its arguments ({err}); set them "
+                               "with --peft_kwargs") from None
     if peft.peft in ("lora", "dora"):
         init = peft.init_lora_weights.lower()
         init = True if init == "default" else False if init == "false" else init

@@ -23,6 +23,11 @@ def zero_fisher_hint(zero: list[str]) -> str:
         else:
             hint += "peft's LoraConfig(init_lora_weights='pissa')."
         parts.append(hint)
+    if any(".hada_" in n or ".lokr_" in n for n in zero):
+        parts.append("LoHa / LoKr start with one factor at zero (so the update is 0 at init), which gives every "
+                     "other factor zero gradient and zero Fisher: FISH can then pick only inside the zero factor. "
+                     "Create the adapter with init_weights=False (random factors; the model then changes at init) "
+                     "if all factors should be selectable.")
     if any("adaption_prompt" in n for n in zero):
         parts.append("LLaMA-Adapter's gate starts at 0, so its prompts have zero gradient and zero Fisher: train the "
                      "gate a few steps first (or set it to a small value) before the Fisher pass, or train the prompts "
