@@ -14,31 +14,16 @@ import importlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .adafish import AdaFish, lora_factors, make_adafish
+from .adafish import AdaFish
 from .config import FishConfig
-from .fisher import ZeroFisherWarning, compute_fisher, per_sample_log_likelihood
+from .fisher import ZeroFisherWarning, compute_fisher
 from .guard import MaskGuard
 from .mask import FishMask, select_mask
-from .methods import (
-    always_trainable,
-    baseline_budget,
-    check_lora_init,
-    method_gates,
-    peft_candidates,
-    prefix_tuning_compat,
-    top_layers,
-)
+from .methods import always_trainable, peft_candidates
 from .optim import MaskedOptimizer, SparseAdamW, make_optimizer
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the lazy names as ordinary imports
-    from .integrations import (
-        FISH_MASK_NAME,
-        FishCallback,
-        calibration_indices,
-        calibration_loader,
-        load_adapter,
-        save_adapter,
-    )
+    from .integrations import FishCallback, calibration_loader, load_adapter, save_adapter
 
 __version__ = "0.1.0"
 
@@ -50,17 +35,28 @@ logging.getLogger("fish_tuning").parent = logging.getLogger("transformers")
 
 # name -> module that defines it; imported on first attribute access
 _LAZY = {
-    "FISH_MASK_NAME": ".integrations.adapter",
     "save_adapter": ".integrations.adapter",
     "load_adapter": ".integrations.adapter",
-    "calibration_indices": ".integrations.distributed",
     "calibration_loader": ".integrations.distributed",
     "FishCallback": ".integrations.trainer",
+}
+# Names of 0.1 that now live in their modules: still reachable as fish_tuning.<name>, not part of __all__.
+_MOVED = {
+    "FISH_MASK_NAME": ".integrations.adapter",  # also FishMask.FILE_NAME
+    "calibration_indices": ".integrations.distributed",
+    "top_layers": ".methods.baselines",
+    "baseline_budget": ".methods.baselines",
+    "prefix_tuning_compat": ".compat",
+    "check_lora_init": ".methods.peft",
+    "method_gates": ".methods",
+    "per_sample_log_likelihood": ".loglik",
+    "lora_factors": ".adafish",
+    "make_adafish": ".adafish",
 }
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
+    module = _LAZY.get(name) or _MOVED.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(module, __name__), name)
@@ -72,31 +68,21 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-__all__ = [
+__all__ = [  # what a user needs; everything else is in its module (fish_tuning.methods, .adafish, .compat, ...)
     "AdaFish",
     "always_trainable",
-    "baseline_budget",
-    "calibration_indices",
     "calibration_loader",
-    "check_lora_init",
     "compute_fisher",
-    "FISH_MASK_NAME",
     "FishCallback",
     "FishConfig",
     "FishMask",
     "load_adapter",
-    "lora_factors",
-    "make_adafish",
     "make_optimizer",
     "MaskedOptimizer",
     "MaskGuard",
-    "method_gates",
     "peft_candidates",
-    "per_sample_log_likelihood",
-    "prefix_tuning_compat",
     "save_adapter",
     "select_mask",
     "SparseAdamW",
-    "top_layers",
     "ZeroFisherWarning",
 ]

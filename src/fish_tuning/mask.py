@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +60,8 @@ class FishMask:
 
     Indices (not dense bool tensors) are the storage format: a 5% mask costs ~5% of an int32 per entry on disk.
     """
+
+    FILE_NAME: ClassVar[str] = "fish_mask.safetensors"  # its name beside a peft adapter / in a checkpoint
 
     shapes: dict[str, tuple[int, ...]]
     indices: dict[str, Tensor]

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..mask import FishMask
 
-FISH_MASK_NAME = "fish_mask.safetensors"
+FISH_MASK_NAME = FishMask.FILE_NAME
 _ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 

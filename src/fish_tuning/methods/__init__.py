@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..compat import prefix_tuning_compat
 from .adapters import adapters_parameters
-from .budget import baseline_budget, top_layers
-from .peft import check_lora_init, peft_parameters, prefix_tuning_compat
+from .baselines import baseline_budget, top_layers
+from .peft import check_lora_init, peft_parameters
 
 SUPPORTED = ("peft: every tuner that adds parameters (LoRA, DoRA, (IA)³, LoHa, LoKr, VeRA, OFT, ..., Prefix / Prompt "
              "Tuning; table in README); adapters: seq_bn / double_seq_bn / par_bn Adapters, LoRA, IA3, prefix_tuning, "
