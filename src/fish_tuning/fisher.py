@@ -37,6 +37,7 @@ from .per_sample import (
     probe_sample_grouping,
     slice_batch,
 )
+from .sharded import all_agree, is_sharded, pass_count
 
 Method = Literal["auto", "vectorized", "loop"]
 logger = logging.getLogger("fish_tuning")
@@ -112,6 +113,15 @@ def compute_fisher(
     use_hooks = hooks is not None and len(hooks.covered) == len(cand)
     if hooks is not None and not use_hooks:
         hooks.remove()
+    sharded = is_sharded(model)
+    if sharded and not use_hooks:
+        missing = next((n for n in cand if hooks is None or n not in hooks.covered), "")
+        raise ValueError(
+            "compute_fisher on an FSDP2-sharded model needs the per-sample hooks (method='auto' or 'vectorized') "
+            f"and nn.Linear candidates only; '{missing}' is not one, or method='loop' was asked. The exact loop "
+            "would run a different number of all-gathers on each rank. Compute the Fisher before fully_shard, "
+            "or restrict params= to nn.Linear weights (LoRA's A and B are)."
+        )
     cand_list = list(cand.values())
     seen, scored = 0, 0
     probed = False
@@ -120,17 +130,17 @@ def compute_fisher(
         model.eval()
         for n, p in named.items():
             p.requires_grad_(n in cand)
-        for batch in batches:
-            if seen >= quota:
-                break
-            size = batch_size_of(batch)
-            take = min(size, quota - seen)
-            chunk = slice_batch(batch, 0, take, size, device)
-            scored += _label_count(chunk["labels"])
+        for chunk, take, real in _passes(batches, quota, device, sharded):
+            if real:
+                scored += _label_count(chunk["labels"])
             done = False
-            if use_hooks and not probed and take >= 2:
+            if use_hooks and not probed and (all_agree(take >= 2, device) if sharded else take >= 2):
                 probed = True
                 why = probe_sample_grouping(model, cand, hooks, slice_batch(chunk, 0, 2, take, device), loglik_fn)
+                if sharded and not all_agree(why is None, device):
+                    raise RuntimeError("compute_fisher on an FSDP2-sharded model: per-sample hooks are not exact "
+                                       f"on some rank ({why or 'another rank'}) and the exact per-sample loop is "
+                                       "not available under FSDP; compute the Fisher before fully_shard")
                 if why is not None:
                     if method == "vectorized":
                         raise RuntimeError(f"method='vectorized' is not exact for this model: {why}; use 'auto'")
@@ -139,8 +149,12 @@ def compute_fisher(
                     hooks.remove()
             if use_hooks:
                 grads = hooked_pass(model, hooks, dict(chunk), take, cand_list, kind, loglik_fn, gen)
-                done = not hooks.unbatched and accumulate_hooked(cand, hooks, grads, sums, take)
+                done = not hooks.unbatched and (not real or accumulate_hooked(cand, hooks, grads, sums, take))
                 hooks.clear()
+                if sharded and not all_agree(done, device):
+                    raise RuntimeError("compute_fisher on an FSDP2-sharded model: per-sample hook gradients "
+                                       "disagree with autograd on some rank, and the exact per-sample loop is not "
+                                       "available under FSDP; compute the Fisher before fully_shard")
                 if not done and method == "vectorized":
                     raise RuntimeError("per-sample hook gradients disagree with autograd; use method='loop'")
                 if not done:  # a weight used outside its module (e.g. DoRA), or not batch-first inputs
@@ -157,6 +171,8 @@ def compute_fisher(
                         if g is not None:
                             check_finite(n, g)
                             s.add_(g.float().square())
+            if not real:
+                continue
             seen += take
             bar.update(take)
     finally:
@@ -187,6 +203,36 @@ def compute_fisher(
     scores = {n: s / count for n, s in sums.items()}
     warn_zero_fisher(scores)
     return scores
+
+
+def _passes(batches: Iterable[Mapping[str, object]], quota: int, device: torch.device, sharded: bool):
+    """(chunk, rows, real) per forward/backward pass: this rank's batches cut to its quota of samples.
+
+    Under FSDP every pass all-gathers, so all ranks must run the same number: a rank with fewer batches repeats
+    its last one as discarded passes (``real`` False) up to the largest count (one all-reduce).
+    """
+    chunks, seen = [], 0
+    for batch in batches:
+        if seen >= quota:
+            break
+        size = batch_size_of(batch)
+        take = min(size, quota - seen)
+        chunk = (slice_batch(batch, 0, take, size, device), take, True)
+        if not sharded:
+            yield chunk
+        else:
+            chunks.append(chunk)
+        seen += take
+    if not sharded:
+        return
+    if not all_agree(bool(chunks), device):
+        raise ValueError("compute_fisher on an FSDP2-sharded model: some rank has no calibration samples, but every "
+                         "rank must run the Fisher passes (each all-gathers); give each rank at least one sample "
+                         "(num_samples >= world size, calibration_loader splits them)")
+    padded = pass_count(len(chunks), device)
+    yield from chunks
+    for _ in range(padded - len(chunks)):
+        yield chunks[-1][0], chunks[-1][1], False
 
 
 def _label_count(labels) -> int:

@@ -21,6 +21,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .mask import FishMask
+from .sharded import is_dtensor, local, local_indices
 
 _ACTIVE: WeakIdKeyDictionary = WeakIdKeyDictionary()  # guarded parameter -> its attached MaskGuard
 _GLOBAL_HOOK = None
@@ -119,7 +120,8 @@ class MaskGuard:
             if p in self.kept:
                 continue
             if name in mask.shapes:
-                self.kept[p] = mask.indices[name].to(device=p.device, dtype=index_dtype(p.device))
+                # under FSDP2 only this rank's shard: the kept indices that fall in it, shifted to local positions
+                self.kept[p] = local_indices(mask.indices[name], p).to(device=p.device, dtype=index_dtype(p.device))
             elif name in frozen:
                 self.kept[p] = torch.zeros(0, dtype=index_dtype(p.device), device=p.device)
             elif not mask.is_always_train(name):
@@ -213,9 +215,10 @@ class MaskGuard:
     def _frozen(self, p: Tensor) -> Tensor:
         dense = self._dense.get(p)
         if dense is None:
-            dense = torch.ones(p.numel(), dtype=torch.bool, device=p.device)
+            shard = local(p)
+            dense = torch.ones(shard.numel(), dtype=torch.bool, device=shard.device)
             dense[self.kept[p].long()] = False
-            dense = self._dense[p] = dense.view(p.shape)
+            dense = self._dense[p] = dense.view(shard.shape)
         return dense
 
     @torch.no_grad()
@@ -227,8 +230,8 @@ class MaskGuard:
             if self.restore:
                 buf = self._backup.get(p)
                 if buf is None:
-                    buf = self._backup[p] = torch.empty_like(p)
-                buf.copy_(p)
+                    buf = self._backup[p] = torch.empty_like(local(p))
+                buf.copy_(local(p))
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -236,7 +239,8 @@ class MaskGuard:
         if not self.restore:
             return
         for p in self.kept:
-            torch.where(self._frozen(p), self._backup[p], p, out=p)
+            shard = local(p)
+            torch.where(self._frozen(p), self._backup[p], shard, out=shard)
 
     def __repr__(self) -> str:
         owner = self._owner() if self._owner is not None else None
@@ -251,9 +255,16 @@ def _keep_only(idx: Tensor):
     def hook(p: Tensor) -> None:
         if p.grad is None:
             return
-        if not p.grad.is_contiguous():
-            p.grad = p.grad.contiguous()
-        flat = p.grad.view(-1)
+        if is_dtensor(p.grad):  # FSDP2: this rank's shard of the reduce-scattered gradient; idx is local
+            grad = local(p.grad)
+            if not grad.is_contiguous():
+                raise RuntimeError("MaskGuard: the local shard of a sharded gradient is not contiguous; FISH masks "
+                                   "FSDP2 parameters sharded on dim 0 only (fully_shard's default)")
+        else:
+            if not p.grad.is_contiguous():
+                p.grad = p.grad.contiguous()
+            grad = p.grad
+        flat = grad.view(-1)
         index = idx if idx.device == flat.device else idx.to(flat.device)
         kept = flat.index_select(0, index)
         flat.zero_()

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .guard import MaskGuard
 from .mask import FishMask
+from .sharded import local
 
 
 class MaskedOptimizer(torch.optim.Optimizer):
@@ -224,7 +225,7 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def _compact_size(self, p: Tensor) -> int:
         idx = self._index.get(p)
-        return p.numel() if idx is None else idx.numel()
+        return local(p).numel() if idx is None else idx.numel()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -243,19 +244,20 @@ class SparseAdamW(torch.optim.Optimizer):
                     raise RuntimeError("SparseAdamW does not take sparse gradients")
                 state = self.state[p]
                 if not state:
-                    shape = p.shape if p not in self._index else (self._compact_size(p),)
+                    # state of this rank's shard only under FSDP2 (local tensors), compact for masked tensors
+                    shape = local(p).shape if p not in self._index else (self._compact_size(p),)
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
                     state["exp_avg_sq"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
                 idx = self._index.get(p)
                 steps.append(state["step"])
                 if idx is None:
-                    value, grad = p, p.grad
+                    value, grad = local(p), local(p.grad)
                 elif idx.numel() == 0:
                     continue
                 else:  # O(k): gather the kept entries, update them compactly, write them back below
-                    value = p.view(-1).index_select(0, idx)
-                    grad = p.grad.reshape(-1).index_select(0, idx)
+                    value = local(p).view(-1).index_select(0, idx)
+                    grad = local(p.grad).reshape(-1).index_select(0, idx)
                     scatter.append((p, idx, value))
                 values.append(value)
                 grads.append(grad)
@@ -286,7 +288,7 @@ class SparseAdamW(torch.optim.Optimizer):
             torch._foreach_add_(denom, eps)
             torch._foreach_addcdiv_(values, avgs, denom, neg_step)
             for p, idx, value in scatter:
-                p.view(-1).index_put_((idx,), value)
+                local(p).view(-1).index_put_((idx,), value)
         return loss
 
     def state_dict(self):

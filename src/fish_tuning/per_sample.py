@@ -65,6 +65,10 @@ class LinearPerSampleHooks:
         self.covered: set[str] = set()
         self.rows = 0  # samples in the current batch: a hooked input must have them as its leading dimension
         self.unbatched: set[str] = set()  # candidates whose module saw another leading dimension
+        # The tensor each candidate's module actually used in the last forward: the parameter itself, or under
+        # FSDP2 the full (unsharded) tensor that stands in for the sharded DTensor parameter during forward.
+        self.live: dict[str, Tensor] = {}
+        self._name_of = by_id
         self._handles = []
         for module in model.modules():
             if not isinstance(module, nn.Linear):
@@ -82,9 +86,12 @@ class LinearPerSampleHooks:
         self.grad_sample.clear()
         self.reduced.clear()
         self.calls.clear()
+        self.live.clear()
 
     def _forward_hook(self, names: dict[str, str]):
         def hook(module, inputs, output):
+            for attr, name in names.items():
+                self.live[name] = getattr(module, attr)
             if not (torch.is_grad_enabled() and output.requires_grad):
                 return
             for name in names.values():
@@ -127,6 +134,10 @@ class LinearPerSampleHooks:
                 square.add_(ps.square().sum(0))
         self.reduced[name] = (total, square)
 
+    def inputs(self, params: list[Tensor]) -> list[Tensor]:
+        """What to differentiate for ``params`` after a forward: the tensors the hooked modules used."""
+        return [self.live.get(self._name_of.get(id(p), ""), p) for p in params]
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -157,7 +168,8 @@ def hooked_pass(model, hooks: LinearPerSampleHooks, batch: dict, rows: int, cand
     hooks.clear()
     hooks.unbatched.clear()
     hooks.rows = rows
-    return torch.autograd.grad(loss_for(model, batch, kind, loglik_fn, gen), cand_list, allow_unused=True)
+    loss = loss_for(model, batch, kind, loglik_fn, gen)
+    return torch.autograd.grad(loss, hooks.inputs(cand_list), allow_unused=True)
 
 
 def probe_sample_grouping(model, cand: dict, hooks: LinearPerSampleHooks, pair: dict, loglik_fn) -> str | None:
@@ -173,11 +185,11 @@ def probe_sample_grouping(model, cand: dict, hooks: LinearPerSampleHooks, pair: 
     hooked = {n: hooks.reduced[n][1] for n in names if n in hooks.reduced}
     hooked.update({n: g.square().sum(0) for n, g in hooks.grad_sample.items()})
     hooks.clear()
-    exact = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in cand.items()}
+    exact = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in cand.items()}
     for i in range(2):
         row = slice_batch(pair, i, i + 1, 2, next(iter(cand.values())).device)
-        for n, g in zip(names, torch.autograd.grad(loss_for(model, row, "empirical", loglik_fn, None),
-                                                   list(cand.values()), allow_unused=True)):
+        loss = loss_for(model, row, "empirical", loglik_fn, None)
+        for n, g in zip(names, torch.autograd.grad(loss, hooks.inputs(list(cand.values())), allow_unused=True)):
             if g is not None:
                 exact[n].add_(g.float().square())
     del grads

@@ -1,0 +1,116 @@
+"""Run by tests/test_fsdp.py under ``torchrun --nproc_per_node 2`` (gloo, CPU): FISH on an FSDP2-sharded model.
+
+``python fsdp_worker.py OUT MODE`` with MODE
+- ``train``: Fisher on each rank's share of the calibration rows, select_mask, then a few masked AdamW steps with
+  SparseAdamW and with MaskedOptimizer(AdamW); writes scores, masks, gathered weights and per-rank costs to OUT.
+- ``die``: rank 1 exits while rank 0 is inside compute_fisher's first all-gather (the launcher must not hang).
+- ``hang``: rank 1 sleeps forever (only the test's timeout, which kills the process group, ends it).
+"""
+
+import datetime
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch.distributed.fsdp import fully_shard
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fish_tuning as ft  # noqa: E402
+from fish_tuning.sharded import local, shard_rows  # noqa: E402
+from test_fsdp import (  # noqa: E402
+    FISHER_SAMPLES,
+    KEEP,
+    OPT,
+    STEPS,
+    calibration_rows,
+    llama_lora,
+    stack,
+    token_loss,
+    train_batches,
+)
+
+
+def sharded_model():
+    model = llama_lora()
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def full(model, names):
+    """Gathered (full) values of the named parameters: a collective, so every rank calls it."""
+    named = dict(model.named_parameters())
+    return {n: named[n].full_tensor().detach().clone() for n in names}
+
+
+def train(model, mask, opt, rank, world):
+    """STEPS masked steps over the global batches; this rank takes rows rank, rank + W, ... of each."""
+    named = dict(model.named_parameters())
+    nonzero = checked = 0
+    for batch in train_batches():
+        tokens = int((batch["labels"][:, 1:] != -100).sum())  # of the whole global batch
+        mine = {k: v[rank::world] for k, v in batch.items()}
+        # FSDP averages gradients over ranks: sum / (tokens / W) per rank averages to the global sum / tokens
+        (token_loss(model, mine) / (tokens / world)).backward()
+        for name in mask.names:  # the guard's hook ran on this rank's reduce-scattered gradient shard
+            p = named[name]
+            start, stop = shard_rows(p)
+            frozen = ~mask.bool_mask(name)[start:stop]
+            nonzero += int(local(p.grad)[frozen].count_nonzero())
+            checked += 1
+        opt.step()
+        opt.zero_grad()
+    return nonzero, checked
+
+
+def main(out: str, mode: str) -> None:
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # fail, do not hang forever
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    model = sharded_model()
+    shard = calibration_rows()[rank::world]
+    batches = [stack(shard[i: i + 4]) for i in range(0, len(shard), 4)]
+    if mode == "die" and rank == 1:
+        os._exit(3)
+    if mode == "hang" and rank == 1:
+        time.sleep(3600)
+
+    t0 = time.perf_counter()
+    fisher = ft.compute_fisher(model, batches, num_samples=FISHER_SAMPLES, progress=False)
+    fisher_s = time.perf_counter() - t0
+    mask = ft.select_mask(fisher, keep=KEEP)
+    save_file({n: s.contiguous() for n, s in fisher.items()}, os.path.join(out, f"fisher_rank{rank}.safetensors"))
+    mask.save(os.path.join(out, f"mask_rank{rank}.safetensors"))
+
+    stats = {"world": torch.tensor(world), "fisher_s": torch.tensor(fisher_s),
+             "score_bytes": torch.tensor(sum(s.numel() * s.element_size() for s in fisher.values()))}
+    weights = {}
+    for kind in ("sparse", "masked"):
+        model = sharded_model()
+        before = full(model, mask.names)
+        if kind == "sparse":
+            opt = ft.SparseAdamW(model, mask, **OPT)
+            stats["kept_local"] = torch.tensor(sum(i.numel() for i in opt._index.values()))
+        else:
+            opt = ft.make_optimizer(model, mask, sparse=False, **OPT)
+        t0 = time.perf_counter()
+        nonzero, checked = train(model, mask, opt, rank, world)
+        stats[f"{kind}_step_s"] = torch.tensor((time.perf_counter() - t0) / STEPS)
+        stats[f"{kind}_masked_grad_nonzero"] = torch.tensor(nonzero)
+        stats[f"{kind}_grads_checked"] = torch.tensor(checked)
+        if kind == "sparse":
+            stats["state_bytes"] = torch.tensor(opt.state_bytes())
+        after = full(model, mask.names)
+        weights.update({f"{kind}.before.{n}": t for n, t in before.items()})
+        weights.update({f"{kind}.after.{n}": t for n, t in after.items()})
+        opt.close()
+    save_file({**weights, **stats}, os.path.join(out, f"weights_rank{rank}.safetensors"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
