@@ -14,7 +14,9 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -47,11 +49,11 @@ def full(model, names):
     return {n: named[n].full_tensor().detach().clone() for n in names}
 
 
-def train(model, mask, opt, rank, world):
-    """STEPS masked steps over the global batches; this rank takes rows rank, rank + W, ... of each."""
+def train(model, mask, opt, rank, world, batches=None):
+    """Masked steps over the global batches (default all STEPS); this rank takes rows rank, rank + W, ... of each."""
     named = dict(model.named_parameters())
     nonzero = checked = 0
-    for batch in train_batches():
+    for batch in train_batches() if batches is None else batches:
         tokens = int((batch["labels"][:, 1:] != -100).sum())  # of the whole global batch
         mine = {k: v[rank::world] for k, v in batch.items()}
         # FSDP averages gradients over ranks: sum / (tokens / W) per rank averages to the global sum / tokens
@@ -65,6 +67,37 @@ def train(model, mask, opt, rank, world):
         opt.step()
         opt.zero_grad()
     return nonzero, checked
+
+
+def resume(mask, out, rank, world):
+    """1 step, a sharded checkpoint, then a fresh model and optimizer resume from it for the remaining steps.
+
+    Model: torch.distributed.checkpoint (each rank writes its DTensor shards). SparseAdamW: one file per rank (its
+    compact state covers this rank's kept entries only, so resuming needs the same world size and sharding;
+    load_state_dict refuses a state whose sizes do not fit). Mask: fish_mask.safetensors, written once by rank 0.
+    """
+    ckpt = os.path.join(out, "ckpt")
+    model = sharded_model()
+    opt = ft.SparseAdamW(model, mask, **OPT)
+    train(model, mask, opt, rank, world, train_batches()[:1])
+    dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=ckpt)
+    torch.save(opt.state_dict(), os.path.join(ckpt, f"optim_rank{rank}.pt"))
+    if rank == 0:
+        mask.save(os.path.join(ckpt, ft.FISH_MASK_NAME))
+    dist.barrier()
+    opt.close()
+    del model, opt
+
+    model = sharded_model()  # fresh: the initial weights, not those of step 1
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=ckpt)
+    set_model_state_dict(model, state["model"])
+    loaded = ft.FishMask.load(os.path.join(ckpt, ft.FISH_MASK_NAME))
+    opt = ft.SparseAdamW(model, loaded, **OPT)
+    opt.load_state_dict(torch.load(os.path.join(ckpt, f"optim_rank{rank}.pt"), weights_only=True))
+    train(model, loaded, opt, rank, world, train_batches()[1:])
+    opt.close()
+    return {f"resumed.{n}": t for n, t in full(model, mask.names).items()}
 
 
 def main(out: str, mode: str) -> None:
@@ -108,6 +141,7 @@ def main(out: str, mode: str) -> None:
         weights.update({f"{kind}.before.{n}": t for n, t in before.items()})
         weights.update({f"{kind}.after.{n}": t for n, t in after.items()})
         opt.close()
+    weights.update(resume(mask, out, rank, world))
     save_file({**weights, **stats}, os.path.join(out, f"weights_rank{rank}.safetensors"))
     dist.destroy_process_group()
 

@@ -171,6 +171,20 @@ def test_fsdp_masked_training_matches_one_process(fsdp_out, kind):
 
 
 @pytest.mark.slow
+def test_fsdp_resume_from_sharded_checkpoint_equals_uninterrupted(fsdp_out, single_fisher, tmp_path):
+    w = [load_file(fsdp_out / f"weights_rank{r}.safetensors") for r in range(2)]
+    mask = ft.FishMask.load(fsdp_out / "mask_rank0.safetensors")
+    for name in mask.names:  # same ops in the same order on the same shards: bit for bit
+        assert torch.equal(w[0][f"resumed.{name}"], w[0][f"sparse.after.{name}"]), f"{name} differs after resume"
+        assert torch.equal(w[1][f"resumed.{name}"], w[0][f"sparse.after.{name}"])
+    # the checkpoint's mask file is the consolidated one: byte for byte what one process writes
+    ft.select_mask(single_fisher, keep=KEEP).save(tmp_path / ft.FISH_MASK_NAME)
+    written = (fsdp_out / "ckpt" / ft.FISH_MASK_NAME).read_bytes()
+    assert written == (tmp_path / ft.FISH_MASK_NAME).read_bytes()
+    assert sorted(p.name for p in (fsdp_out / "ckpt").glob("optim_rank*.pt")) == ["optim_rank0.pt", "optim_rank1.pt"]
+
+
+@pytest.mark.slow
 def test_fsdp_sparse_state_is_this_ranks_share(fsdp_out):
     mask = ft.FishMask.load(fsdp_out / "mask_rank0.safetensors")
     w = [load_file(fsdp_out / f"weights_rank{r}.safetensors") for r in range(2)]
