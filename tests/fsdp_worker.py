@@ -69,6 +69,23 @@ def train(model, mask, opt, rank, world, batches=None):
     return nonzero, checked
 
 
+def refusals(model) -> int:
+    """How many of the unsupported sharded cases raise a clear ValueError (before any collective: no hang)."""
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    count = 0
+    try:
+        ft.compute_fisher(model, [stack(calibration_rows()[:2])], num_samples=2, method="loop", progress=False)
+    except ValueError as err:
+        count += "FSDP2-sharded" in str(err) and "method='loop'" in str(err)
+    column = distribute_tensor(torch.zeros(4, 6), init_device_mesh("cpu", (dist.get_world_size(),)), [Shard(1)])
+    try:
+        shard_rows(column)
+    except ValueError as err:
+        count += "sharded on dim 0" in str(err)
+    return count
+
+
 def resume(mask, out, rank, world):
     """1 step, a sharded checkpoint, then a fresh model and optimizer resume from it for the remaining steps.
 
@@ -116,10 +133,16 @@ def main(out: str, mode: str) -> None:
     fisher = ft.compute_fisher(model, batches, num_samples=FISHER_SAMPLES, progress=False)
     fisher_s = time.perf_counter() - t0
     mask = ft.select_mask(fisher, keep=KEEP)
+    t0 = time.perf_counter()  # the same samples in one ordinary batched forward + backward, for the cost ratio
+    for batch in batches:
+        token_loss(model, batch).backward()
+    fwdbwd_s = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
     save_file({n: s.contiguous() for n, s in fisher.items()}, os.path.join(out, f"fisher_rank{rank}.safetensors"))
     mask.save(os.path.join(out, f"mask_rank{rank}.safetensors"))
 
-    stats = {"world": torch.tensor(world), "fisher_s": torch.tensor(fisher_s),
+    stats = {"world": torch.tensor(world), "fisher_s": torch.tensor(fisher_s), "fwdbwd_s": torch.tensor(fwdbwd_s),
+             "refusals": torch.tensor(refusals(model)),
              "score_bytes": torch.tensor(sum(s.numel() * s.element_size() for s in fisher.values()))}
     weights = {}
     for kind in ("sparse", "masked"):
