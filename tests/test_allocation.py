@@ -88,3 +88,15 @@ def test_rank1_on_real_lora_matches_lower_rank_count():
     assert mask.num_selected == k
     rows = sum(int(mask.bool_mask(n).all(dim=1).sum()) for n in mask.names if "lora_A" in n)
     assert rows == 3 and math.isclose(mask.meta["keep"], k / mask.num_candidates)
+
+
+def test_concentration_shows_where_the_budget_sits():
+    rows = torch.zeros(64, 4)
+    rows[:2] = 10.0  # two hot hidden dimensions
+    scores = {"m.lora_B.default.weight": rows + torch.rand(64, 4) * 0.01}
+    hot = ft.select_mask(scores, budget=8, strategy="fish")
+    conc, even = hot.concentration(top=2)
+    assert conc == 1.0 and even == pytest.approx(2 / 64)
+    spread = ft.select_mask(scores, budget=8, strategy="rand", seed=0)
+    assert spread.concentration(top=2)[0] < 1.0
+    assert "concentration: 100.0% of kept entries" in hot.summary()

@@ -142,6 +142,24 @@ class FishMask:
             acc[1] += total
         return {k: (v[0], v[1]) for k, v in sorted(out.items())}
 
+    def concentration(self, top: int = 8) -> tuple[float | None, float | None]:
+        """Share of each 2-D tensor's kept entries in its ``top`` most-kept lines along the larger (hidden) dimension
+        (LoRA A ``[r, d_in]``: columns; B ``[d_out, r]``: rows), pooled over tensors, and the same share for an even
+        spread. High values mean the budget sits on a few hidden dimensions. ``(None, None)`` if nothing is 2-D."""
+        in_top = kept = 0
+        even = 0.0
+        for name, shape in self.shapes.items():
+            idx = self.indices[name].long()
+            if len(shape) != 2 or idx.numel() == 0:
+                continue
+            axis = 0 if shape[0] >= shape[1] else 1
+            lines = idx // shape[1] if axis == 0 else idx % shape[1]
+            counts = torch.bincount(lines, minlength=shape[axis])
+            in_top += int(counts.topk(min(top, shape[axis])).values.sum())
+            kept += idx.numel()
+            even += idx.numel() * min(top, shape[axis]) / shape[axis]
+        return (None, None) if not kept else (in_top / kept, even / kept)
+
     def summary(self, per_tensor: bool = False) -> str:
         """Human-readable per-layer and per-kind (and with ``per_tensor``, per-tensor) counts of kept entries."""
         k, n = self.num_selected, self.num_candidates
@@ -156,6 +174,10 @@ class FishMask:
         if per_tensor:
             for name, (kept, total) in self.per_tensor().items():
                 lines.append(f"{kept:>10,} / {total:>10,}  {name}")
+        conc, even = self.concentration()
+        if conc is not None:
+            lines.append(f"concentration: {100 * conc:.1f}% of kept entries in each tensor's 8 most-kept hidden lines "
+                         f"(even spread: {100 * even:.1f}%)")
         if self.always_train:
             lines.append(f"always trainable (outside the budget): {len(self.always_train)} tensors, "
                          f"{int(self.meta.get('always_train_numel', 0)):,} entries")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch
-
 from ..mask import FishMask
 from .metrics import glue_score
 
@@ -13,24 +11,8 @@ TOP_LINES = 8  # concentration: share of a tensor's kept entries in its 8 most-k
 
 
 def concentration(mask: FishMask, top: int = TOP_LINES) -> tuple[float | None, float | None]:
-    """Share of the kept entries of each 2-D tensor that sit in its ``top`` most-kept lines along the larger (hidden)
-    dimension (LoRA A ``[r, d_in]``: columns; B ``[d_out, r]``: rows), pooled over tensors; and the same share for a
-    perfectly even spread (``top / d`` per tensor, weighted alike). ``(None, None)`` when no 2-D tensor keeps any."""
-    in_top = kept = 0
-    even = 0.0
-    for name, shape in mask.shapes.items():
-        idx = mask.indices[name].long()
-        if len(shape) != 2 or idx.numel() == 0:
-            continue
-        axis = 0 if shape[0] >= shape[1] else 1
-        lines = idx // shape[1] if axis == 0 else idx % shape[1]
-        counts = torch.bincount(lines, minlength=shape[axis])
-        in_top += int(counts.topk(min(top, shape[axis])).values.sum())
-        kept += idx.numel()
-        even += idx.numel() * min(top, shape[axis]) / shape[axis]
-    if not kept:
-        return None, None
-    return in_top / kept, even / kept
+    """See :meth:`FishMask.concentration`."""
+    return mask.concentration(top)
 
 
 def mask_record(mask: FishMask) -> dict:
