@@ -152,3 +152,20 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="neither a mask candidate nor always_train"):
         train(tmp_path, [ft.FishCallback(keep=0.1, num_samples=8, always_train=["nothing"])], steps=1,
               model=lora(tiny_bert(), modules_to_save=["classifier"]))
+
+
+def test_attach_to_puts_fish_figures_in_front_of_reporters(tmp_path):
+    seen = []
+
+    class Reporter(TrainerCallback):  # stands for a report_to integration, which runs before user callbacks
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs or {}))
+
+    model = lora(tiny_bert(), modules_to_save=["classifier"])
+    trainer = Trainer(model=model, args=make_args(tmp_path, steps=2), train_dataset=bert_rows(),
+                      callbacks=[Reporter()])
+    fish = ft.FishCallback(keep=0.1, num_samples=16).attach_to(trainer)
+    trainer.train()
+    first = next(logs for logs in seen if logs)
+    assert first["fish/kept"] == fish.mask.num_selected and first["fish/trainable"] == fish.stats["fish/trainable"]
+    assert sum("fish/kept" in logs for logs in seen) == 1

@@ -147,6 +147,17 @@ class FishCallback(TrainerCallback):
             self.guard.close()
             self.guard = None
 
+    def attach_to(self, trainer) -> FishCallback:
+        """Add this callback to ``trainer`` so that its ``fish/*`` figures also reach the reporters
+        (``report_to``: TensorBoard, W&B, ...): transformers calls reporters before user callbacks and a callback
+        cannot call ``Trainer.log``, so a small bridge placed first adds them to the first log after train begin.
+        ``Trainer(..., callbacks=[fish])`` works too, with the figures in ``trainer.state.log_history`` only."""
+        bridge = _LogBridge(self)
+        trainer.callback_handler.callbacks.insert(0, bridge)
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        return self
+
     def __enter__(self) -> FishCallback:
         return self
 
@@ -232,6 +243,21 @@ class FishCallback(TrainerCallback):
         if state.is_world_process_zero:
             logger.info("FISH mask (%s): kept %d of %d candidate entries, %d trainable in total",
                         self.source, mask.num_selected, mask.num_candidates, trainable)
+
+
+class _LogBridge(TrainerCallback):
+    """Adds a FishCallback's figures to the ``logs`` of the first log after train begin, before reporters run."""
+
+    def __init__(self, fish: FishCallback):
+        self.fish, self.pending = fish, False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.pending = True  # the FishCallback fills fish.stats later in this same event
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.pending and logs is not None and self.fish.stats:
+            logs.update(self.fish.stats)
+            self.pending = False
 
 
 def innermost_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
