@@ -155,3 +155,19 @@ def test_new_mask_strategies_run_at_the_original_budget(workspace, tmp_path):  #
     assert bal["select_kwargs"] == {"alpha": 0.0} and fish["select_kwargs"] == {}
     # alpha 0: every tensor gets an equal share, so the layers hold the budget evenly; fish need not
     assert [kept for _, kept, _ in bal["mask"]["per_layer"]] == [orig["trainable"]["peft"] // 2] * 2
+
+
+def test_lr_by_budget(workspace, tmp_path, monkeypatch):  # noqa: F811
+    seen = []
+    real = runner.make_optimizer
+    monkeypatch.setattr(runner, "make_optimizer", lambda model, mask, cfg, lr=None: seen.append(lr) or real(
+        model, mask, cfg, lr))
+    raw = _equal_budget(workspace, tmp_path, lr_by_budget={1: 0.05})
+    raw.update(seeds=[0], strategies=["original", "fish"])
+    cfg = load_config(raw=raw)
+    records = Study(cfg, log=lambda *a: None).run()
+    assert seen == [0.05, 0.05, 0.01, 0.01] and [r["lr"] for r in records] == seen  # budget 2 keeps train.lr
+    assert runner.setup_fingerprint(cfg) != runner.setup_fingerprint(load_config(raw={**raw, "lr_by_budget": {}}))
+    for bad, msg in (({3: 0.1}, "not one of the budgets"), ({1: -1}, "positive number"), ([0.1], "must map")):
+        with pytest.raises(ValueError, match=msg):
+            load_config(raw={**raw, "lr_by_budget": bad})

@@ -61,6 +61,9 @@ class CompareConfig:
     fish_rank: int | None = None  # fixed_proportion: rank of the FISH / rand / rev pool (None: the same as rank)
     select_kwargs: dict = field(default_factory=dict)  # per strategy: extra select_mask arguments, {name: {k: v}}
     average_excludes: list[str] = field(default_factory=list)  # tasks shown in reports but left out of averages
+    # learning rate per budget ({1: 0.01, 6: 0.003}); every strategy of that budget (Original included) uses it,
+    # budgets not named use train.lr. For budgets whose small trainable count wants a larger rate.
+    lr_by_budget: dict = field(default_factory=dict)
     target_modules: list[str] | None = None  # None: attention q/k/v of BERT-style or LLaMA-style models
     data_dir: str | None = None
     out_dir: str = "results/compare"
@@ -73,6 +76,10 @@ class CompareConfig:
     def lora_rank(self) -> int:
         """Rank of the Original runs (and of every run in fixed_layers mode)."""
         return self.rank if self.rank is not None else (16 if self.mode == "fixed_layers" else 1)
+
+    def lr_for(self, budget: float) -> float:
+        """Learning rate of the runs at ``budget`` (the dense Original of fixed_layers mode has budget 1.0)."""
+        return self.lr_by_budget.get(budget, self.train.lr)
 
     @property
     def pool_rank(self) -> int:
@@ -207,6 +214,14 @@ def validate(cfg: CompareConfig) -> None:
         raise ValueError("config field 'fish_rank' is only used in fixed_proportion mode; remove it or set "
                          "mode: fixed_proportion")
     _check_select_kwargs(cfg)
+    if not isinstance(cfg.lr_by_budget, dict):
+        raise ValueError(f"config field 'lr_by_budget' must map a budget to a learning rate, got {cfg.lr_by_budget!r}")
+    for b, lr in cfg.lr_by_budget.items():
+        if b not in cfg.budgets:
+            raise ValueError(f"config field 'lr_by_budget': {b!r} is not one of the budgets {cfg.budgets}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
+            raise ValueError(f"config field 'lr_by_budget': the rate for budget {b!r} must be a positive number, "
+                             f"got {lr!r}")
     if not isinstance(cfg.average_excludes, list) or not all(isinstance(t, str) for t in cfg.average_excludes):
         raise ValueError(f"config field 'average_excludes' must be a list of task names, got {cfg.average_excludes!r}")
     try:

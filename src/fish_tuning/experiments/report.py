@@ -178,6 +178,11 @@ def plot_epochs(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _lr_note(cfg: dict) -> str:
+    per = cfg.get("lr_by_budget") or {}
+    return f" (by budget: {', '.join(f'{b}: {lr}' for b, lr in per.items())})" if per else ""
+
+
 def _paired_section(records: list[dict]) -> list[str]:
     tasks = list(dict.fromkeys(r["task"] for r in records))
     label = _labeler(records)
@@ -227,7 +232,7 @@ def write_report(results: str | os.PathLike, out_dir: str | os.PathLike | None =
         "",
         f"{scored}, mean ± std over seeds. Train subset of at most {train.get('train_examples')} "
         f"examples per task{' (after the held-out split)' if holdout else ''}, "
-        f"{train.get('epochs')} epoch(s), max_length {train.get('max_length')}, lr {train.get('lr')}, "
+        f"{train.get('epochs')} epoch(s), max_length {train.get('max_length')}, lr {train.get('lr')}{_lr_note(cfg)}, "
         f"optimizer {train.get('optimizer')} (masked runs of adamw use SparseAdamW, the same update on the kept "
         "entries only). 'trainable PEFT' is counted from the masks; the head "
         "(modules_to_save) trains fully in every run and is not part of the budget.",

@@ -80,6 +80,8 @@ def setup_fingerprint(cfg: CompareConfig) -> str:
         keys["fish_rank"] = cfg.pool_rank
     if cfg.select_kwargs:
         keys["select_kwargs"] = cfg.select_kwargs
+    if cfg.lr_by_budget:
+        keys["lr_by_budget"] = {f"{b:g}": lr for b, lr in sorted(cfg.lr_by_budget.items())}
     return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -87,17 +89,20 @@ def results_path(cfg: CompareConfig) -> Path:
     return Path(cfg.out_dir) / f"{cfg.name}.jsonl"
 
 
-def make_optimizer(model: torch.nn.Module, mask: FishMask | None, cfg: CompareConfig) -> torch.optim.Optimizer:
-    """The one place that picks the optimizer: masked runs get SparseAdamW (moments for the k kept entries only)."""
+def make_optimizer(model: torch.nn.Module, mask: FishMask | None, cfg: CompareConfig,
+                   lr: float | None = None) -> torch.optim.Optimizer:
+    """The one place that picks the optimizer: masked runs get SparseAdamW (moments for the k kept entries only).
+    ``lr``: this run's learning rate (default ``train.lr``)."""
     t = cfg.train
+    lr = t.lr if lr is None else lr
     if t.optimizer == "adafish":
         from ..adafish import make_adafish  # optional module; validate() already checked it imports
 
-        return make_adafish(model, mask=mask, lr=t.lr, weight_decay=t.weight_decay, **t.optimizer_kwargs)
+        return make_adafish(model, mask=mask, lr=lr, weight_decay=t.weight_decay, **t.optimizer_kwargs)
     if mask is not None:
-        return masked_optimizer(model, mask, lr=t.lr, weight_decay=t.weight_decay, **t.optimizer_kwargs)
+        return masked_optimizer(model, mask, lr=lr, weight_decay=t.weight_decay, **t.optimizer_kwargs)
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, **t.optimizer_kwargs)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay, **t.optimizer_kwargs)
 
 
 def _holdout_split(task: str, rows: list[dict], holdout: int, cap: int | None) -> tuple[list[dict], list[dict]]:
@@ -274,7 +279,7 @@ class Study:
                                **cfg.select_kwargs.get(run.strategy, {}))
             if cfg.show_masks and run.strategy == "fish":
                 self.log(mask.summary())
-        opt = make_optimizer(model, mask, cfg)
+        opt = make_optimizer(model, mask, cfg, cfg.lr_for(run.budget))
         epochs = []
 
         def on_epoch_end(epoch: int, loss: float) -> None:
@@ -289,7 +294,7 @@ class Study:
         return {
             "id": run.id, **asdict(run), "fingerprint": self.fingerprint, "model": cfg.model,
             "metric": data.metric, "rank": self._rank_for(run), "layers": self._layers_for(run),
-            "eval_split": data.eval_split, "trivial": data.trivial,
+            "eval_split": data.eval_split, "trivial": data.trivial, "lr": cfg.lr_for(run.budget),
             "select_kwargs": cfg.select_kwargs.get(run.strategy, {}),
             "mask": mask_record(mask) if mask is not None else None,
             "trainable": {"peft": peft_trainable, "candidates": n_cand, "always_train": head_numel,
