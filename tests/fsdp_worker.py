@@ -69,11 +69,19 @@ def train(model, mask, opt, rank, world, batches=None):
     return nonzero, checked
 
 
-def refusals(model) -> int:
-    """How many of the unsupported sharded cases raise a clear ValueError (before any collective: no hang)."""
+def refusals(model, fisher) -> int:
+    """How many of the unsupported sharded cases raise a clear ValueError on every rank (so none hangs)."""
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
     count = 0
+    try:
+        ft.compute_fisher(model, [stack(calibration_rows()[:2])], num_samples=2, distributed=False, progress=False)
+    except ValueError as err:
+        count += "distributed=False" in str(err)
+    try:  # a different mask on each rank (as separately computed Fisher scores would give)
+        ft.SparseAdamW(model, ft.select_mask(fisher, keep=0.1 * (1 + dist.get_rank())), **OPT)
+    except ValueError as err:
+        count += "differs between ranks" in str(err)
     try:
         ft.compute_fisher(model, [stack(calibration_rows()[:2])], num_samples=2, method="loop", progress=False)
     except ValueError as err:
@@ -142,7 +150,7 @@ def main(out: str, mode: str) -> None:
     mask.save(os.path.join(out, f"mask_rank{rank}.safetensors"))
 
     stats = {"world": torch.tensor(world), "fisher_s": torch.tensor(fisher_s), "fwdbwd_s": torch.tensor(fwdbwd_s),
-             "refusals": torch.tensor(refusals(model)),
+             "refusals": torch.tensor(refusals(model, fisher)),
              "score_bytes": torch.tensor(sum(s.numel() * s.element_size() for s in fisher.values()))}
     weights = {}
     for kind in ("sparse", "masked"):

@@ -99,6 +99,11 @@ def compute_fisher(
     cand = {n: named[n] for n in params}
 
     rank, world = dist_rank_world(distributed)
+    sharded = is_sharded(model)
+    if sharded and world == 1 and dist_rank_world(None)[1] > 1:
+        raise ValueError("compute_fisher(distributed=False) on an FSDP2-sharded model: each rank would score only its "
+                         "own samples and select a different mask for its shard. Leave distributed at its default "
+                         "(True under torchrun) so the ranks sum their scores.")
     quota = num_samples // world + int(rank < num_samples % world)  # this rank's share of the global count
     device = next(iter(cand.values())).device
     gen = torch.Generator(device=device).manual_seed(seed + rank) if kind == "expected" else None
@@ -113,7 +118,6 @@ def compute_fisher(
     use_hooks = hooks is not None and len(hooks.covered) == len(cand)
     if hooks is not None and not use_hooks:
         hooks.remove()
-    sharded = is_sharded(model)
     if sharded and not use_hooks:
         missing = next((n for n in cand if hooks is None or n not in hooks.covered), "")
         raise ValueError(

@@ -21,7 +21,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .mask import FishMask
-from .sharded import is_dtensor, local, local_indices
+from .sharded import check_same_mask, is_dtensor, local, local_indices
 
 _ACTIVE: WeakIdKeyDictionary = WeakIdKeyDictionary()  # guarded parameter -> its attached MaskGuard
 _GLOBAL_HOOK = None
@@ -132,6 +132,9 @@ class MaskGuard:
             else:
                 continue
             self.names[p] = name
+        sharded = [p for p in self.kept if is_dtensor(p)]
+        if sharded:  # each rank sees only its shard: check here that all ranks apply the same mask
+            check_same_mask(mask.fingerprint(), local(sharded[0]).device)
         self._dense: dict[Tensor, Tensor] = {}  # lazily built bool masks (True = must not change)
         self._backup: dict[Tensor, Tensor] = {}
         self._handles: list = []

@@ -103,3 +103,23 @@ def pass_count(mine: int, device: torch.device | str = "cpu") -> int:
     t = torch.tensor([mine], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return int(t.item())
+
+
+def check_same_mask(fingerprint: str, device: torch.device | str = "cpu") -> None:
+    """Refuse, on every rank at once, a mask that differs between ranks (one all-reduce of two int64s).
+
+    Each rank only ever sees its own shard, so masks computed separately per rank (e.g. Fisher with
+    ``distributed=False``) would silently train a different selection on each shard: no rank could notice.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    value = int(fingerprint[:15], 16)  # 60 bits of the mask's hash, fits an int64
+    t = torch.tensor([value, -value], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    if int(t[0]) != -int(t[1]):
+        raise ValueError(
+            "the FISH mask differs between ranks (fingerprint on this rank: "
+            f"{fingerprint}); every rank of a sharded model must use the same mask. Compute it with "
+            "compute_fisher(..., distributed=True) (the default under torchrun) so every rank gets the same scores, "
+            "or select it on one rank and FishMask.load the same file everywhere."
+        )
