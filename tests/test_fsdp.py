@@ -27,16 +27,18 @@ ROOT = Path(__file__).resolve().parents[1]
 # gradient, but FSDP sums two half-batch gradients (reduce-scatter, then / 2) where one process sums one batch:
 # float32 rounding differs at ~1e-7 relative. Adam divides by sqrt(v) ~ |g|, so an update is lr * O(1) whatever
 # the gradient's scale, and a relative gradient error e moves it by ~lr * e: 3 steps * 1e-2 * (a few 1e-6
-# where |g| is tiny) stays far below 1e-6. Measured: 7.5e-9 (both optimizers).
+# where |g| is tiny) stays far below 1e-6. Measured: 1.5e-8 (both optimizers, r=3).
 WEIGHT_ATOL = 1e-6
 
 
 def llama_lora():
-    """Built on one thread, as in the workers: PiSSA's SVD differs in the last bit with the thread count."""
+    """Tiny Llama + LoRA (PiSSA), built on one thread as in the workers: PiSSA's SVD differs in the last bit with
+    the thread count."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return lora(tiny_llama(), targets=("q_proj", "v_proj"), task="CAUSAL_LM")
+        # r=3: lora_A is [3, 32], sharded unevenly (rows 0-1 on rank 0, row 2 on rank 1)
+        return lora(tiny_llama(), targets=("q_proj", "v_proj"), task="CAUSAL_LM", r=3)
     finally:
         torch.set_num_threads(threads)
 
