@@ -93,6 +93,9 @@ class MaskGuard:
        which undoes decoupled weight decay, momentum and any other rule that moves zero-gradient entries.
 
     Candidates excluded from selection (``mask.frozen``) are guarded with nothing kept: they never change.
+    FSDP2 (DTensor parameters sharded on dim 0): each rank guards its own shard with the kept indices that fall in
+    it (FSDP2 runs the gradient hook on the reduce-scattered shard), and construction is then a collective that
+    refuses a mask differing between ranks, so build the guard (or its optimizer) on every rank.
     Nothing is registered until :meth:`attach` (or ``with MaskGuard(...) as g:``), and :meth:`close` removes it all.
 
     Args:

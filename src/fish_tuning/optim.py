@@ -162,6 +162,9 @@ class SparseAdamW(torch.optim.Optimizer):
     gradient; the step itself never reads them. :meth:`close` (or garbage collection) removes that hook.
     ``state_dict`` records the mask's fingerprint; ``load_state_dict`` refuses a state of another mask or optimizer.
 
+    Under FSDP2 each rank keeps moments only for the kept entries of its own shards (see :mod:`fish_tuning.sharded`);
+    its ``state_dict`` is therefore per rank: save one file per rank and resume with the same world size.
+
     Parameter groups as in every torch optimizer: ``SparseAdamW(groups, mask, model=model)`` with e.g. decay and
     no-decay groups or per-group ``lr``; ``SparseAdamW(model, mask)`` puts every trainable parameter in one group.
     """
