@@ -201,8 +201,10 @@ def test_fsdp_sparse_state_is_this_ranks_share(fsdp_out):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["die", "hang"])
 def test_fsdp_dead_worker_fails_in_bounded_time(tmp_path, mode):
-    code, log, seconds = run_torchrun(tmp_path, mode, timeout=45)
+    code, log, seconds = run_torchrun(tmp_path, mode, timeout=90 if mode == "die" else 20)
     assert code != 0, f"a run whose rank 1 {mode}s must fail:\n{log[-3000:]}"
-    assert seconds < 120, f"took {seconds:.0f} s"
+    assert seconds < 150, f"took {seconds:.0f} s"
     if mode == "die":
         assert code is not None, "torchrun should notice the dead worker before the test's timeout"
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    assert not left, f"worker processes survived the timeout: {left}"
