@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import torch
 
 
@@ -32,3 +34,21 @@ def assert_only_kept_moved(model, mask, before: dict[str, torch.Tensor]) -> int:
         assert torch.equal(new[~keep], before[name][~keep]), f"masked entries of {name} changed"
         moved += int((new[keep] != before[name][keep]).sum())
     return moved
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and every descendant. torchrun starts each worker in its own session, so killing the
+    launcher's process group alone leaves a hung worker alive, holding the log pipe open (communicate() hangs)."""
+    import psutil  # dev extra only (the adapters environment does not have it)
+
+    try:
+        root = psutil.Process(pid)
+        procs = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)

@@ -1,7 +1,6 @@
 """Two gloo ranks under torchrun give the single-process Fisher and mask (tests/dist_worker.py does the rank side)."""
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from transformers import default_data_collator
 
 import fish_tuning as ft
 from conftest import cls_batches, lora, tiny_bert
-from helpers import ListDataset
+from helpers import ListDataset, kill_tree
 
 FISHER_SAMPLES = 21  # odd on purpose: rank 0 scores 11 samples, rank 1 scores 10
 TRAIN_SAMPLES = 16
@@ -49,7 +48,7 @@ def torchrun_out(tmp_path_factory):
     try:
         log, _ = proc.communicate(timeout=400)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+        kill_tree(proc.pid)  # torchrun and both workers (each worker runs in its own session)
         log, _ = proc.communicate()
         pytest.fail(f"torchrun timed out:\n{log[-5000:]}")
     assert proc.returncode == 0, f"torchrun failed:\n{log[-8000:]}"

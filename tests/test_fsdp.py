@@ -4,7 +4,6 @@ tests/fsdp_worker.py does the rank side; this file runs it and recomputes everyt
 """
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from safetensors.torch import load_file
 
 import fish_tuning as ft
 from conftest import lm_batches, lora, tiny_llama
+from helpers import kill_tree
 
 FISHER_SAMPLES = 13  # odd on purpose: rank 0 scores 7 samples in 2 batches, rank 1 scores 6
 KEEP = 0.1
@@ -61,22 +61,6 @@ def token_loss(model, batch):
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
                                              ignore_index=-100, reduction="sum")
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a launcher and every descendant. torchrun starts each worker in its own session, so killing the
-    launcher's process group alone leaves a hung worker alive, holding the log pipe open (communicate() hangs)."""
-    try:
-        root = psutil.Process(pid)
-        procs = root.children(recursive=True) + [root]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=10)
 
 
 def run_torchrun(out: Path, mode: str, timeout: float) -> tuple[int | None, str, float]:
