@@ -59,11 +59,25 @@ def _chain(optimizer) -> list:
     return out
 
 
+_GENERATION = [0]  # bumped whenever a guard attaches or closes
+_CLEARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> (generation, #params) it passed
+
+
 def _refuse_foreign_step(optimizer, args, kwargs) -> None:
-    """Global step pre-hook: an optimizer that is not a guard's owner may not step that guard's parameters."""
+    """Global step pre-hook: an optimizer that is not a guard's owner may not step that guard's parameters.
+
+    An optimizer that passed at the current guard generation with the same parameter count is not checked again,
+    so a training step costs one dict lookup here, not a pass over every parameter."""
     if not len(_ACTIVE):
         return
-    for group in getattr(optimizer, "param_groups", ()):
+    groups = getattr(optimizer, "param_groups", ())
+    key = (_GENERATION[0], sum(len(g["params"]) for g in groups))
+    try:
+        if _CLEARED.get(optimizer) == key:
+            return
+    except TypeError:  # an optimizer that cannot be weakly referenced: check every time
+        pass
+    for group in groups:
         for p in group["params"]:
             guard = _ACTIVE.get(p)
             if guard is not None and not guard._allows(optimizer):
@@ -73,6 +87,10 @@ def _refuse_foreign_step(optimizer, args, kwargs) -> None:
                     "run did not end cleanly (e.g. Trainer.train raised before on_train_end). Call .close() on it "
                     "(FishCallback: callback.remove()) before training these parameters another way."
                 )
+    try:
+        _CLEARED[optimizer] = key
+    except TypeError:
+        pass
 
 
 def _ensure_global_hook() -> None:
@@ -160,6 +178,7 @@ class MaskGuard:
         for p, idx in self.kept.items():
             self._handles.append(p.register_post_accumulate_grad_hook(_keep_only(idx)))
             _ACTIVE[p] = self
+        _GENERATION[0] += 1
         self.attached = True
         if optimizer is not None:
             self._owner = weakref.ref(optimizer)
@@ -189,6 +208,7 @@ class MaskGuard:
         for p in params:
             if p in _ACTIVE:
                 del _ACTIVE[p]
+        _GENERATION[0] += 1
 
     def __enter__(self) -> MaskGuard:
         return self if self.attached else self.attach()
