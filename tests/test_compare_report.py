@@ -86,3 +86,18 @@ def test_report_of_an_equal_budget_study(tmp_path, capsys):
     assert mask_row.endswith("| 75.0% | 40.0% | 2.0% |")
     assert "2.0 h, all sessions together" in text
     capsys.readouterr()
+
+
+def test_paired_loss_counts_lower_as_ahead(tmp_path, capsys):
+    assert paired([-0.01, -0.02, 0.01], higher_is_better=False)["ahead"] == 2
+    path = _study(tmp_path)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in records:  # fish: lower loss than original on every seed
+        r["epochs"][-1]["dev_loss"] = 0.5 if r["strategy"] == "fish" else 0.6
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["report", str(path)]) == 0
+    text = (tmp_path / "study.md").read_text()
+    rows = [line for line in text.splitlines()
+            if line.startswith("| LORA FISH r8 pool = top-1 budget − LORA Original r1 top-1 layers |")]
+    assert len(rows) == 2 and "-0.100 [-0.100, -0.100] 3/3 ahead" in rows[1]
+    capsys.readouterr()

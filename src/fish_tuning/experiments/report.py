@@ -190,7 +190,10 @@ def _paired_section(records: list[dict]) -> list[str]:
     if len({r["seed"] for r in records}) > 1:
         out += ["Paired differences a − b over seeds (x100): mean [95% t interval] and on how many seeds a is ahead. "
                 "The average column averages the tasks per seed first.", "",
-                paired_table(records, label, tasks, TASK_NAME, _counted(records, tasks)), ""]
+                paired_table(records, label, tasks, TASK_NAME, _counted(records, tasks)), "",
+                "The same for the loss after the last epoch (lower is better, so a is ahead where the difference is "
+                "negative); it ranks runs that all sit at the trivial score:", "",
+                paired_table(records, label, tasks, TASK_NAME, _counted(records, tasks), value="dev_loss"), ""]
     masks = mask_table(records, label)
     if masks:
         out += ["Where the masks put the budget (mean over tasks and seeds): share of the kept entries per layer; "

@@ -18,29 +18,32 @@ def t95(df: int) -> float:
     return _T95[df - 1] if 1 <= df <= len(_T95) else 1.96
 
 
-def paired(diffs: list[float]) -> dict:
-    """Mean of paired differences, its 95% t interval (None below 2 pairs) and the sign count."""
+def paired(diffs: list[float], higher_is_better: bool = True) -> dict:
+    """Mean of paired differences, its 95% t interval (None below 2 pairs) and the sign count (``ahead``: pairs where
+    the first is better: a positive difference, or a negative one when lower is better, as for a loss)."""
     n = len(diffs)
     mean = statistics.fmean(diffs) if diffs else math.nan
     half = t95(n - 1) * statistics.stdev(diffs) / math.sqrt(n) if n > 1 else None
     return {"n": n, "mean": mean, "lo": None if half is None else mean - half, "hi": None if half is None else mean + half,
-            "ahead": sum(d > 0 for d in diffs), "behind": sum(d < 0 for d in diffs)}
+            "ahead": sum((d > 0) if higher_is_better else (d < 0) for d in diffs),
+            "behind": sum((d < 0) if higher_is_better else (d > 0) for d in diffs)}
 
 
-def fmt_paired(p: dict) -> str:
+def fmt_paired(p: dict, digits: int = 2) -> str:
     """``+1.20 [-0.40, +2.80] 4/5 ahead`` (x100 scores in, as given)."""
     if not p["n"]:
         return "-"
-    ci = f" [{p['lo']:+.2f}, {p['hi']:+.2f}]" if p["lo"] is not None else ""
+    ci = f" [{p['lo']:+.{digits}f}, {p['hi']:+.{digits}f}]" if p["lo"] is not None else ""
     ties = p["n"] - p["ahead"] - p["behind"]
-    return f"{p['mean']:+.2f}{ci} {p['ahead']}/{p['n']} ahead" + (f" ({ties} tied)" if ties else "")
+    return f"{p['mean']:+.{digits}f}{ci} {p['ahead']}/{p['n']} ahead" + (f" ({ties} tied)" if ties else "")
 
 
-def _scores(records: list[dict]) -> dict[tuple, dict[str, dict[int, float]]]:
-    """(method, budget, strategy) -> task -> seed -> score x100."""
+def _scores(records: list[dict], value: str = "score") -> dict[tuple, dict[str, dict[int, float]]]:
+    """(method, budget, strategy) -> task -> seed -> score x100 (or the final dev loss)."""
     out: dict[tuple, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     for r in records:
-        out[(r["method"], r["budget"], r["strategy"])][r["task"]][r["seed"]] = 100 * r["score"]
+        v = 100 * r["score"] if value == "score" else r["epochs"][-1]["dev_loss"]
+        out[(r["method"], r["budget"], r["strategy"])][r["task"]][r["seed"]] = v
     return out
 
 
@@ -64,11 +67,15 @@ def comparisons(records: list[dict]) -> list[tuple[tuple, tuple]]:
     return pairs
 
 
-def paired_table(records: list[dict], label, tasks: list[str], task_names: dict, counted: list[str]) -> str:
+def paired_table(records: list[dict], label, tasks: list[str], task_names: dict, counted: list[str],
+                 value: str = "score") -> str:
     """Markdown: one row per comparison, one column per task and the average over ``counted`` tasks; each cell the
-    mean paired difference over seeds (x100) with its 95% t interval and how many seeds the first one is ahead."""
-    scores = _scores(records)
-    head = ["a − b (paired over seeds, x100)", *[task_names.get(t, t) for t in tasks]]
+    mean paired difference over seeds (scores x100, or the final dev loss: ``value="dev_loss"``, lower is better)
+    with its 95% t interval and on how many seeds the first one is ahead."""
+    scores = _scores(records, value)
+    loss = value == "dev_loss"
+    head = ["a − b (paired over seeds, " + ("final dev loss)" if loss else "x100)"),
+            *[task_names.get(t, t) for t in tasks]]
     if len(counted) > 1:
         head.append("Avg of " + ", ".join(task_names.get(t, t).split(" ")[0] for t in counted))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -78,11 +85,11 @@ def paired_table(records: list[dict], label, tasks: list[str], task_names: dict,
         for t in tasks:
             seeds = sorted(set(scores[a][t]) & set(scores[b][t]))
             per_task[t] = {s: scores[a][t][s] - scores[b][t][s] for s in seeds}
-            cells.append(fmt_paired(paired(list(per_task[t].values()))))
+            cells.append(fmt_paired(paired(list(per_task[t].values()), not loss), 3 if loss else 2))
         if len(counted) > 1:
             common = set.intersection(*(set(per_task[t]) for t in counted))
             cells.append(fmt_paired(paired([statistics.fmean(per_task[t][s] for t in counted)
-                                            for s in sorted(common)])))
+                                            for s in sorted(common)], not loss), 3 if loss else 2))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
