@@ -7,6 +7,7 @@ flag, as in ``trl sft``); they are dispatched before the argparse tree below and
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from . import __version__
@@ -37,6 +38,25 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at emit time (so redirected / captured output gets the lines)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
+def _show_progress() -> None:
+    """The harness logs its progress lines through ``logging``; the command line shows them on stdout, once."""
+    log = logging.getLogger("fish_tuning.experiments")
+    if not any(isinstance(h, _StdoutHandler) for h in log.handlers):
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 def _compare(args: argparse.Namespace) -> int:
     _needs_experiments("compare")
     from .experiments.config import load_config
@@ -50,6 +70,7 @@ def _compare(args: argparse.Namespace) -> int:
     if args.out_dir:
         overrides.append(f"out_dir={args.out_dir}")
     cfg = load_config(args.config, overrides)  # every field is checked before any model is loaded
+    _show_progress()
     records = Study(cfg).run()
     paths = write_report(results_path(cfg))
     print()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import resource
 import sys
 import time
@@ -35,6 +36,7 @@ from .results import append_record, check_writable, read_results
 from .tasks import GLUE_TASKS, glue_batches, load_glue, load_gsm8k, local_data_dir
 from .train import evaluate, train
 
+logger = logging.getLogger("fish_tuning.experiments")  # progress lines; `fish-tune compare` shows them on stdout
 ModelFactory = Callable[[str, int], tuple]  # (task kind "seq-cls" / "causal-lm", num_labels) -> (model, tokenizer)
 DATA_SEED = 1234  # the train subset is the same for every seed: seeds vary init, Fisher sample and order
 
@@ -184,8 +186,9 @@ class _TaskData:
 class Study:
     """Runs a :class:`CompareConfig`, appending one JSON line per finished run; finished runs are skipped."""
 
-    def __init__(self, cfg: CompareConfig, model_factory: ModelFactory | None = None, log=print):
-        self.cfg, self.log = cfg, log
+    def __init__(self, cfg: CompareConfig, model_factory: ModelFactory | None = None,
+                 log: Callable[[str], object] | None = None):
+        self.cfg, self.log = cfg, log or logger.info
         self.factory = model_factory or (lambda kind, n: load_model(cfg.model, task=kind, num_labels=max(n, 1)))
         self.path = results_path(cfg)
         self.fingerprint = setup_fingerprint(cfg)
