@@ -120,14 +120,10 @@ def bench_fisher(model, batches, spec, rounds: int) -> dict:
 
 def optimizer_bytes(opt) -> int:
     """Persistent bytes an optimizer keeps beside the model: state, indices, masks and backups."""
-    if isinstance(opt, ft.SparseAdamW):
+    if isinstance(opt, (ft.SparseAdamW, ft.MaskedOptimizer)):
         return opt.state_bytes()
-    inner = opt.optimizer if isinstance(opt, ft.MaskedOptimizer) else opt
-    total = sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values()
-                if isinstance(t, torch.Tensor))
-    if isinstance(opt, ft.MaskedOptimizer):
-        total += sum(t.numel() * t.element_size() for t in list(opt._frozen.values()) + list(opt._backup.values()))
-    return total
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+               if isinstance(t, torch.Tensor))
 
 
 def bench_step(model, batches, mask, rounds: int, arms_wanted=("vanilla", "sparse", "masked")) -> dict:

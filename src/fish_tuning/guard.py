@@ -268,6 +268,11 @@ class MaskGuard:
             shard = local(p)
             torch.where(self._frozen(p), self._backup[p], shard, out=shard)
 
+    def state_bytes(self) -> int:
+        """Bytes this guard keeps beside the model: kept indices, dense masks and step backups."""
+        tensors = [*self.kept.values(), *self._dense.values(), *self._backup.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def __repr__(self) -> str:
         owner = self._owner() if self._owner is not None else None
         by = f", owned by {type(owner).__name__} at {id(owner):#x}" if owner is not None else ""

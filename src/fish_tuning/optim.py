@@ -108,6 +108,12 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self._guard.after_step()
         return loss
 
+    def state_bytes(self) -> int:
+        """Bytes kept beside the model: the wrapped optimizer's state plus the guard's indices, masks and backups."""
+        state = sum(t.numel() * t.element_size() for s in self.optimizer.state.values() for t in s.values()
+                    if isinstance(t, Tensor))
+        return state + self._guard.state_bytes()
+
     def close(self) -> None:
         """Remove the masking hooks (also done when this optimizer is garbage-collected)."""
         self._guard.close()
