@@ -105,3 +105,15 @@ def test_unknown_trainable_parameter_is_an_error(bert_lora):
     params = [p for p in bert_lora.parameters() if p.requires_grad]
     with pytest.raises(ValueError, match="classifier.*always_train"):
         ft.MaskedOptimizer(torch.optim.AdamW(params), mask, bert_lora)
+
+
+def test_state_bytes_counts_state_backup_masks_and_indices(bert_lora):
+    batches = cls_batches(n_batches=2)
+    mask = masked_setup(bert_lora, batches)
+    opt = train(bert_lora, mask, batches, steps=2, autocast=False)
+    named = dict(bert_lora.named_parameters())
+    cand = sum(named[n].numel() for n in mask.names)
+    inner = sum(t.numel() * t.element_size() for s in opt.optimizer.state.values() for t in s.values()
+                if torch.is_tensor(t))
+    kept_index_bytes = sum(opt._guard.kept[named[n]].element_size() * len(mask.indices[n]) for n in mask.names)
+    assert opt.state_bytes() == inner + cand * 4 + cand * 1 + kept_index_bytes  # backup fp32 + bool mask + indices
