@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import statistics
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+from ..files import atomic_write, atomic_write_text
 from .results import read_results
 from .stats import mask_table, paired_table
 
@@ -104,16 +104,7 @@ def table(records: list[dict], value: str = "score") -> str:
 
 
 def _atomic_savefig(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
 
 
 def _axes(n: int):
@@ -250,11 +241,7 @@ def write_report(results: str | os.PathLike, out_dir: str | os.PathLike | None =
         _wall_time(records),
         "",
     ])
-    fd, tmp = tempfile.mkstemp(prefix=f".{results.stem}.", suffix=".md", dir=out)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, paths["table"])
+    atomic_write_text(paths["table"], text)
     plot_score_vs_proportion(records, paths["proportion_plot"])
     plot_epochs(records, paths["epoch_plot"])
     from ..commands.maskview import draw_run_layers  # each run's recorded per-layer mask summary
