@@ -71,7 +71,7 @@ def test_holdout_is_seeded_disjoint_and_capped(workspace, tmp_path):  # noqa: F8
 
 
 def test_strategies_come_from_the_mask_module():
-    assert config_mod.STRATEGIES == ("original", *fish_tuning.mask.STRATEGIES)
+    assert config_mod.RUN_STRATEGIES == ("original", *fish_tuning.mask.STRATEGIES)
 
 
 @pytest.mark.parametrize(("change", "expect"), [
@@ -159,8 +159,8 @@ def test_new_mask_strategies_run_at_the_original_budget(workspace, tmp_path):  #
 
 def test_lr_by_budget(workspace, tmp_path, monkeypatch):  # noqa: F811
     seen = []
-    real = runner.make_optimizer
-    monkeypatch.setattr(runner, "make_optimizer", lambda model, mask, cfg, lr=None: seen.append(lr) or real(
+    real = runner.optimizer_for_run
+    monkeypatch.setattr(runner, "optimizer_for_run", lambda model, mask, cfg, lr=None: seen.append(lr) or real(
         model, mask, cfg, lr))
     raw = _equal_budget(workspace, tmp_path, lr_by_budget={1: 0.05})
     raw.update(seeds=[0], strategies=["original", "fish"])

@@ -54,7 +54,7 @@ def default_targets(model: nn.Module) -> list[str]:
                      f"(linear layers seen: {sorted(leaf)[:12]})")
 
 
-def top_layers(model: nn.Module, n: int | None) -> list[int] | None:
+def layer_indices(model: nn.Module, n: int | None) -> list[int] | None:
     """Indices of the top ``n`` transformer layers (None: all layers), via :func:`fish_tuning.top_layers`."""
     if n is None:
         return None

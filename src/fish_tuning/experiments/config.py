@@ -16,7 +16,7 @@ from ..mask import STRATEGIES as MASK_STRATEGIES
 from .tasks import GLUE_TASKS, task_spec
 
 MODES = ("fixed_layers", "fixed_proportion")
-STRATEGIES = ("original", *MASK_STRATEGIES)  # every selection strategy of fish_tuning.mask, plus the dense baseline
+RUN_STRATEGIES = ("original", *MASK_STRATEGIES)  # every selection strategy of fish_tuning.mask, plus the dense baseline
 DEFAULT_STRATEGIES = ("original", "fish", "rand", "rev")
 OPTIMIZERS = ("adamw", "adafish")
 TASKS = (*GLUE_TASKS, "gsm8k")
@@ -193,8 +193,8 @@ def validate(cfg: CompareConfig) -> None:
     if cfg.mode not in MODES:
         raise ValueError(f"config field 'mode' must be one of {MODES}, got {cfg.mode!r}")
     for s in cfg.strategies:
-        if s not in STRATEGIES:
-            raise ValueError(f"config field 'strategies': unknown strategy {s!r}; choose from {STRATEGIES}")
+        if s not in RUN_STRATEGIES:
+            raise ValueError(f"config field 'strategies': unknown strategy {s!r}; choose from {RUN_STRATEGIES}")
     for b in cfg.budgets:
         if cfg.mode == "fixed_layers" and not (isinstance(b, (int, float)) and 0 < b <= 1):
             raise ValueError(f"config field 'budgets': in fixed_layers mode each budget is a keep fraction in (0, 1], "

@@ -30,7 +30,7 @@ from .. import FishMask, always_trainable, compute_fisher, peft_candidates, sele
 from ..models import load_model
 from ..optim import make_optimizer as masked_optimizer
 from .analysis import mask_record, trivial_baseline
-from .builders import METHODS, PeftSpec, default_targets, top_layers
+from .builders import METHODS, PeftSpec, default_targets, layer_indices
 from .config import CompareConfig
 from .results import append_record, check_writable, read_results
 from .tasks import GLUE_TASKS, glue_batches, load_glue, load_gsm8k, local_data_dir
@@ -91,7 +91,7 @@ def results_path(cfg: CompareConfig) -> Path:
     return Path(cfg.out_dir) / f"{cfg.name}.jsonl"
 
 
-def make_optimizer(model: torch.nn.Module, mask: FishMask | None, cfg: CompareConfig,
+def optimizer_for_run(model: torch.nn.Module, mask: FishMask | None, cfg: CompareConfig,
                    lr: float | None = None) -> torch.optim.Optimizer:
     """The one place that picks the optimizer: masked runs get SparseAdamW (moments for the k kept entries only).
     ``lr``: this run's learning rate (default ``train.lr``)."""
@@ -205,7 +205,7 @@ class Study:
 
     def _peft(self, task: str, method: str, seed: int, n_layers: int | None, rank: int):
         model, tok = self._base(task, seed)
-        spec = PeftSpec(rank=rank, layers=top_layers(model, n_layers),
+        spec = PeftSpec(rank=rank, layers=layer_indices(model, n_layers),
                         target_modules=self.cfg.target_modules or default_targets(model),
                         task_type="CAUSAL_LM" if task == "gsm8k" else "SEQ_CLS")
         with warnings.catch_warnings():
@@ -282,7 +282,7 @@ class Study:
                                **cfg.select_kwargs.get(run.strategy, {}))
             if cfg.show_masks and run.strategy == "fish":
                 self.log(mask.summary())
-        opt = make_optimizer(model, mask, cfg, cfg.lr_for(run.budget))
+        opt = optimizer_for_run(model, mask, cfg, cfg.lr_for(run.budget))
         epochs = []
 
         def on_epoch_end(epoch: int, loss: float) -> None:
