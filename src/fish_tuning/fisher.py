@@ -4,11 +4,15 @@ F̂_j = 1/N Σᵢ (∂/∂θ_j log p(yᵢ|xᵢ))².  Squaring the gradient of a 
 cancels signs across samples), so every path here squares each sample's own gradient before summing.
 
 Two exact engines:
-- ``vectorized``: one batched forward/backward. Hooks on ``nn.Linear`` modules whose weight/bias is a candidate
-  record activations ``a`` and output gradients ``g`` and form per-sample gradients ``Σ_t g_tᵀ a_t`` (as opacus
-  does). This covers LoRA's A and B. After every batch the per-sample gradients are checked against autograd's
-  summed gradient; a mismatch (a weight also used outside its module, as DoRA does) switches to the loop.
+- ``vectorized``: one batched forward/backward. A per-sample rule per layer type (``fish_tuning.grad_sample``,
+  as opacus does) forms each sample's gradient from hooked activations and output gradients: ``nn.Linear``
+  (``Σ_t g_tᵀ a_t``: LoRA's A and B), ``nn.Embedding`` (prompt-learning tables), (IA)³ vectors, DoRA's
+  magnitude and LoRA's embedding factors. After every batch the per-sample gradients are checked against
+  autograd's summed gradient; a mismatch (a weight also used outside its module) switches to the loop.
 - ``loop``: one forward/backward per sample; always exact, N times slower.
+
+Which engine ran is logged on the ``fish_tuning`` logger (INFO): ``compute_fisher: engine=...``, with the reason
+whenever the loop is used under ``method="auto"``.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ from .dist import dist_rank_world, sum_over_ranks
 from .loglik import per_sample_log_likelihood, sample_labels
 from .per_sample import (
     Kind,
-    LinearPerSampleHooks,
     LogLikFn,
+    PerSampleHooks,
     accumulate_hooked,
     batch_size_of,
     check_finite,
@@ -38,6 +42,7 @@ from .per_sample import (
     slice_batch,
 )
 from .sharded import all_agree, is_sharded, pass_count
+from .zero3 import full_shape, gathered
 
 Method = Literal["auto", "vectorized", "loop"]
 logger = logging.getLogger("fish_tuning")
@@ -107,30 +112,35 @@ def compute_fisher(
     quota = num_samples // world + int(rank < num_samples % world)  # this rank's share of the global count
     device = next(iter(cand.values())).device
     gen = torch.Generator(device=device).manual_seed(seed + rank) if kind == "expected" else None
-    sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in cand.items()}
+    sums = {n: torch.zeros(full_shape(p), dtype=torch.float32, device=p.device) for n, p in cand.items()}
     saved_flags = {n: p.requires_grad for n, p in named.items()}
     was_training = model.training
-    hooks = LinearPerSampleHooks(model, cand) if method != "loop" else None
-    if method == "vectorized" and len(hooks.covered) < len(cand):
-        missing = next(n for n in cand if n not in hooks.covered)
+    hooks = PerSampleHooks(model, cand) if method != "loop" else None
+    missing = next((n for n in cand if n not in hooks.covered), None) if hooks is not None else None
+    if method == "vectorized" and missing is not None:
         hooks.remove()
-        raise ValueError(f"method='vectorized' cannot handle '{missing}' (not an nn.Linear weight/bias); use 'auto'")
-    use_hooks = hooks is not None and len(hooks.covered) == len(cand)
+        raise ValueError(f"method='vectorized' cannot handle '{missing}' (no per-sample rule for its layer type in "
+                         "fish_tuning.grad_sample); use 'auto'")
+    use_hooks = hooks is not None and missing is None
+    engine = "vectorized" if use_hooks else "loop"
     if hooks is not None and not use_hooks:
+        logger.info("compute_fisher: exact per-sample loop: '%s' has no per-sample rule for its layer type", missing)
         hooks.remove()
     if sharded and not use_hooks:
         missing = next((n for n in cand if hooks is None or n not in hooks.covered), "")
         raise ValueError(
             "compute_fisher on an FSDP2-sharded model needs the per-sample hooks (method='auto' or 'vectorized') "
-            f"and nn.Linear candidates only; '{missing}' is not one, or method='loop' was asked. The exact loop "
-            "would run a different number of all-gathers on each rank. Compute the Fisher before fully_shard, "
-            "or restrict params= to nn.Linear weights (LoRA's A and B are)."
+            f"and candidates with a per-sample rule only; '{missing or ''}' has none, or method='loop' was asked. "
+            "The exact loop would run a different number of all-gathers on each rank. Compute the Fisher before "
+            "fully_shard, or restrict params= to nn.Linear weights (LoRA's A and B are)."
         )
     cand_list = list(cand.values())
     seen, scored = 0, 0
     probed = False
     bar = tqdm(total=quota, desc=f"Fisher ({kind})", disable=not progress, leave=False)
+    pinned = gathered(cand_list)  # ZeRO-3: the candidates stay gathered (full) for the whole pass; else a no-op
     try:
+        pinned.__enter__()
         model.eval()
         for n, p in named.items():
             p.requires_grad_(n in cand)
@@ -149,7 +159,7 @@ def compute_fisher(
                     if method == "vectorized":
                         raise RuntimeError(f"method='vectorized' is not exact for this model: {why}; use 'auto'")
                     logger.warning("compute_fisher: using the exact per-sample loop: %s", why)
-                    use_hooks = False
+                    use_hooks, engine = False, "loop"
                     hooks.remove()
             if use_hooks:
                 grads = hooked_pass(model, hooks, dict(chunk), take, cand_list, kind, loglik_fn, gen)
@@ -161,10 +171,13 @@ def compute_fisher(
                                        "available under FSDP; compute the Fisher before fully_shard")
                 if not done and method == "vectorized":
                     raise RuntimeError("per-sample hook gradients disagree with autograd; use method='loop'")
-                if not done:  # a weight used outside its module (e.g. DoRA), or not batch-first inputs
+                if not done:  # a weight used outside its module, an unsupported set-up, or not batch-first inputs
+                    why = (f"'{sorted(hooks.unbatched)[0]}' saw inputs that are not batch-first" if hooks.unbatched
+                           else "hooked per-sample gradients do not sum to autograd's gradient (a weight used "
+                                "outside its module, or a layer set-up its rule does not cover)")
                     logger.info("compute_fisher: per-sample hooks are not exact here (%s); exact loop for the rest",
-                                "inputs not batch-first" if hooks.unbatched else "gradient used outside its module")
-                    use_hooks = False
+                                why)
+                    use_hooks, engine = False, ("vectorized+loop" if seen else "loop")
                     hooks.remove()
             if not done:
                 for i in range(take):
@@ -180,6 +193,7 @@ def compute_fisher(
             seen += take
             bar.update(take)
     finally:
+        pinned.__exit__(None, None, None)
         bar.close()
         if hooks is not None:
             hooks.remove()
@@ -187,6 +201,7 @@ def compute_fisher(
             p.requires_grad_(saved_flags[n])
         model.train(was_training)
 
+    logger.info("compute_fisher: engine=%s (%d samples on this rank)", engine, seen)
     count = torch.tensor([float(seen), float(scored)], device=device)
     if world > 1:
         count = sum_over_ranks(sums, count)

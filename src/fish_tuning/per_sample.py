@@ -1,9 +1,10 @@
-"""Per-sample gradient engines for :func:`~fish_tuning.compute_fisher` (opacus-style hooks on ``nn.Linear``).
+"""Per-sample gradient engine for :func:`~fish_tuning.compute_fisher` (opacus-style hooks, one rule per layer type).
 
-One batched forward/backward gives every sample's own gradient of a hooked Linear weight/bias: activations ``a``
-and output gradients ``g`` per sample form ``Σ_t g_tᵀ a_t``. Each batch is checked against autograd's summed
-gradient, and once per pass a 2-sample probe checks that the hooked rows are the batch's samples; the driver
-falls back to the exact per-sample loop where either check fails.
+One batched forward/backward gives every sample's own gradient of each candidate whose layer type has a rule in
+:mod:`fish_tuning.grad_sample` (nn.Linear: activations ``a`` and output gradients ``g`` per sample form
+``Σ_t g_tᵀ a_t``; nn.Embedding, (IA)³, DoRA's magnitude, LoRA's embedding factors). Each batch is checked against
+autograd's summed gradient, and once per pass a 2-sample probe checks that the hooked rows are the batch's
+samples; the driver falls back to the exact per-sample loop where either check fails.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .grad_sample import Compute, PerSample, resolve, rule_for
 from .loglik import sample_labels
 
 Kind = Literal["empirical", "expected"]
@@ -47,40 +49,40 @@ def slice_batch(batch: Mapping[str, object], start: int, stop: int, size: int, d
 CHUNK_ELEMS = 1 << 24
 
 
-class LinearPerSampleHooks:
-    """Per-sample gradients of nn.Linear weight/bias candidates from one batched backward pass.
+class PerSampleHooks:
+    """Per-sample gradients of candidates from one batched backward pass, by the rule registered for each
+    candidate's layer type (:mod:`fish_tuning.grad_sample`: nn.Linear, nn.Embedding, (IA)³, DoRA, LoRA embedding).
 
-    A module used once per forward (the usual case) is reduced at once to the sum and the sum of squares over the
+    A candidate used once per forward (the usual case) is reduced at once to the sum and the sum of squares over the
     batch, in row chunks of at most ``chunk_elems`` per-sample entries, so a large candidate (e.g. a full weight)
-    never materialises ``[B, out, in]``. A module used several times keeps per-sample gradients, because its uses
-    must be summed per sample before squaring.
+    never materialises ``[B, out, in]``. A candidate used several times keeps per-sample gradients, because its
+    uses must be summed per sample before squaring. A use whose inputs do not lead with the batch's samples marks
+    the candidate ``unbatched`` only if a gradient reaches it (DoRA runs lora_A/B on an identity matrix, detached).
     """
 
     def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], chunk_elems: int | None = None):
         by_id = {id(p): n for n, p in params.items()}
         self.chunk_elems = CHUNK_ELEMS if chunk_elems is None else chunk_elems
-        self.grad_sample: dict[str, Tensor] = {}  # name -> [B, ...] (modules used several times)
+        self.grad_sample: dict[str, Tensor] = {}  # name -> [B, ...] (candidates used several times)
         self.reduced: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (Σ_i g_i, Σ_i g_i²)
-        self.calls: dict[str, int] = {}  # uses of each candidate in the current forward
-        self.covered: set[str] = set()
+        self.calls: dict[str, int] = {}  # batched uses of each candidate in the current forward
+        self.covered: dict[str, str] = {}  # candidate -> the layer type whose rule computes it
         self.rows = 0  # samples in the current batch: a hooked input must have them as its leading dimension
-        self.unbatched: set[str] = set()  # candidates whose module saw another leading dimension
+        self.unbatched: set[str] = set()  # candidates whose gradient came through another leading dimension
         # The tensor each candidate's module actually used in the last forward: the parameter itself, or under
         # FSDP2 the full (unsharded) tensor that stands in for the sharded DTensor parameter during forward.
         self.live: dict[str, Tensor] = {}
         self._name_of = by_id
+        self._numel = {n: p.numel() for n, p in params.items()}
         self._handles = []
         for module in model.modules():
-            if not isinstance(module, nn.Linear):
+            rule = rule_for(module)
+            if rule is None:
                 continue
-            names = {
-                attr: by_id[id(getattr(module, attr))]
-                for attr in ("weight", "bias")
-                if getattr(module, attr, None) is not None and id(getattr(module, attr)) in by_id
-            }
-            if names:
-                self.covered.update(names.values())
-                self._handles.append(module.register_forward_hook(self._forward_hook(names)))
+            names = {label: by_id[id(p)] for label, p in rule.params(module).items() if id(p) in by_id}
+            if names or rule.always:
+                self.covered.update(dict.fromkeys(names.values(), type(module).__name__))
+                self._handles.extend(rule.attach(module, names, self.tap))
 
     def clear(self) -> None:
         self.grad_sample.clear()
@@ -88,45 +90,36 @@ class LinearPerSampleHooks:
         self.calls.clear()
         self.live.clear()
 
-    def _forward_hook(self, names: dict[str, str]):
-        def hook(module, inputs, output):
-            for attr, name in names.items():
-                self.live[name] = getattr(module, attr)
-            if not (torch.is_grad_enabled() and output.requires_grad):
-                return
+    def tap(self, module: nn.Module, names: Mapping[str, str], rows: int, out: Tensor, compute: Compute) -> None:
+        """A rule's forward hook: record ``names``' per-sample gradients when ``out``'s gradient arrives."""
+        for label, name in names.items():
+            self.live[name] = resolve(module, label)
+        if not (torch.is_grad_enabled() and isinstance(out, Tensor) and out.requires_grad):
+            return
+        batched = rows == self.rows
+        if batched:
             for name in names.values():
                 self.calls[name] = self.calls.get(name, 0) + 1
-            act = inputs[0].detach()
-            if act.dim() < 2 or act.shape[0] != self.rows:  # e.g. tokens flattened to [B*T, H] (MoE, packing)
+
+        def on_grad(grad: Tensor) -> None:
+            if not batched:  # e.g. tokens flattened to [B*T, H] (MoE, packing)
                 self.unbatched.update(names.values())
                 return
+            for label, per_sample in compute(grad).items():
+                self._record(names[label], per_sample, grad.shape[0])
 
-            def on_grad(grad: Tensor) -> None:
-                a = act.reshape(act.shape[0], -1, act.shape[-1]).float()
-                g = grad.reshape(grad.shape[0], -1, grad.shape[-1]).float()
-                if "weight" in names:
-                    self._record(names["weight"], g, a)
-                if "bias" in names:
-                    self._record(names["bias"], g, None)
+        out.register_hook(on_grad)
 
-            output.register_hook(on_grad)
-
-        return hook
-
-    def _record(self, name: str, g: Tensor, a: Tensor | None) -> None:
-        def per_sample(lo: int, hi: int) -> Tensor:
-            return g[lo:hi].sum(1) if a is None else torch.einsum("bto,bti->boi", g[lo:hi], a[lo:hi])
-
-        rows = g.shape[0]
+    def _record(self, name: str, per_sample: PerSample, rows: int) -> None:
         if self.calls.get(name, 1) > 1:  # summed over uses per sample before squaring
             ps = per_sample(0, rows)
             prev = self.grad_sample.get(name)
             self.grad_sample[name] = ps if prev is None else prev + ps
             return
-        step = max(1, self.chunk_elems // (g.shape[-1] * (1 if a is None else a.shape[-1])))
+        step = max(1, self.chunk_elems // max(1, self._numel[name]))
         total = square = None
         for lo in range(0, rows, step):
-            ps = per_sample(lo, lo + step)
+            ps = per_sample(lo, min(rows, lo + step))
             if total is None:
                 total, square = ps.sum(0), ps.square().sum(0)
             else:
@@ -141,6 +134,9 @@ class LinearPerSampleHooks:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+LinearPerSampleHooks = PerSampleHooks  # the name before rules covered other layer types
 
 
 def loss_for(model: nn.Module, batch: dict, kind: Kind, loglik_fn: LogLikFn, gen) -> Tensor:
@@ -164,7 +160,7 @@ def check_finite(name: str, value: Tensor) -> None:
         )
 
 
-def hooked_pass(model, hooks: LinearPerSampleHooks, batch: dict, rows: int, cand_list, kind, loglik_fn, gen):
+def hooked_pass(model, hooks: PerSampleHooks, batch: dict, rows: int, cand_list, kind, loglik_fn, gen):
     hooks.clear()
     hooks.unbatched.clear()
     hooks.rows = rows
@@ -172,7 +168,7 @@ def hooked_pass(model, hooks: LinearPerSampleHooks, batch: dict, rows: int, cand
     return torch.autograd.grad(loss, hooks.inputs(cand_list), allow_unused=True)
 
 
-def probe_sample_grouping(model, cand: dict, hooks: LinearPerSampleHooks, pair: dict, loglik_fn) -> str | None:
+def probe_sample_grouping(model, cand: dict, hooks: PerSampleHooks, pair: dict, loglik_fn) -> str | None:
     """Check once that the hooks group activations into the batch's samples: squared per-sample gradients of a
     2-sample batch must equal those of two 1-sample passes. The summed-gradient check per batch cannot see a
     module whose rows are not samples (tokens flattened to ``[B*T, H]``, MoE experts, packed sequences).
@@ -200,7 +196,7 @@ def probe_sample_grouping(model, cand: dict, hooks: LinearPerSampleHooks, pair: 
     return None
 
 
-def accumulate_hooked(cand, hooks: LinearPerSampleHooks, grads, sums, rows: int) -> bool:
+def accumulate_hooked(cand, hooks: PerSampleHooks, grads, sums, rows: int) -> bool:
     """Add the hooks' squared per-sample gradients; False if any disagrees with autograd's summed gradient.
 
     All finiteness and agreement checks are reduced on the device and read back with a single sync per batch.
