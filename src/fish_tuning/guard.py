@@ -22,6 +22,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .mask import FishMask
 from .sharded import check_same_mask, is_dtensor, local, local_indices
+from .zero3 import MasterPartitions, is_zero3, prepend_grad_hook, zero3_optimizer
 
 _ACTIVE: WeakIdKeyDictionary = WeakIdKeyDictionary()  # guarded parameter -> its attached MaskGuard
 _GLOBAL_HOOK = None
@@ -114,6 +115,9 @@ class MaskGuard:
     FSDP2 (DTensor parameters sharded on dim 0): each rank guards its own shard with the kept indices that fall in
     it (FSDP2 runs the gradient hook on the reduce-scattered shard), and construction is then a collective that
     refuses a mask differing between ranks, so build the guard (or its optimizer) on every rank.
+    DeepSpeed ZeRO-3 (attach to the engine's optimizer, e.g. ``engine.optimizer``): the gradient hook zeroes
+    masked entries of the full gradient in backward, before ZeRO's reduce-scatter, and the step hooks sit on the
+    torch optimizer ZeRO wraps and act on this rank's fp32 master slices (see :mod:`fish_tuning.zero3`).
     Nothing is registered until :meth:`attach` (or ``with MaskGuard(...) as g:``), and :meth:`close` removes it all.
 
     Args:
@@ -153,9 +157,12 @@ class MaskGuard:
             else:
                 continue
             self.names[p] = name
-        sharded = [p for p in self.kept if is_dtensor(p)]
+        sharded = [p for p in self.kept if is_dtensor(p) or is_zero3(p)]
         if sharded:  # each rank sees only its shard: check here that all ranks apply the same mask
-            check_same_mask(mask.fingerprint(), local(sharded[0]).device)
+            check_same_mask(mask.fingerprint(), sharded[0].device)
+        self._zero3 = [p for p in self.kept if is_zero3(p)]
+        self._parts: MasterPartitions | None = None  # ZeRO-3: where the fp32 masters live (set by attach)
+        self._local: dict[Tensor, Tensor] = {}  # ZeRO-3: kept positions within this rank's master slice
         self._dense: dict[Tensor, Tensor] = {}  # lazily built bool masks (True = must not change)
         self._backup: dict[Tensor, Tensor] = {}
         self._handles: list = []
@@ -173,19 +180,31 @@ class MaskGuard:
         if self.attached:
             raise RuntimeError(f"{self!r} is already attached; close() it first")
         optimizer = optimizer if optimizer is not None else self._optimizer
+        stepped = [optimizer] if optimizer is not None else []
+        if self._zero3:
+            zero = zero3_optimizer(optimizer)
+            if zero is None:
+                raise ValueError("these parameters are partitioned by DeepSpeed ZeRO-3: attach the guard to the ZeRO "
+                                 "optimizer (engine.optimizer, or the Trainer's optimizer), which owns the fp32 master "
+                                 "weights that must be kept")
+            self._parts = MasterPartitions(zero, self._zero3)
+            self._local = {p: self._parts.local_indices(p, self.kept[p].long()) for p in self._zero3}
+            optimizer, stepped = zero, self._parts.torch_optimizers()
         self._check_free()
         _ensure_global_hook()
         for p, idx in self.kept.items():
-            self._handles.append(p.register_post_accumulate_grad_hook(_keep_only(idx)))
+            # ZeRO-3: before ZeRO's reduce-scatter hook, so the reduced partitions and the clipping norm see Eq. 6
+            register = prepend_grad_hook if p in self._local else type(p).register_post_accumulate_grad_hook
+            self._handles.append(register(p, _keep_only(idx)))
             _ACTIVE[p] = self
         _GENERATION[0] += 1
         self.attached = True
         if optimizer is not None:
             self._owner = weakref.ref(optimizer)
             self._finalizer = weakref.finalize(optimizer, MaskGuard._close_handles, self._handles, list(self.kept))
-            if step_hooks:
-                self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.before_step()))
-                self._handles.append(optimizer.register_step_post_hook(lambda *_: self.after_step()))
+            for opt in stepped if step_hooks else ():
+                self._handles.append(opt.register_step_pre_hook(lambda *_: self.before_step()))
+                self._handles.append(opt.register_step_post_hook(lambda *_: self.after_step()))
         return self
 
     def close(self) -> None:
@@ -238,12 +257,16 @@ class MaskGuard:
         return owner in _chain(optimizer) or optimizer in _chain(owner)
 
     # ------------------------------------------------------------------ the step
+    def _target(self, p: Tensor) -> Tensor:
+        """What the optimizer writes for ``p`` on this rank: the tensor, its FSDP2 shard, or its ZeRO-3 fp32 master."""
+        return self._parts.master(p) if p in self._local else local(p)
+
     def _frozen(self, p: Tensor) -> Tensor:
         dense = self._dense.get(p)
         if dense is None:
-            shard = local(p)
+            shard = self._target(p)
             dense = torch.ones(shard.numel(), dtype=torch.bool, device=shard.device)
-            dense[self.kept[p].long()] = False
+            dense[self._local.get(p, self.kept[p]).long()] = False
             dense = self._dense[p] = dense.view(shard.shape)
         return dense
 
@@ -251,13 +274,18 @@ class MaskGuard:
     def before_step(self) -> None:
         """Zero masked gradients (also ones set by hand, not through backward) and back up guarded tensors."""
         for p, idx in self.kept.items():
-            if p.grad is not None:
+            if p in self._local:  # ZeRO-3: the reduced fp32 gradient slice (already masked in backward)
+                grad = self._parts.grad(p)
+                if grad is not None:
+                    grad.masked_fill_(self._frozen(p), 0)
+            elif p.grad is not None:
                 _keep_only(idx)(p)
             if self.restore:
+                target = self._target(p)
                 buf = self._backup.get(p)
                 if buf is None:
-                    buf = self._backup[p] = torch.empty_like(local(p))
-                buf.copy_(local(p))
+                    buf = self._backup[p] = torch.empty_like(target)
+                buf.copy_(target)
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -265,7 +293,7 @@ class MaskGuard:
         if not self.restore:
             return
         for p in self.kept:
-            shard = local(p)
+            shard = self._target(p)
             torch.where(self._frozen(p), self._backup[p], shard, out=shard)
 
     def state_bytes(self) -> int:

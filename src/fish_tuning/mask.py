@@ -19,6 +19,7 @@ from . import allocation
 from .checks import is_int, unit_interval
 from .files import atomic_write
 from .names import adapter_of, agnostic_names, insert_adapter
+from .zero3 import full_numel, full_shape
 
 Strategy = Literal["fish", "rand", "rev", "fish_balanced", "fish_rank1"]
 STRATEGIES = ("fish", "rand", "rev", "fish_balanced", "fish_rank1")
@@ -104,7 +105,7 @@ class FishMask:
         if model is None:
             return self.num_selected + int(self.meta.get("always_train_numel", 0))
         skip = set(self.shapes) | set(self.frozen)
-        extra = sum(p.numel() for n, p in model.named_parameters()
+        extra = sum(full_numel(p) for n, p in model.named_parameters()
                     if p.requires_grad and n not in skip and self.is_always_train(n))
         return self.num_selected + extra
 
@@ -195,8 +196,8 @@ class FishMask:
             if name not in named:
                 raise ValueError(f"mask does not fit this model: candidate '{name}' is not a parameter of the model "
                                  "(was the mask made for another model or PEFT config?)")
-            if tuple(named[name].shape) != tuple(shape):
-                raise ValueError(f"mask does not fit this model: '{name}' has shape {tuple(named[name].shape)} "
+            if tuple(full_shape(named[name])) != tuple(shape):
+                raise ValueError(f"mask does not fit this model: '{name}' has shape {tuple(full_shape(named[name]))} "
                                  f"in the model but {tuple(shape)} in the mask")
 
     # ------------------------------------------------------------------ in-memory form

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .zero3 import is_zero3
+
 try:  # torch >= 2.4
     from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # pragma: no cover - torch without DTensor: nothing can be sharded
@@ -35,8 +37,10 @@ def is_dtensor(t: object) -> bool:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """True when any parameter of ``model`` is a DTensor (FSDP2 ``fully_shard`` or tensor parallel)."""
-    return any(is_dtensor(p) for p in model.parameters())
+    """True when any parameter of ``model`` is split across ranks: a DTensor (FSDP2 ``fully_shard``, tensor
+    parallel) or a DeepSpeed ZeRO-3 partition. Every forward then all-gathers, so all ranks must run the same
+    passes."""
+    return any(is_dtensor(p) or is_zero3(p) for p in model.parameters())
 
 
 def local(t: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ from ..fisher import compute_fisher
 from ..guard import MaskGuard
 from ..mask import DEFAULT_ALPHA, FishMask, select_mask
 from ..methods import peft_candidates
+from ..zero3 import full_numel, zero3_optimizer
 from .adapter import FISH_MASK_NAME, adapter_digest, check_adapter_digest
 from .distributed import calibration_loader
 
@@ -104,11 +105,12 @@ class FishCallback(TrainerCallback):
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
                        optimizer=None, train_dataloader=None, **kwargs):
-        _check_supported(args, model)
+        zero = _check_supported(args, model, optimizer)
         self.remove()
         if args.should_save and (self.save_final_mask or args.save_strategy != "no"):
             _check_writable(args.output_dir)
-        inner = innermost_optimizer(optimizer)
+        # ZeRO-3: the torch optimizer that ZeRO wraps holds the param groups (and steps the fp32 masters)
+        inner = zero.optimizer if zero is not None else innermost_optimizer(optimizer)
         if self.given_mask is not None:
             self.mask, self.source = self.given_mask, "given"
         elif state.global_step > 0:
@@ -122,8 +124,11 @@ class FishCallback(TrainerCallback):
         # The mask travels in the optimizer's first param group (as schedulers keep "initial_lr" there), so every
         # checkpoint's optimizer.pt carries it and resuming from any folder restores exactly this mask.
         inner.param_groups[0][MASK_GROUP_KEY] = self.mask.to_state()
-        params = [p for group in inner.param_groups for p in group["params"]]
-        self.guard = MaskGuard(self.mask, model, params).attach(inner)
+        if zero is not None:  # ZeRO swaps flat fp32 masters into its groups; the module parameters are these
+            params = [p for group in zero.fp16_groups for p in group]
+        else:
+            params = [p for group in inner.param_groups for p in group["params"]]
+        self.guard = MaskGuard(self.mask, model, params).attach(zero if zero is not None else inner)
         self._log(state, model)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -208,7 +213,7 @@ class FishCallback(TrainerCallback):
         skip = set(mask.shapes) | set(mask.frozen)
         names = [n for n, p in model.named_parameters() if p.requires_grad and n not in skip
                  and (self.always_train is None or any(re.search(pat, n) for pat in patterns))]
-        numel = sum(p.numel() for n, p in model.named_parameters() if n in set(names))
+        numel = sum(full_numel(p) for n, p in model.named_parameters() if n in set(names))
         meta = {**mask.meta, "always_train_numel": numel, "fisher": fisher,
                 "fish_config": self.config.to_dict()}
         return dataclasses.replace(mask, always_train=names, meta=meta)
@@ -271,13 +276,20 @@ def innermost_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimiz
     return optimizer
 
 
-def _check_supported(args: TrainingArguments, model: nn.Module | None) -> None:
+def _check_supported(args: TrainingArguments, model: nn.Module | None, optimizer=None):
+    """Refuse set-ups the mask cannot be kept under; returns the ZeRO-3 optimizer under DeepSpeed, else None."""
     backend = _accelerate_backend()
     if getattr(args, "deepspeed", None) or backend == "DEEPSPEED":
-        raise NotImplementedError(
-            "FishCallback does not support DeepSpeed: ZeRO keeps fp32 master weights and gradients in flat "
-            "partitions that torch hooks on the module parameters never see. Use DDP (torchrun / accelerate launch)."
-        )
+        zero = zero3_optimizer(optimizer)
+        if zero is None:
+            raise NotImplementedError(
+                "FishCallback supports DeepSpeed with ZeRO stage 3 only (\"zero_optimization\": {\"stage\": 3}): "
+                "stages 0-2 keep fp32 master weights in flat per-group partitions that FISH does not map, so weight "
+                "decay there would move masked entries. Use stage 3 (configs/ds_zero3_offload.json) or DDP."
+            )
+        if model is None:
+            raise ValueError("FishCallback got no model from the Trainer")
+        return zero
     if getattr(args, "fsdp", None) or backend == "FSDP":
         raise NotImplementedError(
             "FishCallback does not support FSDP: parameters are sharded (DTensor / flat) so the dense per-tensor "

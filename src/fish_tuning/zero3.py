@@ -1,0 +1,147 @@
+"""DeepSpeed ZeRO-3 support: partitioned parameters and the ZeRO optimizer's fp32 master partitions.
+
+Under ZeRO-3 a module parameter is an empty placeholder outside forward/backward (``ds_shape`` is its real shape,
+``ds_tensor`` this rank's flat partition), and the optimizer steps fp32 *master* copies kept in one flat tensor
+per sub-group (``fp32_partitioned_groups_flat``), offloaded to the CPU with ``offload_optimizer``. So:
+
+- Fisher: :func:`gathered` all-gathers the candidate (adapter-sized) parameters for the whole pass and keeps
+  ZeRO's coordinator from releasing them between passes; the base model is still gathered module by module. The
+  per-sample hooks then see full weights, full activations and per-sample output gradients, as without ZeRO.
+- Gradients: in backward the parameter is gathered, so its ``.grad`` is full-size; the guard's hook zeroes the
+  masked entries there, *before* ZeRO's own reduce-scatter hook (it is moved to the front), so the reduced
+  partitions, the gradient norm used for clipping and accumulation all see Eq. 6.
+- Steps: :class:`MasterPartitions` finds each parameter's slice of the fp32 master flat on this rank (rank r holds
+  global flat entries ``[r * P, (r + 1) * P)``, P = partition size, the last one padded); the guard's torch step
+  hooks on the optimizer ZeRO wraps (e.g. ``DeepSpeedCPUAdam``) back these slices up and write masked entries
+  back, which undoes weight decay; ZeRO then copies the master into the parameter partitions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+_PINNED = -0x7F15  # a module id no module has: while present, ZeRO-3's coordinator never releases the parameter
+
+
+def is_zero3(t: object) -> bool:
+    """True for a parameter partitioned by DeepSpeed ZeRO-3 (``deepspeed.zero.Init`` / ``deepspeed.initialize``)."""
+    return hasattr(t, "ds_id") and hasattr(t, "ds_tensor") and hasattr(t, "ds_shape")
+
+
+def full_shape(p: Tensor) -> torch.Size:
+    """The real shape of a parameter, also when ZeRO-3 has replaced its data by an empty placeholder."""
+    return p.ds_shape if is_zero3(p) else p.shape
+
+
+def full_numel(p: Tensor) -> int:
+    return int(p.ds_numel) if is_zero3(p) else p.numel()
+
+
+@contextmanager
+def gathered(params: Iterable[Tensor]):
+    """Hold the ZeRO-3 parameters among ``params`` gathered (full on every rank) for the block; a collective.
+
+    ``deepspeed.zero.GatheredParameters`` gathers them, but ZeRO's coordinator would release them again after the
+    first module that uses them; a pin in ``ds_active_sub_modules`` (how ZeRO marks a parameter in use) keeps them.
+    No-op when none is partitioned."""
+    parts = [p for p in params if is_zero3(p)]
+    if not parts:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(parts):
+        for p in parts:
+            p.ds_active_sub_modules.add(_PINNED)
+        try:
+            yield
+        finally:
+            # clear, not just unpin: a module fed a no-grad input (LoRA A in the first layer) never runs ZeRO's
+            # post-backward release; engine.backward would clean that up, a bare autograd.grad does not
+            for p in parts:
+                p.ds_active_sub_modules.clear()
+
+
+def zero3_optimizer(optimizer) -> object | None:
+    """The ``DeepSpeedZeroOptimizer_Stage3`` below accelerate's / the engine's wrappers, else None."""
+    seen: set[int] = set()
+    while optimizer is not None and id(optimizer) not in seen:
+        if hasattr(optimizer, "fp32_partitioned_groups_flat") and hasattr(optimizer, "grad_position"):
+            return optimizer
+        seen.add(id(optimizer))
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
+
+
+def prepend_grad_hook(p: Tensor, hook):
+    """``p.register_post_accumulate_grad_hook(hook)``, moved before hooks registered earlier (ZeRO's reduce)."""
+    handle = p.register_post_accumulate_grad_hook(hook)
+    hooks = getattr(p, "_post_accumulate_grad_hooks", None)
+    if not hasattr(hooks, "move_to_end"):  # pragma: no cover - a torch that stores these hooks differently
+        handle.remove()
+        raise RuntimeError("FISH under ZeRO-3 needs its gradient hook to run before DeepSpeed's reduce hook, and "
+                           "this torch version keeps post-accumulate-grad hooks where it cannot be ordered")
+    hooks.move_to_end(handle.id, last=False)
+    return handle
+
+
+class MasterPartitions:
+    """This rank's slices of a ZeRO-3 optimizer's fp32 master weights and gradients, per module parameter.
+
+    Refuses what it cannot see: NVMe-swapped optimizer state (the master is not in memory between steps) and
+    ZenFlow (its CPU step bypasses the wrapped optimizer's ``step``).
+    """
+
+    def __init__(self, zero_opt, params: Iterable[Tensor]):
+        missing = [a for a in ("fp32_partitioned_groups_flat", "grad_position", "get_param_id", "optimizer")
+                   if not hasattr(zero_opt, a)]
+        if missing:
+            raise RuntimeError(f"FISH does not recognise this DeepSpeed ZeRO-3 optimizer ({type(zero_opt).__name__} "
+                               f"has no {missing[0]!r}); it was written against deepspeed 0.19")
+        if getattr(zero_opt, "swap_optimizer", False):
+            raise NotImplementedError("FISH under ZeRO-3 cannot mask optimizer state swapped to NVMe "
+                                      "(offload_optimizer.device='nvme'): the fp32 master is not in memory between "
+                                      "steps. Use offload_optimizer.device='cpu' (the paper's set-up) or 'none'.")
+        if getattr(zero_opt, "zenflow", False):
+            raise NotImplementedError("FISH under ZeRO-3 does not support ZenFlow: its CPU step bypasses the wrapped "
+                                      "optimizer, so masked entries could move. Turn zenflow off.")
+        self.zero_opt = zero_opt
+        self.where: dict[Tensor, tuple[int, int, int, int]] = {}  # p -> (sub-group, offset, lo, hi)
+        for p in params:
+            group, offset, size = zero_opt.grad_position[zero_opt.get_param_id(p)]
+            rank = zero_opt._get_param_partition_rank(p)
+            lo = min(rank * size, p.ds_numel)
+            self.where[p] = (group, offset, lo, min(lo + size, p.ds_numel))
+
+    def local_indices(self, p: Tensor, indices: Tensor) -> Tensor:
+        """The sorted global flat ``indices`` of ``p`` that this rank's partition holds, as positions in it."""
+        _, _, lo, hi = self.where[p]
+        idx = indices.to(torch.int64)
+        a, b = (int(torch.searchsorted(idx, torch.tensor(v, dtype=torch.int64))) for v in (lo, hi))
+        return (idx[a:b] - lo).to(indices.dtype)
+
+    def master(self, p: Tensor) -> Tensor:
+        """This rank's fp32 master entries of ``p`` (a view: in-place writes reach the optimizer's copy)."""
+        group, offset, lo, hi = self.where[p]
+        return self.zero_opt.fp32_partitioned_groups_flat[group].narrow(0, offset, hi - lo)
+
+    def grad(self, p: Tensor) -> Tensor | None:
+        group, offset, lo, hi = self.where[p]
+        grad = self.zero_opt.fp32_partitioned_groups_flat[group].grad
+        return None if grad is None else grad.narrow(0, offset, hi - lo)
+
+    def torch_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The torch optimizers ZeRO steps the master flats with (a second one with partial offload)."""
+        out = [self.zero_opt.optimizer]
+        backup = getattr(self.zero_opt, "backup_optimizer", None)
+        if isinstance(backup, torch.optim.Optimizer):
+            out.append(backup)
+        return out
+
+
+def model_is_zero3(model: nn.Module) -> bool:
+    return any(is_zero3(p) for p in model.parameters())
