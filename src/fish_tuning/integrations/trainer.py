@@ -19,6 +19,7 @@ from ..fisher import compute_fisher
 from ..guard import MaskGuard
 from ..mask import DEFAULT_ALPHA, FishMask, select_mask
 from ..methods import peft_candidates
+from ..sharded import is_sharded
 from ..zero3 import full_numel, zero3_optimizer
 from .adapter import FISH_MASK_NAME, adapter_digest, check_adapter_digest
 from .distributed import calibration_loader
@@ -104,7 +105,7 @@ class FishCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
-                       optimizer=None, train_dataloader=None, **kwargs):
+                       optimizer=None, train_dataloader=None, lr_scheduler=None, **kwargs):
         zero = _check_supported(args, model, optimizer)
         self.remove()
         if args.should_save and (self.save_final_mask or args.save_strategy != "no"):
@@ -114,7 +115,7 @@ class FishCallback(TrainerCallback):
         if self.given_mask is not None:
             self.mask, self.source = self.given_mask, "given"
         elif state.global_step > 0:
-            self.mask, self.source = self._load_resumed(args, state, model, inner), "checkpoint"
+            self.mask, self.source = self._load_resumed(args, state, model, inner, lr_scheduler), "checkpoint"
             wanted = self.budget if self.budget is not None else round(self.keep * self.mask.num_candidates)
             if wanted != self.mask.num_selected:
                 warnings.warn(f"FishCallback: resuming with the checkpoint's mask ({self.mask.num_selected} entries), "
@@ -122,8 +123,12 @@ class FishCallback(TrainerCallback):
         else:
             self.mask, self.source = self._select(args, state, model, train_dataloader), "fisher"
         # The mask travels in the optimizer's first param group (as schedulers keep "initial_lr" there), so every
-        # checkpoint's optimizer.pt carries it and resuming from any folder restores exactly this mask.
+        # checkpoint's optimizer.pt carries it and resuming from any folder restores exactly this mask. FSDP2
+        # checkpoints (torch.distributed.checkpoint) load only the keys a fresh optimizer has, so it also rides in
+        # the LR scheduler's state (state_dict() is its __dict__), which the Trainer saves and loads as a file.
         inner.param_groups[0][MASK_GROUP_KEY] = self.mask.to_state()
+        if hasattr(lr_scheduler, "state_dict") and hasattr(lr_scheduler, "__dict__"):
+            setattr(lr_scheduler, MASK_GROUP_KEY, inner.param_groups[0][MASK_GROUP_KEY])
         if zero is not None:  # ZeRO swaps flat fp32 masters into its groups; the module parameters are these
             params = [p for group in zero.fp16_groups for p in group]
         else:
@@ -218,10 +223,13 @@ class FishCallback(TrainerCallback):
                 "fish_config": self.config.to_dict()}
         return dataclasses.replace(mask, always_train=names, meta=meta)
 
-    def _load_resumed(self, args, state, model: nn.Module, optimizer: torch.optim.Optimizer) -> FishMask:
-        """The interrupted run's mask: restored with the optimizer state the Trainer just loaded from the
-        checkpoint; checkpoints without it (older versions) fall back to ``output_dir/checkpoint-N``'s file."""
+    def _load_resumed(self, args, state, model: nn.Module, optimizer: torch.optim.Optimizer,
+                      lr_scheduler=None) -> FishMask:
+        """The interrupted run's mask: restored with the optimizer (or LR scheduler) state the Trainer just loaded
+        from the checkpoint; checkpoints without it (older versions) fall back to ``output_dir/checkpoint-N``'s file."""
         saved = optimizer.param_groups[0].get(MASK_GROUP_KEY)
+        if saved is None:
+            saved = getattr(lr_scheduler, MASK_GROUP_KEY, None)
         if saved is not None:
             mask = FishMask.from_state(saved)
             mask.check(model)
@@ -290,11 +298,16 @@ def _check_supported(args: TrainingArguments, model: nn.Module | None, optimizer
         if model is None:
             raise ValueError("FishCallback got no model from the Trainer")
         return zero
-    if getattr(args, "fsdp", None) or backend == "FSDP":
+    if backend == "FSDP" and not (model is not None and is_sharded(model)):
         raise NotImplementedError(
-            "FishCallback does not support FSDP: parameters are sharded (DTensor / flat) so the dense per-tensor "
-            "mask does not line up with what each rank holds. Use DDP (torchrun / accelerate launch)."
+            "FishCallback supports FSDP version 2 only (fsdp_config={'fsdp_version': 2}, or fsdp_version: 2 in the "
+            "accelerate config): FSDP1 flattens parameters into FlatParameters, which the per-tensor mask does not "
+            "line up with. FSDP2 (DTensor shards) and DDP work."
         )
+    if getattr(args, "fsdp", None) and backend != "FSDP" and model is not None and not is_sharded(model):
+        warnings.warn("FishCallback: TrainingArguments ask for FSDP but accelerate did not shard the model (accelerate "
+                      "turns FSDP on only on GPUs and similar devices; on a CPU it runs DDP); FISH trains it as DDP",
+                      stacklevel=3)
     if model is None:
         raise ValueError("FishCallback got no model from the Trainer")
 
