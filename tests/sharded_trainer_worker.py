@@ -15,6 +15,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+import yaml
 from accelerate import PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, TorchDynamoPlugin
@@ -26,7 +27,7 @@ import fish_tuning as ft  # noqa: E402
 from fish_tuning.integrations.trainer import innermost_optimizer  # noqa: E402
 from fish_tuning.sharded import local, local_indices  # noqa: E402
 from fish_tuning.zero3 import MasterPartitions, gathered, zero3_optimizer  # noqa: E402
-from sharded_trainer import FISHER_SAMPLES, KEEP, make_trainer, train_rows  # noqa: E402
+from sharded_trainer import FISHER_SAMPLES, KEEP, ROOT, make_trainer, train_rows  # noqa: E402
 from test_fsdp import llama_lora  # noqa: E402
 
 
@@ -91,9 +92,13 @@ def emulate_gpu_launch(engine: str) -> None:
     if engine == "fsdp2":
         acc = AcceleratorState(cpu=True, dynamo_plugin=TorchDynamoPlugin(), _from_accelerator=True)
         acc.distributed_type = DistributedType.FSDP
-        acc.fsdp_plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap",
-            transformer_cls_names_to_wrap=["LlamaDecoderLayer"], state_dict_type="SHARDED_STATE_DICT")
+        # the plugin `accelerate launch --config_file configs/accelerate_fsdp2.yaml` builds: from FSDP_* variables
+        cfg = yaml.safe_load((ROOT / "configs" / "accelerate_fsdp2.yaml").read_text())["fsdp_config"]
+        names = {"fsdp_transformer_layer_cls_to_wrap": "FSDP_TRANSFORMER_CLS_TO_WRAP"}
+        os.environ.update({names.get(k, k.upper()): str(v).lower() if isinstance(v, bool) else str(v)
+                           for k, v in cfg.items()})
+        acc.fsdp_plugin = FullyShardedDataParallelPlugin()
+        assert acc.fsdp_plugin.fsdp_version == 2
 
 
 def run(engine, out, name, resume=None, die=False):
