@@ -190,3 +190,25 @@ def test_vectorized_names_a_candidate_without_rule():
     with engine_log() as log:
         ft.compute_fisher(model, batches_for("bert"), num_samples=4, params=[norm], progress=False)
     assert any("has no per-sample rule" in m for m in log) and "engine=loop" in log[-1], log
+
+
+def test_dora_when_the_batch_size_equals_the_hidden_size():
+    """peft's DoRA also runs lora_A/B on an identity matrix (rows = in_features) whose output it detaches. With
+    batch size = in_features that call looks batched: the hooks must keep per-sample gradients and stay exact."""
+    model = build("dora", "bert")
+    batches = cls_batches(1, batch_size=model.config.hidden_size)
+    cand = ft.peft_candidates(model)
+    with engine_log() as log, warnings.catch_warnings():
+        warnings.simplefilter("ignore", ft.ZeroFisherWarning)
+        auto = ft.compute_fisher(model, batches, num_samples=32, params=cand, progress=False)
+        loop = ft.compute_fisher(model, batches, num_samples=32, params=cand, method="loop", progress=False)
+    assert log[0].startswith("compute_fisher: engine=vectorized "), log
+    assert_same(auto, loop)
+
+
+def test_prompt_rule_restores_an_existing_instance_attribute():
+    model = build("prompt", "bert")
+    mine = model.get_prompt
+    model.get_prompt = mine  # e.g. another library's patch on the instance
+    fisher(model, batches_for("bert"))
+    assert vars(model)["get_prompt"] is mine

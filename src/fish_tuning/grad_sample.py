@@ -146,6 +146,8 @@ def _register_peft() -> None:
         from peft.tuners.ia3.layer import Linear as IA3Linear
         from peft.tuners.lora.dora import DoraEmbeddingLayer, DoraLinearLayer
         from peft.tuners.lora.layer import Embedding as LoraEmbedding
+        from peft.utils.integrations import dequantize_module_weight
+        from peft.utils.other import transpose
     except ImportError:  # pragma: no cover - peft is a dependency; a future layout just loses the rules
         return
 
@@ -158,9 +160,10 @@ def _register_peft() -> None:
         def pre(module, args, kwargs):
             state.clear()
             adapter = _active_one(module, module.ia3_l)
-            if adapter is not None and f"ia3_l.{adapter}" in names:
+            x = args[0] if args else kwargs.get("x")
+            if adapter is not None and f"ia3_l.{adapter}" in names and isinstance(x, Tensor):
                 state["label"] = f"ia3_l.{adapter}"
-                state["x"] = (args[0] if args else kwargs["x"]).detach()
+                state["x"] = x.detach()
 
         def base_pre(base, args):  # feed-forward: the base layer's input is x ⊙ l
             if m.is_feedforward and "label" in state and args:
@@ -187,13 +190,14 @@ def _register_peft() -> None:
         """DoRA adds (m/‖W+sBA‖ - 1)·base + (m/‖W+sBA‖)·s·BAx to the base output, with the norm detached
         (peft follows the paper's §4.3), so ∂m = Σ_t g_t ⊙ (base_t + s·lora_t) / ‖W+sBA‖ (base without bias)."""
         def hook(module, args, kwargs, out):
-            x = (args[0] if args else kwargs["x"]).detach()
+            x = args[0] if args else kwargs.get("x")
+            if not isinstance(x, Tensor) or "lora_A" not in kwargs:  # not peft's call: the sum check will say so
+                return
+            x = x.detach()
             base_result = kwargs.get("base_result")
             base_result = None if base_result is None else base_result.detach()
 
             def compute(g: Tensor) -> dict[str, PerSample]:
-                from peft.tuners.lora.dora import dequantize_module_weight, transpose
-
                 a, b, s, base = kwargs["lora_A"], kwargs["lora_B"], kwargs["scaling"], kwargs["base_layer"]
                 with torch.no_grad():
                     weight = dequantize_module_weight(base).to(x.dtype)
@@ -230,7 +234,10 @@ def _register_peft() -> None:
             mine = {k: names[k] for k in (la, lb) if k in names}
             if not mine:
                 return
-            idx = (args[0] if args else kwargs["x"]).detach()
+            idx = args[0] if args else kwargs.get("x")
+            if not isinstance(idx, Tensor):
+                return
+            idx = idx.detach()
 
             def compute(g: Tensor) -> dict[str, PerSample]:
                 table_a, table_b = resolve(module, la), resolve(module, lb)  # [r, V], [D, r]
@@ -268,18 +275,25 @@ def _register_peft() -> None:
 
         if not getattr(m.active_peft_config, "is_prompt_learning", False):
             return []
+        handle = _Restore(m, "get_prompt")
         m.get_prompt = get_prompt
-        return [_Restore(m, "get_prompt")]
+        return [handle]
 
 
 class _Restore:
-    """A hook handle that drops an instance attribute again (the class method shows through)."""
+    """A hook handle that puts an instance attribute back as it was (absent: the class method shows through)."""
+
+    _ABSENT = object()
 
     def __init__(self, obj: object, attr: str):
         self.obj, self.attr = obj, attr
+        self.old = obj.__dict__.get(attr, self._ABSENT)
 
     def remove(self) -> None:
-        self.obj.__dict__.pop(self.attr, None)
+        if self.old is self._ABSENT:
+            self.obj.__dict__.pop(self.attr, None)
+        else:
+            self.obj.__dict__[self.attr] = self.old
 
 
 _register_peft()
