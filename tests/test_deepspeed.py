@@ -16,7 +16,7 @@ pytest.importorskip("deepspeed")
 @pytest.fixture(scope="module")
 def zero3_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero3")
-    code, log, _ = run_torchrun("zero3", out, "train", timeout=500)
+    code, log, _ = run_torchrun("zero3", out, "train", timeout=900)  # a cold JIT build of the ops: minutes
     if code is None:
         pytest.fail(f"torchrun timed out (all processes killed):\n{log[-5000:]}")
     assert code == 0, f"torchrun failed:\n{log[-8000:]}"
@@ -43,8 +43,8 @@ def test_zero3_resume_from_checkpoint_equals_uninterrupted(zero3_out, single):
 
 @pytest.mark.slow
 def test_zero3_dead_worker_fails_in_bounded_time(tmp_path):
-    code, log, seconds = run_torchrun("zero3", tmp_path, "die", timeout=240)
+    code, log, seconds = run_torchrun("zero3", tmp_path, "die", timeout=300)
     assert code is not None and code != 0, f"a run whose rank 1 dies must fail, not hang:\n{log[-3000:]}"
-    assert seconds < 240, f"took {seconds:.0f} s"
+    assert seconds < 300, f"took {seconds:.0f} s"
     left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
     assert not left, f"worker processes survived: {left}"

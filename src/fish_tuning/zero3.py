@@ -48,7 +48,9 @@ def gathered(params: Iterable[Tensor]):
     ``deepspeed.zero.GatheredParameters`` gathers them, but ZeRO's coordinator would release them again after the
     first module that uses them; a pin in ``ds_active_sub_modules`` (how ZeRO marks a parameter in use) keeps them.
     No-op when none is partitioned."""
-    parts = [p for p in params if is_zero3(p)]
+    # only those not available now: persistent ones (under stage3_param_persistence_threshold) stay gathered once a
+    # forward has fetched them, and must not be partitioned on exit; before the first forward they are not yet
+    parts = [p for p in params if is_zero3(p) and getattr(p.ds_status, "name", "") != "AVAILABLE"]
     if not parts:
         yield
         return
