@@ -150,6 +150,7 @@ def test_a_broken_rule_falls_back_to_the_loop(monkeypatch, how, expect):
     model = build("ia3", "bert")
     batches = batches_for("bert")
     want = fisher(model, batches, method="loop")
+    gs.load_rules()  # peft's rules register on first use
     monkeypatch.setitem(gs.GRAD_SAMPLERS, IA3Linear, _broken(gs.GRAD_SAMPLERS[IA3Linear], how))
     with engine_log() as log:
         got = fisher(model, batches)

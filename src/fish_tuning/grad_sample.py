@@ -10,12 +10,15 @@ states the forward it assumes.
 
 Built-in rules: ``nn.Linear`` (LoRA A/B), ``nn.Embedding`` (prompt-learning tables: Prompt / Prefix Tuning,
 P-tuning), peft's (IA)³ ``Linear`` (``ia3_l``), DoRA's ``DoraLinearLayer`` magnitude and LoRA's ``Embedding``
-(``lora_embedding_A/B``). ``register_grad_sampler`` adds more.
+(``lora_embedding_A/B``), and the ``adapters`` library's ``LoRA`` (UniPELT too). ``register_grad_sampler`` adds
+more. The peft / adapters rules register on first use once that library is imported (``load_rules``), so
+``import fish_tuning`` stays free of both.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -51,6 +54,15 @@ def register_grad_sampler(*types: type, params: Callable[[nn.Module], dict[str, 
             GRAD_SAMPLERS[t] = GradSampler(params, attach, always)
         return attach
     return deco
+
+
+_LAZY: dict[str, Callable[[], None]] = {}  # library -> registers its rules (run once the library is imported)
+
+
+def load_rules() -> None:
+    """Register the rules of every supported library that is imported by now (a model built with it is)."""
+    for package in [p for p in _LAZY if p in sys.modules]:
+        _LAZY.pop(package)()
 
 
 def rule_for(module: nn.Module) -> GradSampler | None:
@@ -141,6 +153,7 @@ def _active_one(m: nn.Module, table: Mapping) -> str | None:
 
 
 def _register_peft() -> None:
+    """peft's layers (imported only when peft is: a peft model exists)."""
     try:
         from peft import PeftModel, PeftType
         from peft.tuners.ia3.layer import Linear as IA3Linear
@@ -296,4 +309,36 @@ class _Restore:
             self.obj.__dict__[self.attr] = self.old
 
 
-_register_peft()
+def _register_adapters() -> None:
+    """The ``adapters`` library's LoRA (also UniPELT's): ``out = (drop(x) Aᵀ Bᵀ) · c`` with c its scaling, or
+    under gating a per-sample gate [B, 1, 1] (returned beside the output); with h = x Aᵀ and ĝ = g·c,
+    ∂B = Σ_t ĝ_tᵀ h_t and ∂A = Σ_t (ĝ_t B)ᵀ x_t."""
+    try:
+        from adapters.methods.lora import LoRA, MTLLoRA
+    except ImportError:  # pragma: no cover - another layout of the library: its layers go to the loop
+        return
+
+    @register_grad_sampler(LoRA, params=lambda m: {"lora_A": m.lora_A, "lora_B": m.lora_B})
+    def _adapters_lora(m: LoRA, names: dict[str, str], tap: Tap) -> list:
+        def hook(module, args, output):
+            x = args[0] if args and args[0] is not None else (args[1] if len(args) > 1 else None)
+            if not isinstance(x, Tensor) or not isinstance(output, tuple) or module.training:
+                return  # in training, dropout hides the x it used: the sum check sends it to the loop
+            x, out, gate = x.detach(), output[0], output[1]
+
+            def compute(g: Tensor) -> dict[str, PerSample]:
+                c = gate.detach().float() if module.use_gating else module.scaling
+                g3, x3 = _by_token(g * c), _by_token(x)
+                h = x3 @ module.lora_A.detach().float().T
+                gb = g3 @ module.lora_B.detach().float()
+                got = {"lora_B": lambda lo, hi: torch.einsum("bto,btr->bor", g3[lo:hi], h[lo:hi]),
+                       "lora_A": lambda lo, hi: torch.einsum("btr,bti->bri", gb[lo:hi], x3[lo:hi])}
+                return {k: v for k, v in got.items() if k in names}
+
+            tap(module, names, lead_rows(x), out, compute)
+        return [m.register_forward_hook(hook)]
+
+    GRAD_SAMPLERS[MTLLoRA] = None  # task-specific matrices between A and B: no rule yet
+
+
+_LAZY.update(peft=_register_peft, adapters=_register_adapters)

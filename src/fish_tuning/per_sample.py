@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .grad_sample import Compute, PerSample, resolve, rule_for
+from .grad_sample import Compute, PerSample, load_rules, resolve, rule_for
 from .loglik import sample_labels
 
 Kind = Literal["empirical", "expected"]
@@ -75,6 +75,7 @@ class PerSampleHooks:
         self._name_of = by_id
         self._numel = {n: p.numel() for n, p in params.items()}
         self._handles = []
+        load_rules()
         for module in model.modules():
             rule = rule_for(module)
             if rule is None:
