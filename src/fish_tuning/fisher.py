@@ -7,8 +7,9 @@ Two exact engines:
 - ``vectorized``: one batched forward/backward. A per-sample rule per layer type (``fish_tuning.grad_sample``,
   as opacus does) forms each sample's gradient from hooked activations and output gradients: ``nn.Linear``
   (``Σ_t g_tᵀ a_t``: LoRA's A and B), ``nn.Embedding`` (prompt-learning tables), (IA)³ vectors, DoRA's
-  magnitude and LoRA's embedding factors. After every batch the per-sample gradients are checked against
-  autograd's summed gradient; a mismatch (a weight also used outside its module) switches to the loop.
+  magnitude, LoRA's embedding factors and the ``adapters`` library's LoRA. After every batch the per-sample
+  gradients are checked against autograd's summed gradient; a mismatch (a weight also used outside its module)
+  switches to the loop.
 - ``loop``: one forward/backward per sample; always exact, N times slower.
 
 Which engine ran is logged on the ``fish_tuning`` logger (INFO): ``compute_fisher: engine=...``, with the reason

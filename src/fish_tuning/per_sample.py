@@ -2,9 +2,9 @@
 
 One batched forward/backward gives every sample's own gradient of each candidate whose layer type has a rule in
 :mod:`fish_tuning.grad_sample` (nn.Linear: activations ``a`` and output gradients ``g`` per sample form
-``Σ_t g_tᵀ a_t``; nn.Embedding, (IA)³, DoRA's magnitude, LoRA's embedding factors). Each batch is checked against
-autograd's summed gradient, and once per pass a 2-sample probe checks that the hooked rows are the batch's
-samples; the driver falls back to the exact per-sample loop where either check fails.
+``Σ_t g_tᵀ a_t``; nn.Embedding, (IA)³, DoRA's magnitude, LoRA's embedding factors, ``adapters``' LoRA). Each
+batch is checked against autograd's summed gradient, and once per pass a 2-sample probe checks that the hooked
+rows are the batch's samples; the driver falls back to the exact per-sample loop where either check fails.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ CHUNK_ELEMS = 1 << 24
 
 class PerSampleHooks:
     """Per-sample gradients of candidates from one batched backward pass, by the rule registered for each
-    candidate's layer type (:mod:`fish_tuning.grad_sample`: nn.Linear, nn.Embedding, (IA)³, DoRA, LoRA embedding).
+    candidate's layer type (:mod:`fish_tuning.grad_sample`: nn.Linear, nn.Embedding, (IA)³, DoRA, LoRA embedding,
+    ``adapters``' LoRA).
 
     A candidate used once per forward (the usual case) is reduced at once to the sum and the sum of squares over the
     batch, in row chunks of at most ``chunk_elems`` per-sample entries, so a large candidate (e.g. a full weight)
