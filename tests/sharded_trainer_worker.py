@@ -38,7 +38,7 @@ class Probe(TrainerCallback):
 
     def __init__(self, fish, out, die=False):
         self.fish, self.out, self.die = fish, out, die
-        self.checked = self.nonzero = 0
+        self.checked = self.nonzero = self.refused = 0
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kw):
         if state.global_step == 0:
@@ -50,6 +50,12 @@ class Probe(TrainerCallback):
                       os.path.join(self.out, f"fisher_rank{dist.get_rank()}.safetensors"))
         named = dict(model.named_parameters())
         zero = zero3_optimizer(optimizer)
+        if zero is not None and state.global_step == 0:  # a guard on ZeRO-3 parameters needs ZeRO's optimizer
+            params = [p for p in model.parameters() if p.requires_grad]
+            try:
+                ft.MaskGuard(ft.select_mask(scores, keep=KEEP), model, params).attach(torch.optim.SGD(params, lr=0.1))
+            except ValueError as err:
+                self.refused += "ZeRO-3" in str(err)
 
         def check(*_):
             mask = self.fish.mask
@@ -113,6 +119,7 @@ def run(engine, out, name, resume=None, die=False):
     rank = dist.get_rank()
     fish.mask.save(os.path.join(out, f"{name}_mask_rank{rank}.safetensors"))
     stats = {"checked": torch.tensor(probe.checked), "masked_grad_nonzero": torch.tensor(probe.nonzero),
+             "refused": torch.tensor(probe.refused),
              "from_checkpoint": torch.tensor(int(fish.source == "checkpoint")),
              "world": torch.tensor(dist.get_world_size())}
     before = {n: p.detach() for n, p in llama_lora().named_parameters() if n in after}  # the same seeded init

@@ -7,6 +7,7 @@ Trainer, data, the 1-process reference and the checks. Skipped when deepspeed is
 
 import psutil
 import pytest
+from safetensors.torch import load_file
 
 from sharded_trainer import check_against_single, check_resume, run_torchrun, single_reference
 
@@ -33,6 +34,8 @@ def test_zero3_mask_and_weights_equal_one_process(zero3_out, single):
     """Fisher from the partitioned model = 1 process (rtol 1e-5), mask bit-for-bit, masked entries bit-identical,
     masked gradients zero before the step, weights within WEIGHT_ATOL."""
     worst = check_against_single(zero3_out, single)
+    for r in range(2):  # a guard attached to some other optimizer than ZeRO's: a clear error on every rank
+        assert int(load_file(zero3_out / f"full_rank{r}.safetensors")["refused"]) == 1
     print(f"max |ZeRO-3 - 1 process| = {worst:.2e}")
 
 

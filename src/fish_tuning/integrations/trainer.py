@@ -39,6 +39,8 @@ class FishCallback(TrainerCallback):
     2. attaches a :class:`~fish_tuning.MaskGuard` to the innermost torch optimizer (under accelerate's
        ``AcceleratedOptimizer``): masked gradients are zeroed after each backward (so clipping, accumulation and
        the DDP all-reduce see Eq. 6), and masked entries are written back after each step (undoes weight decay).
+       Sharded models: under accelerate's FSDP2 the guard works on each rank's DTensor shards; under DeepSpeed
+       ZeRO-3 it attaches to ZeRO's optimizer and keeps the fp32 master partitions (:mod:`fish_tuning.zero3`).
 
     The guard is removed at train end (before the final mask is written), by :meth:`remove`, on leaving a
     ``with callback:`` block (use one around ``trainer.train()`` to detach on an exception too), and when the
