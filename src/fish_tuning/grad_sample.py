@@ -252,19 +252,19 @@ def _register_peft() -> None:
                 return
             idx = idx.detach()
 
+            @torch.no_grad()
             def compute(g: Tensor) -> dict[str, PerSample]:
                 table_a, table_b = resolve(module, la), resolve(module, lb)  # [r, V], [D, r]
                 c = module.scaling[adapter]
-                scale = module._get_embed_scale()
+                scale = getattr(module, "_get_embed_scale", lambda: None)()  # Gemma-style scaled embeddings
                 g = g.float() * (c if scale is None else c * scale.float())
                 pad = module.get_base_layer().padding_idx
                 got: dict[str, PerSample] = {}
                 if lb in mine:
-                    h = _by_token(module._embed(idx, table_a.T).detach())
-                    g3 = _by_token(g)
+                    h, g3 = _by_token(module._embed(idx, table_a.T)), _by_token(g)
                     got[lb] = lambda lo, hi: torch.einsum("btd,btr->bdr", g3[lo:hi], h[lo:hi])
                 if la in mine:
-                    rows = _scatter_rows(idx, g @ table_b.detach().float(), table_a.shape[1], pad)
+                    rows = _scatter_rows(idx, g @ table_b.float(), table_a.shape[1], pad)
                     got[la] = lambda lo, hi: rows(lo, hi).transpose(1, 2)
                 return got
 
