@@ -74,7 +74,8 @@ class PerSampleHooks:
         # FSDP2 the full (unsharded) tensor that stands in for the sharded DTensor parameter during forward.
         self.live: dict[str, Tensor] = {}
         self._name_of = by_id
-        self._numel = {n: p.numel() for n, p in params.items()}
+        # Entries per sample, for the chunk size; a ZeRO-3 partition reports its full size as ds_numel.
+        self._numel = {n: getattr(p, "ds_numel", None) or p.numel() for n, p in params.items()}
         self._handles = []
         load_rules()
         for module in model.modules():
