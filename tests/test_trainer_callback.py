@@ -11,6 +11,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 import fish_tuning as ft
 from conftest import cls_batches, lora, tiny_bert
+from fish_tuning.integrations.trainer import _check_supported
 from helpers import ListDataset, assert_only_kept_moved, snapshot
 
 
@@ -150,6 +151,10 @@ def test_clear_errors(tmp_path):
         mp.setattr("fish_tuning.integrations.trainer._accelerate_backend", lambda: "FSDP")
         with pytest.raises(NotImplementedError, match="FSDP version 2 only"):
             cb.on_train_begin(SimpleNamespace(deepspeed=None, fsdp="full_shard"), state, control, model=tiny_bert())
+    with pytest.MonkeyPatch.context() as mp:  # FSDP asked for, but accelerate ran DDP (CPU): a warning, then DDP
+        mp.setattr("fish_tuning.integrations.trainer._accelerate_backend", lambda: "MULTI_CPU")
+        with pytest.warns(UserWarning, match="did not shard the model"):
+            assert _check_supported(SimpleNamespace(deepspeed=None, fsdp="full_shard"), tiny_bert()) is None
     # a trainable parameter outside candidates and always_train is named
     with pytest.raises(ValueError, match="neither a mask candidate nor always_train"):
         train(tmp_path, [ft.FishCallback(keep=0.1, num_samples=8, always_train=["nothing"])], steps=1,
