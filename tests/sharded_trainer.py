@@ -74,11 +74,16 @@ def make_trainer(out, rows, *callbacks, engine: str | None = None, save: bool = 
 
 
 def run_torchrun(engine: str, out: Path, mode: str, timeout: float) -> tuple[int | None, str, float]:
-    """(return code or None on timeout, log, seconds). On timeout the launcher and every worker are killed."""
+    """tests/sharded_trainer_worker.py on 2 ranks: (return code or None on timeout, log, seconds)."""
+    return launch("sharded_trainer_worker.py", engine, str(out), mode, timeout=timeout)
+
+
+def launch(script: str, *argv: str, timeout: float) -> tuple[int | None, str, float]:
+    """tests/<script> under torchrun on 2 ranks. On timeout the launcher and every worker are killed."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
            "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "sharded_trainer_worker.py"), engine, str(out), mode]
+           str(ROOT / "tests" / script), *argv]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

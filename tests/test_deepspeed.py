@@ -7,9 +7,11 @@ Trainer, data, the 1-process reference and the checks. Skipped when deepspeed is
 
 import psutil
 import pytest
+import torch
 from safetensors.torch import load_file
 
-from sharded_trainer import check_against_single, check_resume, run_torchrun, single_reference
+import fish_tuning as ft
+from sharded_trainer import check_against_single, check_resume, launch, run_torchrun, single_reference
 
 pytest.importorskip("deepspeed")
 
@@ -51,3 +53,21 @@ def test_zero3_dead_worker_fails_in_bounded_time(tmp_path):
     assert seconds < 300, f"took {seconds:.0f} s"
     left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
     assert not left, f"worker processes survived: {left}"
+
+
+@pytest.mark.slow
+def test_zero3_engine_loop_bf16_masked_entries_bit_identical(tmp_path):
+    """DeepSpeed's own loop (no Trainer): bf16 ZeRO-3, CPU offload, accumulation 2, clipping; the guard attached to
+    engine.optimizer keeps every masked bf16 entry bit-identical while the kept ones train."""
+    code, log, _ = launch("zero3_engine_worker.py", str(tmp_path), timeout=600)
+    assert code == 0, f"torchrun failed:\n{log[-8000:]}"
+    mask = ft.FishMask.load(tmp_path / "engine_mask_rank0.safetensors")
+    w = [load_file(tmp_path / f"engine_rank{r}.safetensors") for r in range(2)]
+    moved = 0
+    for name in mask.names:
+        keep = mask.bool_mask(name)
+        before, after = w[0][f"before.{name}"], w[0][f"after.{name}"]
+        assert after.dtype == torch.bfloat16 and torch.equal(after, w[1][f"after.{name}"])
+        assert torch.equal(after[~keep], before[~keep]), f"masked bf16 entries of {name} moved"
+        moved += int((after[keep] != before[keep]).sum())
+    assert moved > 0.9 * mask.num_selected
