@@ -38,12 +38,13 @@ ROOT = Path(__file__).resolve().parents[1]
 WEIGHT_ATOL = 1e-6
 
 
-def ds_config() -> dict:
+def ds_config(stage: int = 3) -> dict:
     """configs/ds_zero3_offload.json with a persistence threshold of 50 entries: v_proj's lora_B (16 x 3 = 48) stays
     whole on every rank (ZeRO's default for small tensors), every other LoRA tensor (96) is partitioned, as large
     adapters are. Both kinds are in the test."""
     cfg = json.loads((ROOT / "configs" / "ds_zero3_offload.json").read_text())
     cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 50
+    cfg["zero_optimization"]["stage"] = stage
     return cfg
 
 
@@ -64,7 +65,8 @@ def train_rows() -> ListDataset:
 
 def make_trainer(out, rows, *callbacks, engine: str | None = None, save: bool = False, batch: int = 4) -> Trainer:
     """The same Trainer for the sharded ranks (batch 4 each) and the 1-process reference (batch 8)."""
-    sharded = {"zero3": {"deepspeed": ds_config()}, "fsdp2": {"fsdp": "full_shard", "fsdp_config": FSDP_CONFIG}}
+    sharded = {"zero3": {"deepspeed": ds_config()}, "zero2": {"deepspeed": ds_config(stage=2)},
+               "fsdp2": {"fsdp": "full_shard", "fsdp_config": FSDP_CONFIG}}
     args = TrainingArguments(
         output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=batch, learning_rate=1e-2,
         weight_decay=0.1, max_grad_norm=CLIP, optim="adamw_torch", save_strategy="steps" if save else "no",

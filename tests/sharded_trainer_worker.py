@@ -1,8 +1,8 @@
 """Run by tests/test_deepspeed.py and tests/test_fsdp_trainer.py under ``torchrun --nproc_per_node 2`` (gloo,
 CPU): FishCallback in a Trainer on a sharded model.
 
-``python sharded_trainer_worker.py ENGINE OUT MODE``; ENGINE ``zero3`` (DeepSpeed ZeRO-3, optimizer offloaded to
-the CPU, ``DS_ACCELERATOR=cpu``) or ``fsdp2`` (accelerate's FSDP2); MODE
+``python sharded_trainer_worker.py ENGINE OUT MODE``; ENGINE ``zero3`` / ``zero2`` (DeepSpeed ZeRO-3 / ZeRO-2,
+optimizer offloaded to the CPU, ``DS_ACCELERATOR=cpu``) or ``fsdp2`` (accelerate's FSDP2); MODE
 - ``train``: Fisher scores straight from ``compute_fisher`` on the sharded model, then an uninterrupted run
   (checkpoint every step) and a run resumed from its first checkpoint; writes scores, masks, gathered weights
   and per-step gradient checks to OUT.
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fish_tuning as ft  # noqa: E402
 from fish_tuning.integrations.trainer import innermost_optimizer  # noqa: E402
 from fish_tuning.sharded import local, local_indices  # noqa: E402
-from fish_tuning.zero3 import MasterPartitions, gathered, zero3_optimizer  # noqa: E402
+from fish_tuning.zero3 import MasterPartitions, gathered, zero3_optimizer, zero_optimizer  # noqa: E402
 from sharded_trainer import FISHER_SAMPLES, KEEP, ROOT, make_trainer, train_rows  # noqa: E402
 from test_fsdp import llama_lora  # noqa: E402
 
@@ -49,8 +49,8 @@ class Probe(TrainerCallback):
             save_file({n: s.contiguous() for n, s in scores.items()},
                       os.path.join(self.out, f"fisher_rank{dist.get_rank()}.safetensors"))
         named = dict(model.named_parameters())
-        zero = zero3_optimizer(optimizer)
-        if zero is not None and state.global_step == 0:  # a guard on ZeRO-3 parameters needs ZeRO's optimizer
+        zero = zero_optimizer(optimizer)
+        if zero3_optimizer(optimizer) is not None and state.global_step == 0:  # a guard on ZeRO-3 parameters needs ZeRO's optimizer
             params = [p for p in model.parameters() if p.requires_grad]
             try:
                 ft.MaskGuard(ft.select_mask(scores, keep=KEEP), model, params).attach(torch.optim.SGD(params, lr=0.1))
@@ -62,8 +62,10 @@ class Probe(TrainerCallback):
             parts = MasterPartitions(zero, [named[n] for n in mask.names]) if zero is not None else None
             for n in mask.names:
                 p = named[n]
-                if parts is not None:  # ZeRO-3: this rank's slice of the reduced fp32 gradient
+                if parts is not None:  # ZeRO: this rank's slice of the reduced fp32 gradient
                     grad, idx = parts.grad(p), parts.local_indices(p, mask.indices[n].long())
+                    if grad is None and parts.where[p][0] < 0:  # ZeRO-1/2: none of p is in this rank's partition
+                        grad = torch.zeros(0)
                 else:  # FSDP2: this rank's shard of the reduce-scattered gradient
                     grad, idx = local(p.grad).reshape(-1), local_indices(mask.indices[n], p).long()
                 frozen = torch.ones(grad.numel(), dtype=torch.bool)
@@ -94,7 +96,7 @@ def emulate_gpu_launch(engine: str) -> None:
     (accelerator_config={"use_configured_state": True})."""
     AcceleratorState._reset_state(reset_partial_state=True)
     state = PartialState(cpu=True, backend="gloo", timeout=datetime.timedelta(seconds=60))
-    state.distributed_type = DistributedType.DEEPSPEED if engine == "zero3" else DistributedType.FSDP
+    state.distributed_type = DistributedType.DEEPSPEED if engine.startswith("zero") else DistributedType.FSDP
     if engine == "fsdp2":
         acc = AcceleratorState(cpu=True, dynamo_plugin=TorchDynamoPlugin(), _from_accelerator=True)
         acc.distributed_type = DistributedType.FSDP

@@ -1,4 +1,5 @@
-"""FishCallback under DeepSpeed ZeRO-3 with CPU optimizer offload (the paper's set-up): 2 gloo ranks vs one process.
+"""FishCallback under DeepSpeed ZeRO-3 with CPU optimizer offload (the paper's set-up), and ZeRO-2: 2 gloo ranks vs
+one process.
 
 tests/sharded_trainer_worker.py does the rank side (``zero3``); tests/sharded_trainer.py holds the shared
 Trainer, data, the 1-process reference and the checks. Skipped when deepspeed is not installed
@@ -27,6 +28,16 @@ def zero3_out(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def zero2_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero2")
+    code, log, _ = run_torchrun("zero2", out, "train", timeout=900)
+    if code is None:
+        pytest.fail(f"torchrun timed out (all processes killed):\n{log[-5000:]}")
+    assert code == 0, f"torchrun failed:\n{log[-8000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
 def single(tmp_path_factory):
     return single_reference(tmp_path_factory.mktemp("single"))
 
@@ -44,6 +55,14 @@ def test_zero3_mask_and_weights_equal_one_process(zero3_out, single):
 @pytest.mark.slow
 def test_zero3_resume_from_checkpoint_equals_uninterrupted(zero3_out, single):
     check_resume(zero3_out, single)
+
+
+@pytest.mark.slow
+def test_zero2_mask_weights_and_resume_equal_one_process(zero2_out, single):
+    """ZeRO-2 (parameters whole on every rank, fp32 masters and gradients partitioned): the same checks."""
+    worst = check_against_single(zero2_out, single)
+    check_resume(zero2_out, single)
+    print(f"max |ZeRO-2 - 1 process| = {worst:.2e}")
 
 
 @pytest.mark.slow

@@ -146,7 +146,7 @@ def test_clear_errors(tmp_path):
         ft.load_adapter(tiny_bert(), tmp_path)
     cb, state, control = ft.FishCallback(keep=0.1), TrainerState(), TrainerControl()
     with pytest.raises(NotImplementedError, match="DeepSpeed"):
-        cb.on_train_begin(SimpleNamespace(deepspeed={"zero_optimization": {"stage": 2}}, fsdp=None), state, control)
+        cb.on_train_begin(SimpleNamespace(deepspeed={"zero_optimization": {"stage": 0}}, fsdp=None), state, control)
     with pytest.MonkeyPatch.context() as mp:  # accelerate ran FSDP, but the parameters are not FSDP2 DTensors
         mp.setattr("fish_tuning.integrations.trainer._accelerate_backend", lambda: "FSDP")
         with pytest.raises(NotImplementedError, match="FSDP version 2 only"):

@@ -22,7 +22,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .mask import FishMask
 from .sharded import check_same_mask, is_dtensor, local, local_indices
-from .zero3 import MasterPartitions, is_zero3, prepend_grad_hook, zero3_optimizer
+from .zero3 import MasterPartitions, is_zero3, prepend_grad_hook, zero_optimizer
 
 _ACTIVE: WeakIdKeyDictionary = WeakIdKeyDictionary()  # guarded parameter -> its attached MaskGuard
 _GLOBAL_HOOK = None
@@ -115,7 +115,7 @@ class MaskGuard:
     FSDP2 (DTensor parameters sharded on dim 0): each rank guards its own shard with the kept indices that fall in
     it (FSDP2 runs the gradient hook on the reduce-scattered shard), and construction is then a collective that
     refuses a mask differing between ranks, so build the guard (or its optimizer) on every rank.
-    DeepSpeed ZeRO-3 (attach to the engine's optimizer, e.g. ``engine.optimizer``): the gradient hook zeroes
+    DeepSpeed ZeRO 1-3 (attach to the engine's optimizer, e.g. ``engine.optimizer``): the gradient hook zeroes
     masked entries of the full gradient in backward, before ZeRO's reduce-scatter, and the step hooks sit on the
     torch optimizer ZeRO wraps and act on this rank's fp32 master slices (see :mod:`fish_tuning.zero3`).
     Nothing is registered until :meth:`attach` (or ``with MaskGuard(...) as g:``), and :meth:`close` removes it all.
@@ -181,14 +181,17 @@ class MaskGuard:
             raise RuntimeError(f"{self!r} is already attached; close() it first")
         optimizer = optimizer if optimizer is not None else self._optimizer
         stepped = [optimizer] if optimizer is not None else []
-        if self._zero3:
-            zero = zero3_optimizer(optimizer)
-            if zero is None:
-                raise ValueError("these parameters are partitioned by DeepSpeed ZeRO-3: attach the guard to the ZeRO "
-                                 "optimizer (engine.optimizer, or the Trainer's optimizer), which owns the fp32 master "
-                                 "weights that must be kept")
-            self._parts = MasterPartitions(zero, self._zero3)
-            self._local = {p: self._parts.local_indices(p, self.kept[p].long()) for p in self._zero3}
+        zero = zero_optimizer(optimizer) if optimizer is not None else None
+        if self._zero3 and zero is None:
+            raise ValueError("these parameters are partitioned by DeepSpeed ZeRO-3: attach the guard to the ZeRO "
+                             "optimizer (engine.optimizer, or the Trainer's optimizer), which owns the fp32 master "
+                             "weights that must be kept")
+        if zero is not None:  # DeepSpeed ZeRO (1, 2 or 3): the masters that matter are ZeRO's fp32 partitions
+            managed = list(self.kept)
+            if managed and not self._zero3:  # ZeRO-1/2: each rank steps only its partition, so check the masks
+                check_same_mask(self.mask.fingerprint(), managed[0].device)
+            self._parts = MasterPartitions(zero, managed)
+            self._local = {p: self._parts.local_indices(p, self.kept[p].long()) for p in managed}
             optimizer, stepped = zero, self._parts.torch_optimizers()
         self._check_free()
         _ensure_global_hook()

@@ -68,15 +68,29 @@ def gathered(params: Iterable[Tensor]):
                 p.ds_active_sub_modules.clear()
 
 
-def zero3_optimizer(optimizer) -> object | None:
-    """The ``DeepSpeedZeroOptimizer_Stage3`` below accelerate's / the engine's wrappers, else None."""
+def zero_optimizer(optimizer, stage3_only: bool = False) -> object | None:
+    """DeepSpeed's ZeRO optimizer (stage 3, or 1/2 unless ``stage3_only``) below accelerate's / the engine's
+    wrappers, else None."""
     seen: set[int] = set()
     while optimizer is not None and id(optimizer) not in seen:
         if hasattr(optimizer, "fp32_partitioned_groups_flat") and hasattr(optimizer, "grad_position"):
             return optimizer
+        if not stage3_only and hasattr(optimizer, "single_partition_of_fp32_groups"):
+            return optimizer
         seen.add(id(optimizer))
         optimizer = getattr(optimizer, "optimizer", None)
     return None
+
+
+def zero3_optimizer(optimizer) -> object | None:
+    """The ``DeepSpeedZeroOptimizer_Stage3`` below accelerate's / the engine's wrappers, else None."""
+    return zero_optimizer(optimizer, stage3_only=True)
+
+
+def zero_params(zero_opt) -> list[Tensor]:
+    """The module parameters a ZeRO optimizer trains (its groups hold flat fp32 masters instead)."""
+    groups = zero_opt.fp16_groups if hasattr(zero_opt, "fp32_partitioned_groups_flat") else zero_opt.bit16_groups
+    return [p for group in groups for p in group]
 
 
 def prepend_grad_hook(p: Tensor, hook):
@@ -92,32 +106,47 @@ def prepend_grad_hook(p: Tensor, hook):
 
 
 class MasterPartitions:
-    """This rank's slices of a ZeRO-3 optimizer's fp32 master weights and gradients, per module parameter.
+    """This rank's slices of a ZeRO optimizer's fp32 master weights and gradients, per module parameter.
 
-    Refuses what it cannot see: NVMe-swapped optimizer state (the master is not in memory between steps) and
-    ZenFlow (its CPU step bypasses the wrapped optimizer's ``step``).
+    ZeRO-3: from ``grad_position`` (sub-group, offset) and the partition size. ZeRO-1/2 (parameters whole on
+    every rank, the fp32 master of each group flattened and split across ranks): from the fragment DeepSpeed links
+    to each parameter (``param._hp_mapping``: which flat range of the parameter, where in this rank's partition;
+    None when this rank holds none of it). Refuses what it cannot see: NVMe-swapped optimizer state (the master
+    is not in memory between steps) and ZenFlow (its CPU step bypasses the wrapped optimizer's ``step``).
     """
 
     def __init__(self, zero_opt, params: Iterable[Tensor]):
-        missing = [a for a in ("fp32_partitioned_groups_flat", "grad_position", "get_param_id", "optimizer")
-                   if not hasattr(zero_opt, a)]
+        self.stage3 = hasattr(zero_opt, "fp32_partitioned_groups_flat")
+        needed = ("fp32_partitioned_groups_flat", "grad_position", "get_param_id") if self.stage3 else (
+            "single_partition_of_fp32_groups",)
+        missing = [a for a in (*needed, "optimizer") if not hasattr(zero_opt, a)]
         if missing:
-            raise RuntimeError(f"FISH does not recognise this DeepSpeed ZeRO-3 optimizer ({type(zero_opt).__name__} "
+            raise RuntimeError(f"FISH does not recognise this DeepSpeed ZeRO optimizer ({type(zero_opt).__name__} "
                                f"has no {missing[0]!r}); it was written against deepspeed 0.19")
         if getattr(zero_opt, "swap_optimizer", False):
-            raise NotImplementedError("FISH under ZeRO-3 cannot mask optimizer state swapped to NVMe "
+            raise NotImplementedError("FISH under ZeRO cannot mask optimizer state swapped to NVMe "
                                       "(offload_optimizer.device='nvme'): the fp32 master is not in memory between "
                                       "steps. Use offload_optimizer.device='cpu' (the paper's set-up) or 'none'.")
         if getattr(zero_opt, "zenflow", False):
-            raise NotImplementedError("FISH under ZeRO-3 does not support ZenFlow: its CPU step bypasses the wrapped "
+            raise NotImplementedError("FISH under ZeRO does not support ZenFlow: its CPU step bypasses the wrapped "
                                       "optimizer, so masked entries could move. Turn zenflow off.")
         self.zero_opt = zero_opt
-        self.where: dict[Tensor, tuple[int, int, int, int]] = {}  # p -> (sub-group, offset, lo, hi)
+        self.flats = zero_opt.fp32_partitioned_groups_flat if self.stage3 else zero_opt.single_partition_of_fp32_groups
+        self.where: dict[Tensor, tuple[int, int, int, int]] = {}  # p -> (group, offset in its flat, lo, hi)
         for p in params:
-            group, offset, size = zero_opt.grad_position[zero_opt.get_param_id(p)]
-            rank = zero_opt._get_param_partition_rank(p)
-            lo = min(rank * size, p.ds_numel)
-            self.where[p] = (group, offset, lo, min(lo + size, p.ds_numel))
+            if self.stage3:
+                group, offset, size = zero_opt.grad_position[zero_opt.get_param_id(p)]
+                rank = zero_opt._get_param_partition_rank(p)
+                lo = min(rank * size, p.ds_numel)
+                self.where[p] = (group, offset, lo, min(lo + size, p.ds_numel))
+                continue
+            frag = getattr(p, "_hp_mapping", None)
+            if frag is None:  # none of this parameter is in this rank's partition
+                self.where[p] = (-1, 0, 0, 0)
+            else:
+                lo = frag.lp_fragment_address.start
+                self.where[p] = (frag.param_group_index, frag.hp_fragment_address.start, lo,
+                                 lo + frag.lp_fragment_address.numel)
 
     def local_indices(self, p: Tensor, indices: Tensor) -> Tensor:
         """The sorted global flat ``indices`` of ``p`` that this rank's partition holds, as positions in it."""
@@ -129,11 +158,13 @@ class MasterPartitions:
     def master(self, p: Tensor) -> Tensor:
         """This rank's fp32 master entries of ``p`` (a view: in-place writes reach the optimizer's copy)."""
         group, offset, lo, hi = self.where[p]
-        return self.zero_opt.fp32_partitioned_groups_flat[group].narrow(0, offset, hi - lo)
+        if group < 0:
+            return torch.zeros(0)
+        return self.flats[group].narrow(0, offset, hi - lo)
 
     def grad(self, p: Tensor) -> Tensor | None:
         group, offset, lo, hi = self.where[p]
-        grad = self.zero_opt.fp32_partitioned_groups_flat[group].grad
+        grad = self.flats[group].grad if group >= 0 else None
         return None if grad is None else grad.narrow(0, offset, hi - lo)
 
     def torch_optimizers(self) -> list[torch.optim.Optimizer]:

@@ -20,7 +20,7 @@ from ..guard import MaskGuard
 from ..mask import DEFAULT_ALPHA, FishMask, select_mask
 from ..methods import peft_candidates
 from ..sharded import is_sharded
-from ..zero3 import full_numel, zero3_optimizer
+from ..zero3 import full_numel, zero_optimizer, zero_params
 from .adapter import FISH_MASK_NAME, adapter_digest, check_adapter_digest
 from .distributed import calibration_loader
 
@@ -40,7 +40,7 @@ class FishCallback(TrainerCallback):
        ``AcceleratedOptimizer``): masked gradients are zeroed after each backward (so clipping, accumulation and
        the DDP all-reduce see Eq. 6), and masked entries are written back after each step (undoes weight decay).
        Sharded models: under accelerate's FSDP2 the guard works on each rank's DTensor shards; under DeepSpeed
-       ZeRO-3 it attaches to ZeRO's optimizer and keeps the fp32 master partitions (:mod:`fish_tuning.zero3`).
+       ZeRO (1-3) it attaches to ZeRO's optimizer and keeps the fp32 master partitions (:mod:`fish_tuning.zero3`).
 
     The guard is removed at train end (before the final mask is written), by :meth:`remove`, on leaving a
     ``with callback:`` block (use one around ``trainer.train()`` to detach on an exception too), and when the
@@ -112,7 +112,7 @@ class FishCallback(TrainerCallback):
         self.remove()
         if args.should_save and (self.save_final_mask or args.save_strategy != "no"):
             _check_writable(args.output_dir)
-        # ZeRO-3: the torch optimizer that ZeRO wraps holds the param groups (and steps the fp32 masters)
+        # ZeRO: the torch optimizer that ZeRO wraps holds the param groups (and steps the fp32 masters)
         inner = zero.optimizer if zero is not None else innermost_optimizer(optimizer)
         if self.given_mask is not None:
             self.mask, self.source = self.given_mask, "given"
@@ -132,7 +132,7 @@ class FishCallback(TrainerCallback):
         if hasattr(lr_scheduler, "state_dict") and hasattr(lr_scheduler, "__dict__"):
             setattr(lr_scheduler, MASK_GROUP_KEY, inner.param_groups[0][MASK_GROUP_KEY])
         if zero is not None:  # ZeRO swaps flat fp32 masters into its groups; the module parameters are these
-            params = [p for group in zero.fp16_groups for p in group]
+            params = zero_params(zero)
         else:
             params = [p for group in inner.param_groups for p in group["params"]]
         self.guard = MaskGuard(self.mask, model, params).attach(zero if zero is not None else inner)
@@ -287,15 +287,15 @@ def innermost_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimiz
 
 
 def _check_supported(args: TrainingArguments, model: nn.Module | None, optimizer=None):
-    """Refuse set-ups the mask cannot be kept under; returns the ZeRO-3 optimizer under DeepSpeed, else None."""
+    """Refuse set-ups the mask cannot be kept under; returns the ZeRO optimizer under DeepSpeed, else None."""
     backend = _accelerate_backend()
     if getattr(args, "deepspeed", None) or backend == "DEEPSPEED":
-        zero = zero3_optimizer(optimizer)
+        zero = zero_optimizer(optimizer)
         if zero is None:
             raise NotImplementedError(
-                "FishCallback supports DeepSpeed with ZeRO stage 3 only (\"zero_optimization\": {\"stage\": 3}): "
-                "stages 0-2 keep fp32 master weights in flat per-group partitions that FISH does not map, so weight "
-                "decay there would move masked entries. Use stage 3 (configs/ds_zero3_offload.json) or DDP."
+                "FishCallback supports DeepSpeed with ZeRO stages 1-3 (\"zero_optimization\": {\"stage\": 1, 2 or "
+                "3}): without ZeRO, DeepSpeed's fp16/bf16 optimizer keeps flat fp32 masters FISH does not map, so weight "
+                "decay there would move masked entries. Use a ZeRO stage (configs/ds_zero3_offload.json) or DDP."
             )
         if model is None:
             raise ValueError("FishCallback got no model from the Trainer")
