@@ -1,7 +1,8 @@
 """Run by tests/test_deepspeed.py under ``torchrun --nproc_per_node 2`` (gloo, ``DS_ACCELERATOR=cpu``): FISH with
 DeepSpeed's own engine loop (no Trainer), bf16 ZeRO-3, optimizer offloaded to the CPU, gradient accumulation 2,
-clipping. The mask comes from an fp32 Fisher pass before ``deepspeed.initialize``; the guard is attached to
-``engine.optimizer``. Writes the gathered bf16 LoRA weights before/after and the mask to argv[1].
+clipping. The mask comes from an fp32 Fisher pass before ``deepspeed.initialize``; the same Fisher on the bf16
+partitions after it is saved for comparison; the guard is attached to ``engine.optimizer``. Writes the gathered
+bf16 LoRA weights before/after, both Fisher scores and the mask to argv[1].
 """
 
 import os
@@ -41,6 +42,11 @@ def main(out: str) -> None:
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1}}}
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=cfg)
+    # The same Fisher on the bf16 ZeRO-3 partitions (no per-sample loop there: the hooks' checks must pass in bf16).
+    bf16 = ft.compute_fisher(engine.module, calib, num_samples=FISHER_SAMPLES, params=ft.peft_candidates(model),
+                             progress=False)
+    save_file({**{f"fp32.{n}": s for n, s in scores.items()}, **{f"bf16.{n}": s for n, s in bf16.items()}},
+              os.path.join(out, f"engine_fisher_rank{rank}.safetensors"))
     named = dict(engine.module.named_parameters())
     with gathered([named[n] for n in mask.names]):
         before = {f"before.{n}": named[n].detach().clone() for n in mask.names}
