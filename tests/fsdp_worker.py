@@ -1,8 +1,9 @@
 """Run by tests/test_fsdp.py under ``torchrun --nproc_per_node 2`` (gloo, CPU): FISH on an FSDP2-sharded model.
 
 ``python fsdp_worker.py OUT MODE`` with MODE
-- ``train``: Fisher on each rank's share of the calibration rows, select_mask, then a few masked AdamW steps with
-  SparseAdamW and with MaskedOptimizer(AdamW); writes scores, masks, gathered weights and per-rank costs to OUT.
+- ``train``: Fisher on each rank's share of the calibration rows (also under bf16 mixed precision), select_mask,
+  then a few masked AdamW steps with SparseAdamW and with MaskedOptimizer(AdamW); writes scores, masks, gathered
+  weights and per-rank costs to OUT.
 - ``die``: rank 1 exits while rank 0 is inside compute_fisher's first all-gather (the launcher must not hang).
 - ``hang``: rank 1 sleeps forever (only the test's timeout, which kills the process group, ends it).
 """
@@ -17,7 +18,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fish_tuning as ft  # noqa: E402
@@ -35,11 +36,12 @@ from test_fsdp import (  # noqa: E402
 )
 
 
-def sharded_model():
+def sharded_model(mp_policy: MixedPrecisionPolicy | None = None):
     model = llama_lora()
+    kw = {} if mp_policy is None else {"mp_policy": mp_policy}
     for layer in model.base_model.model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
     return model
 
 
@@ -147,6 +149,10 @@ def main(out: str, mode: str) -> None:
     fwdbwd_s = time.perf_counter() - t0
     model.zero_grad(set_to_none=True)
     save_file({n: s.contiguous() for n, s in fisher.items()}, os.path.join(out, f"fisher_rank{rank}.safetensors"))
+    # bf16 mixed precision (as configs/accelerate_fsdp2.yaml): the hooks' checks must pass at bf16 (no loop here)
+    bf16 = ft.compute_fisher(sharded_model(MixedPrecisionPolicy(param_dtype=torch.bfloat16)), batches,
+                             num_samples=FISHER_SAMPLES, progress=False)
+    save_file({n: s.contiguous() for n, s in bf16.items()}, os.path.join(out, f"fisher_bf16_rank{rank}.safetensors"))
     mask.save(os.path.join(out, f"mask_rank{rank}.safetensors"))
 
     stats = {"world": torch.tensor(world), "fisher_s": torch.tensor(fisher_s), "fwdbwd_s": torch.tensor(fwdbwd_s),

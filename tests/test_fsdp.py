@@ -108,6 +108,11 @@ def test_fsdp_fisher_and_mask_equal_one_process(fsdp_out, single_fisher):
         assert torch.equal(ranks[0][n], ranks[1][n]), f"ranks disagree on {n}"  # bit-identical full scores
         assert ranks[0][n].shape == s.shape  # full-size, not a shard
         torch.testing.assert_close(ranks[0][n], s, rtol=1e-5, atol=1e-9)
+    # bf16 mixed precision: within 4 bf16 eps of each float32 tensor's max (bf16 weights and gradients, squared:
+    # ~2 eps), as in test_per_sample_precision
+    bf16 = load_file(fsdp_out / "fisher_bf16_rank0.safetensors")
+    for n, s in single_fisher.items():
+        assert float((bf16[n] - s).abs().max()) <= 4 * torch.finfo(torch.bfloat16).eps * float(s.abs().max()), n
     masks = [ft.FishMask.load(fsdp_out / f"mask_rank{r}.safetensors") for r in range(2)]
     single = ft.select_mask(single_fisher, keep=KEEP)
     for mask in masks:
