@@ -1,6 +1,7 @@
 """Fisher engines for non-Linear candidates (issue 13): cost of the Fisher pass on MiniLM with DoRA and (IA)³.
 
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/fisher_engines.py   # writes benchmarks/results/fisher_engines.json
+    python benchmarks/fisher_engines.py --report   # BENCHMARKS.md's table from that file (runs nothing)
 
 For each method, in one process: the time of ``compute_fisher`` over 128 SST-2 train sentences (batch 32, padded
 to max_length 128) divided by the time of one batched forward+backward over the same 4 batches, for the
@@ -33,6 +34,7 @@ import fish_tuning as ft  # noqa: E402
 from fish_tuning.models import load_model  # noqa: E402
 
 SAMPLES, BATCH, MAX_LEN, TARGET = 128, 32, 128, 1.3
+RESULTS = HERE / "results" / "fisher_engines.json"
 
 
 def data_dir() -> Path:
@@ -138,12 +140,39 @@ def run(method: str, rounds: int) -> dict:
     return out
 
 
+def markdown_report(path: str) -> str:
+    """BENCHMARKS.md's table, rebuilt from a saved results file; then the figures its text quotes."""
+    data = json.loads(Path(path).read_text())
+    target = data["setup"]["target"]
+    names = {"dora": "DoRA", "ia3": "(IA)³"}
+    lines = ["| method | Fisher engine | ratio (median) | per round | target |", "|---|---|---|---|---|"]
+    for r in data["results"]:
+        for engine, key in (("vectorised (`auto`)", "vectorized"), ("batch-size-1 loop", "loop")):
+            median, rounds = r[f"ratio_{key}"], r[f"ratios_{key}"]
+            verdict = ("(reference)" if key == "loop" else f"<= {target:g}, " + (
+                "met" if max(rounds) <= target else "met (median)" if median <= target else "not met"))
+            lines.append(f"| {names.get(r['method'], r['method'])} | {engine} | {median:.2f}x | "
+                         f"{', '.join(f'{x:.2f}' for x in rounds)} | {verdict} |")
+    m = data["machine"]
+    text = [f"{names.get(r['method'], r['method'])}: {r['candidate_entries']:,} candidate entries, batched "
+            f"fwd+bwd {min(r['ref_fwd_bwd_s']):.1f}-{max(r['ref_fwd_bwd_s']):.1f} s over {r['rounds']} rounds, "
+            f"fell back: {r['vectorized_fell_back']}" for r in data["results"]]
+    text.append(f"run {data['when']}; load average {m['load_average_before'][0]:.1f} at the start, "
+                f"{m['load_average_after'][0]:.1f} at the end; torch {m['torch']} on {m['torch_threads']} thread(s)")
+    return "\n".join(lines + ["", "Figures the section's text quotes:"] + [f"- {t}" for t in text])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=["dora", "ia3"])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default=str(HERE / "results" / "fisher_engines.json"))
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--report", nargs="?", const=str(RESULTS), metavar="FILE",
+                    help="print BENCHMARKS.md's table from a saved results file (default %(const)s); run nothing")
     args = ap.parse_args()
+    if args.report:
+        print(markdown_report(args.report))
+        return
     load_before = os.getloadavg()
     results = [run(m, args.rounds) for m in args.methods]
     report = {

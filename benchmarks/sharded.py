@@ -3,6 +3,7 @@
 
     python benchmarks/sharded.py            # runs the three engines under torchrun (gloo, CPU) one after another
     python benchmarks/sharded.py --steps 10 --hidden 256
+    python benchmarks/sharded.py --report     # BENCHMARKS.md's table from benchmarks/results/sharded.json
 
 Per engine and rank: the Fisher pass (``compute_fisher`` over the calibration samples) against its own batched
 forward + backward over the same samples; a training step (forward, backward, step) masked vs unmasked; peak
@@ -27,6 +28,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ("ddp", "fsdp2", "zero3")
+RESULTS = ROOT / "benchmarks" / "results" / "sharded.json"
+# Issue #11's targets for FSDP2 (not in the JSON: they are the question, not a measurement).
+TARGET_FISHER, TARGET_MASKED = 1.3, 1.05
 
 
 def build(args):
@@ -152,6 +156,48 @@ def worker(engine: str, out: str, args) -> None:
     dist.destroy_process_group()
 
 
+def markdown_report(path: str) -> str:
+    """BENCHMARKS.md's table, rebuilt from a saved results file (rank 0's figures; rank 1's distance from them)."""
+    data = json.loads(Path(path).read_text())
+    by = {run["engine"]: run["ranks"] for run in data["runs"]}
+    names = {"ddp": "DDP", "fsdp2": "FSDP2", "zero3": "ZeRO-3 offload"}
+    engines = [e for e in ENGINES if e in by]
+    shown = ("fisher_s", "fwdbwd_s", "fisher_over_fwdbwd", "step_unmasked_s", "step_masked_s",
+             "masked_over_unmasked", "peak_rss_mb")
+    versus = ("fisher_s", "step_masked_s", "peak_rss_mb")
+    spread = [abs(r[1][k] / r[0][k] - 1) for r in by.values() for k in shown]
+    spread += [abs(r[1][k] / r[0][k] - 1) for r in data["ratios"].values() for k in versus]
+    settings = data["settings"]
+    samples = settings["fisher_batches"] * settings["batch"] * by[engines[0]][0]["world"]
+
+    def row(label, key, fmt, bold=False):
+        cells = [format(by[e][0][key], fmt) for e in engines]
+        cells = [f"**{c}**" if bold and e == "fsdp2" else c for e, c in zip(engines, cells)]
+        return f"| {label} | {' | '.join(cells)} |"
+
+    vs = ["1" if e == "ddp" else " / ".join(f"{data['ratios'][f'{e}_vs_ddp'][0][k]:.2f}" for k in versus)
+          for e in engines]
+    lines = [
+        f"| per rank (rank 0; rank 1 within {100 * max(spread):.0f} %) | {' | '.join(names[e] for e in engines)} |",
+        "|" + "---|" * (len(engines) + 1),
+        row(f"Fisher pass ({samples} samples, s)", "fisher_s", ".2f"),
+        row("its own batched fwd+bwd over the same samples (s)", "fwdbwd_s", ".2f"),
+        row(f"**Fisher / own fwd+bwd** (target FSDP2 <= {TARGET_FISHER:g})", "fisher_over_fwdbwd", ".2f", True),
+        row("training step unmasked (s)", "step_unmasked_s", ".3f"),
+        row("training step masked (s)", "step_masked_s", ".3f"),
+        row(f"**masked / unmasked step** (target FSDP2 <= {TARGET_MASKED:g})", "masked_over_unmasked", ".2f", True),
+        row("peak RSS (MB)", "peak_rss_mb", ".0f"),
+        f"| vs DDP: Fisher / masked step / peak RSS | {' | '.join(vs)} |",
+    ]
+    first = by[engines[0]][0]
+    lines += ["", f"Figures the section's text quotes: {first['candidates']:,} candidate entries, {first['kept']:,} kept "
+              f"(keep {settings['keep']:g}); hidden {settings['hidden']}, {settings['layers']} layers, vocab "
+              f"{settings['vocab']}, LoRA r={settings['rank']}; per rank batch {settings['batch']} x {settings['seq']}"
+              f" tokens, {samples // first['world']} calibration samples per rank; medians of {settings['repeats']} "
+              f"Fisher passes and {settings['steps']} steps; torch {data['torch']}."]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", nargs=2, metavar=("ENGINE", "OUT"), help=argparse.SUPPRESS)
@@ -166,15 +212,20 @@ def main() -> None:
     ap.add_argument("--fisher_batches", type=int, default=8, help="calibration batches per rank (8 x 8 x 2 = 128)")
     ap.add_argument("--steps", type=int, default=5, help="timed training steps (median)")
     ap.add_argument("--repeats", type=int, default=3, help="timed Fisher / forward+backward passes (median)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sharded.json"))
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--report", nargs="?", const=str(RESULTS), metavar="FILE",
+                    help="print BENCHMARKS.md's table from a saved results file (default %(const)s); run nothing")
     args = ap.parse_args()
+    if args.report:
+        print(markdown_report(args.report))
+        return
     if args.worker:
         worker(args.worker[0], args.worker[1], args)
         return
     import tempfile
 
     tmp = tempfile.mkdtemp(prefix="fish_sharded_")
-    flags = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("worker", "out", "engines")]
+    flags = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("worker", "out", "engines", "report")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     runs = []
@@ -196,7 +247,8 @@ def main() -> None:
                 {k: by[engine][r][k] / by["ddp"][r][k]
                  for k in ("fisher_s", "step_masked_s", "step_unmasked_s", "peak_rss_mb")} for r in range(2)]
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (CPU only, gloo)",
-              "torch": torch.__version__, "settings": {k: v for k, v in vars(args).items() if k not in ("worker",)},
+              "torch": torch.__version__,
+              "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "report")},
               "runs": runs, "ratios": ratios}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
