@@ -97,3 +97,19 @@ def test_zero3_engine_loop_bf16_masked_entries_bit_identical(tmp_path):
     for name in mask.names:
         want, got = scores[f"fp32.{name}"], scores[f"bf16.{name}"]
         assert float((got - want).abs().max()) <= 4 * torch.finfo(torch.bfloat16).eps * float(want.abs().max()), name
+
+
+@pytest.mark.parametrize("flag, value, words", [
+    ("swap_optimizer", True, "NVMe"),
+    ("zenflow", True, "ZenFlow"),
+    ("superoffload_cpu_optimizer", object(), "SuperOffload"),  # steps CPU sub-groups in a worker process
+])
+def test_zero_variants_that_step_outside_the_wrapped_optimizer_are_refused(flag, value, words):
+    from types import SimpleNamespace
+
+    from fish_tuning.zero3 import MasterPartitions
+
+    fake = SimpleNamespace(fp32_partitioned_groups_flat=[], grad_position={}, get_param_id=id, optimizer=None,
+                           **{flag: value})
+    with pytest.raises(NotImplementedError, match=words):
+        MasterPartitions(fake, [])

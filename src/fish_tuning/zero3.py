@@ -112,7 +112,8 @@ class MasterPartitions:
     every rank, the fp32 master of each group flattened and split across ranks): from the fragment DeepSpeed links
     to each parameter (``param._hp_mapping``: which flat range of the parameter, where in this rank's partition;
     None when this rank holds none of it). Refuses what it cannot see: NVMe-swapped optimizer state (the master
-    is not in memory between steps) and ZenFlow (its CPU step bypasses the wrapped optimizer's ``step``).
+    is not in memory between steps), ZenFlow and SuperOffload (their CPU steps bypass the wrapped optimizer's
+    ``step``).
     """
 
     def __init__(self, zero_opt, params: Iterable[Tensor]):
@@ -127,6 +128,11 @@ class MasterPartitions:
             raise NotImplementedError("FISH under ZeRO cannot mask optimizer state swapped to NVMe "
                                       "(offload_optimizer.device='nvme'): the fp32 master is not in memory between "
                                       "steps. Use offload_optimizer.device='cpu' (the paper's set-up) or 'none'.")
+        if getattr(zero_opt, "superoffload_cpu_optimizer", None) is not None:
+            raise NotImplementedError("FISH under ZeRO-3 does not support SuperOffload (offload_optimizer."
+                                      "super_offload=true): its CPU sub-groups are stepped by a worker process, not "
+                                      "the wrapped optimizer's step, so weight decay would move masked entries. "
+                                      "Turn super_offload off (plain offload_optimizer.device='cpu' is supported).")
         if getattr(zero_opt, "zenflow", False):
             raise NotImplementedError("FISH under ZeRO does not support ZenFlow: its CPU step bypasses the wrapped "
                                       "optimizer, so masked entries could move. Turn zenflow off.")
