@@ -2,6 +2,7 @@
 
 1. plain ``compute_fisher``: each rank scores its DistributedSampler-style shard (rows r, r + W, ...).
 2. ``FishCallback`` in a DDP ``Trainer``: mask, and LoRA weights before/after a few masked steps.
+3. a mask selected separately on each rank: every rank's optimizer must refuse it.
 """
 
 import datetime
@@ -63,6 +64,19 @@ def main(out: str) -> None:
                "world": torch.tensor(world),
                "ddp": torch.tensor(int(ddp)),
                "grads_checked": torch.tensor(probe.checked), "masked_grad_nonzero": torch.tensor(probe.nonzero)}, os.path.join(out, f"weights_rank{rank}.safetensors"))
+
+    # 3. a mask that differs between DDP ranks (selected per rank) must be refused on every rank, not diverge
+    model = lora(tiny_bert())
+    params = dict(model.named_parameters())
+    own = ft.select_mask({n: torch.rand(params[n].shape, generator=torch.Generator().manual_seed(rank))
+                          for n in ft.peft_candidates(model)}, keep=0.1, always_train=ft.always_trainable(model))
+    try:
+        ft.make_optimizer(model, own)
+        refused = ""
+    except ValueError as err:
+        refused = str(err)
+    with open(os.path.join(out, f"own_mask_rank{rank}.txt"), "w") as f:
+        f.write(refused)
     dist.destroy_process_group()
 
 

@@ -98,6 +98,11 @@ def test_callback_under_ddp_same_mask_as_single_process(torchrun_out):
     assert moved > 0.9 * single.num_selected
 
 
+def test_masks_that_differ_between_ddp_ranks_are_refused_on_every_rank(torchrun_out):
+    for r in range(2):  # replicas would otherwise zero and restore different entries, and silently diverge
+        assert "differs between ranks" in (torchrun_out / f"own_mask_rank{r}.txt").read_text()
+
+
 def test_distributed_true_without_process_group_is_a_clear_error():
     with pytest.raises(ValueError, match="init_process_group"):
         ft.compute_fisher(lora(tiny_bert()), cls_batches(1), num_samples=4, distributed=True, progress=False)

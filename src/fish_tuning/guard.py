@@ -31,6 +31,11 @@ _GLOBAL_HOOK = None
 _INDEX_DTYPE: dict[str, torch.dtype] = {}
 
 
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def index_dtype(device: torch.device | str) -> torch.dtype:
     """int32 indices where this device's index_select/index_put_ accept them (half the bytes of int64)."""
     key = str(device)
@@ -112,9 +117,10 @@ class MaskGuard:
        which undoes decoupled weight decay, momentum and any other rule that moves zero-gradient entries.
 
     Candidates excluded from selection (``mask.frozen``) are guarded with nothing kept: they never change.
+    Under ``torch.distributed`` with more than one rank (DDP, FSDP2, ZeRO), construction is a collective (one
+    all-reduce) that refuses a mask differing between ranks, so build the guard (or its optimizer) on every rank.
     FSDP2 (DTensor parameters sharded on dim 0): each rank guards its own shard with the kept indices that fall in
-    it (FSDP2 runs the gradient hook on the reduce-scattered shard), and construction is then a collective that
-    refuses a mask differing between ranks, so build the guard (or its optimizer) on every rank.
+    it (FSDP2 runs the gradient hook on the reduce-scattered shard).
     DeepSpeed ZeRO 1-3 (attach to the engine's optimizer, e.g. ``engine.optimizer``): the gradient hook zeroes
     masked entries of the full gradient in backward, before ZeRO's reduce-scatter, and the step hooks sit on the
     torch optimizer ZeRO wraps and act on this rank's fp32 master slices (see :mod:`fish_tuning.zero3`).
@@ -158,8 +164,10 @@ class MaskGuard:
                 continue
             self.names[p] = name
         sharded = [p for p in self.kept if is_dtensor(p) or is_zero3(p)]
-        if sharded:  # each rank sees only its shard: check here that all ranks apply the same mask
-            check_same_mask(mask.fingerprint(), sharded[0].device)
+        if sharded or (self.kept and _world_size() > 1):
+            # each rank masks its own copy or shard: masks that differ per rank (selected separately) would make
+            # DDP replicas or shards silently diverge, so every rank builds its guard and checks here (1 all-reduce)
+            check_same_mask(mask.fingerprint(), (sharded or list(self.kept))[0].device)
         self._zero3 = [p for p in self.kept if is_zero3(p)]
         self._parts: MasterPartitions | None = None  # ZeRO-3: where the fp32 masters live (set by attach)
         self._local: dict[Tensor, Tensor] = {}  # ZeRO-3: kept positions within this rank's master slice
@@ -187,9 +195,7 @@ class MaskGuard:
                              "optimizer (engine.optimizer, or the Trainer's optimizer), which owns the fp32 master "
                              "weights that must be kept")
         if zero is not None:  # DeepSpeed ZeRO (1, 2 or 3): the masters that matter are ZeRO's fp32 partitions
-            managed = list(self.kept)
-            if managed and not self._zero3:  # ZeRO-1/2: each rank steps only its partition, so check the masks
-                check_same_mask(self.mask.fingerprint(), managed[0].device)
+            managed = list(self.kept)  # (that every rank holds the same mask was checked when the guard was built)
             self._parts = MasterPartitions(zero, managed)
             self._local = {p: self._parts.local_indices(p, self.kept[p].long()) for p in managed}
             optimizer, stepped = zero, self._parts.torch_optimizers()
