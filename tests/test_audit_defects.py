@@ -52,6 +52,34 @@ def test_vectorised_fisher_checks_rows_are_samples(rows_of_first_sample):
 
 
 # ----------------------------------------------------------------------------- 5: embedding LoRA
+class BatchCoupled(nn.Module):
+    """A candidate Linear followed by an eval-mode coupling between samples (a stand-in for batch-statistics norms
+    or batch-global routing): right in the batch sum, wrong per sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.lora = nn.Linear(8, 8, bias=False)
+        self.head = nn.Linear(8, 3).requires_grad_(False)
+
+    def forward(self, x, labels=None):
+        h = self.lora(x)
+        return SequenceClassifierOutput(logits=self.head(torch.tanh(h + 0.5 * h.mean(0, keepdim=True))))
+
+
+def test_probe_is_not_blinded_by_two_identical_first_samples():
+    torch.manual_seed(0)
+    model = BatchCoupled()
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    x[1], y[1] = x[0], y[0]  # duplicates happen in real data; the probe must still compare two different samples
+    batches = [{"x": x[i: i + 8], "labels": y[i: i + 8]} for i in (0, 8)]
+    auto = ft.compute_fisher(model, batches, num_samples=16, params=["lora.weight"], progress=False)["lora.weight"]
+    loop = ft.compute_fisher(model, batches, num_samples=16, params=["lora.weight"], method="loop",
+                             progress=False)["lora.weight"]
+    torch.testing.assert_close(auto, loop, rtol=1e-5, atol=0)
+    with pytest.raises(RuntimeError, match="not exact"):
+        ft.compute_fisher(model, batches, num_samples=16, params=["lora.weight"], method="vectorized", progress=False)
+
+
 def test_embedding_lora_zero_init_trap_is_named():
     """Audit item 5: peft sets lora_embedding_A = 0, so lora_embedding_B scores 0; both checks missed it."""
     model = get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj"],

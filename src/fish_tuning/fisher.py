@@ -39,6 +39,7 @@ from .per_sample import (
     check_finite,
     hooked_pass,
     loss_for,
+    probe_pair,
     probe_sample_grouping,
     slice_batch,
 )
@@ -151,7 +152,7 @@ def compute_fisher(
             done = False
             if use_hooks and not probed and (all_agree(take >= 2, device) if sharded else take >= 2):
                 probed = True
-                why = probe_sample_grouping(model, cand, hooks, slice_batch(chunk, 0, 2, take, device), loglik_fn)
+                why = probe_sample_grouping(model, cand, hooks, probe_pair(chunk, take, device), loglik_fn)
                 if sharded and not all_agree(why is None, device):
                     raise RuntimeError("compute_fisher on an FSDP2-sharded model: per-sample hooks are not exact "
                                        f"on some rank ({why or 'another rank'}) and the exact per-sample loop is "

@@ -45,6 +45,20 @@ def slice_batch(batch: Mapping[str, object], start: int, stop: int, size: int, d
     return out
 
 
+def probe_pair(batch: Mapping[str, object], size: int, device: torch.device) -> dict:
+    """Two rows of ``batch`` for the grouping probe: row 0 and the first row whose inputs differ from it. Two
+    identical samples would make a coupling between samples invisible (their joint and single passes agree)."""
+    rows = [v for v in batch.values() if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == size]
+    other = next((j for j in range(1, size) if any(not torch.equal(v[j], v[0]) for v in rows)), 1)
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, Tensor):
+            value = value[[0, other]] if value.dim() > 0 and value.shape[0] == size else value
+            value = value.to(device)
+        out[key] = value
+    return out
+
+
 # Per-sample gradient entries materialised at once by the hooks (64 MB in float32), whatever the batch size.
 CHUNK_ELEMS = 1 << 24
 
