@@ -9,7 +9,6 @@ rows are the batch's samples; the driver falls back to the exact per-sample loop
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Literal
 
@@ -58,6 +57,8 @@ def probe_pair(batch: Mapping[str, object], size: int, device: torch.device) -> 
         out[key] = value
     return out
 
+
+_TINY = torch.finfo(torch.float32).tiny  # tolerances are relative to each candidate's own scale; this only keeps 0 <= 0
 
 # Per-sample gradient entries materialised at once by the hooks (64 MB in float32), whatever the batch size.
 CHUNK_ELEMS = 1 << 24
@@ -216,7 +217,7 @@ def probe_sample_grouping(model, cand: dict, hooks: PerSampleHooks, pair: dict, 
                 exact[n].add_(g.float().square())
     del grads
     for n, sq in hooked.items():
-        tol = rel[n] * float(exact[n].abs().max()) + 1e-10
+        tol = rel[n] * float(exact[n].abs().max()) + _TINY  # relative only: an absolute floor hides small gradients
         if float((sq - exact[n]).abs().max()) > tol:
             return f"per-sample gradients of '{n}' do not group by sample (squared sums differ from a per-sample loop)"
     return None
@@ -241,8 +242,11 @@ def accumulate_hooked(cand, hooks: PerSampleHooks, grads, sums, rows: int) -> bo
         g = g.detach()
         # Relative tolerance: float32 rounding of a sum of B terms; looser when autograd's gradient or the module's
         # activations (autocast) are low precision.
+        # The scale is the candidate's own: |sum| plus sqrt(B * sum of squares) >= sum_i |g_i| (what rounding of a
+        # sum that cancels is relative to); no absolute floor, which would hide any error of small gradients.
         rel = max(1e-5, 8 * torch.finfo(g.dtype).eps, 8 * hooks.eps.get(name, 0.0))
-        tol = rel * g.abs().max().float() + 1e-6 * math.sqrt(rows)
+        square = stats[name][1] if stats[name][1] is not None else hooks.grad_sample[name].float().square().sum(0)
+        tol = rel * (g.abs().max().float() + (square.max().float() * rows).sqrt()) + _TINY
         finite.append(torch.isfinite(g).all())
         agree.append((stats[name][0] - g.float()).abs().max() <= tol)
     if finite:
