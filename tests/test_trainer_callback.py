@@ -103,6 +103,15 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path):
     assert third.source == "checkpoint" and third.mask.fingerprint() == first.mask.fingerprint()
     assert all(torch.equal(a[n], b) for n, b in snapshot(again.model).items())
 
+    # The interrupted run's own mask passed explicitly is fine; another mask is refused, not silently switched to.
+    same = ft.FishCallback(mask=ft.FishMask.load(ckpt / ft.FISH_MASK_NAME))
+    train(tmp_path / "same", [same], steps=3, resume=str(ckpt), **kw)
+    assert same.source == "given"
+    other = ft.select_mask({n: torch.rand(first.mask.shapes[n]) for n in first.mask.names}, keep=0.1,
+                           always_train=first.mask.always_train)
+    with pytest.raises(ValueError, match="not the interrupted run's"):
+        train(tmp_path / "other", [ft.FishCallback(mask=other)], steps=4, resume=str(ckpt), **kw)
+
     # A checkpoint of a run without FishCallback: a clear error, not a fresh mask over trained weights.
     train(tmp_path / "plain", [StopAt(2)], steps=4, **kw)
     with pytest.raises(FileNotFoundError, match="not written with FishCallback"):

@@ -28,6 +28,12 @@ logger = logging.getLogger("fish_tuning")
 MASK_GROUP_KEY = "fish_tuning_mask"
 
 
+def _saved_state(optimizer: torch.optim.Optimizer, lr_scheduler=None) -> dict | None:
+    """The mask state a resumed checkpoint restored: in the optimizer's first param group, or (FSDP2) the scheduler."""
+    saved = optimizer.param_groups[0].get(MASK_GROUP_KEY)
+    return saved if saved is not None else getattr(lr_scheduler, MASK_GROUP_KEY, None)
+
+
 class FishCallback(TrainerCallback):
     """Select a FISH mask at train begin and keep every masked entry bit-identical through the run.
 
@@ -116,6 +122,14 @@ class FishCallback(TrainerCallback):
         inner = zero.optimizer if zero is not None else innermost_optimizer(optimizer)
         if self.given_mask is not None:
             self.mask, self.source = self.given_mask, "given"
+            saved = _saved_state(inner, lr_scheduler) if state.global_step > 0 else None
+            if saved is not None and FishMask.from_state(saved).fingerprint() != self.given_mask.fingerprint():
+                raise ValueError(
+                    f"resuming at step {state.global_step} with a mask that is not the interrupted run's (the "
+                    "checkpoint's optimizer state holds another one): its entries trained under that mask, so "
+                    "switching would freeze some moved entries and train others from stale state. Pass the "
+                    "checkpoint's mask (FishMask.load('<checkpoint>/fish_mask.safetensors')) or no mask at all, "
+                    "or start a new run without resume_from_checkpoint.")
         elif state.global_step > 0:
             self.mask, self.source = self._load_resumed(args, state, model, inner, lr_scheduler), "checkpoint"
             wanted = self.budget if self.budget is not None else round(self.keep * self.mask.num_candidates)
@@ -229,9 +243,7 @@ class FishCallback(TrainerCallback):
                       lr_scheduler=None) -> FishMask:
         """The interrupted run's mask: restored with the optimizer (or LR scheduler) state the Trainer just loaded
         from the checkpoint; checkpoints without it (older versions) fall back to ``output_dir/checkpoint-N``'s file."""
-        saved = optimizer.param_groups[0].get(MASK_GROUP_KEY)
-        if saved is None:
-            saved = getattr(lr_scheduler, MASK_GROUP_KEY, None)
+        saved = _saved_state(optimizer, lr_scheduler)
         if saved is not None:
             mask = FishMask.from_state(saved)
             mask.check(model)
