@@ -156,6 +156,9 @@ def test_clear_errors(tmp_path):
     cb, state, control = ft.FishCallback(keep=0.1), TrainerState(), TrainerControl()
     with pytest.raises(NotImplementedError, match="DeepSpeed"):
         cb.on_train_begin(SimpleNamespace(deepspeed={"zero_optimization": {"stage": 0}}, fsdp=None), state, control)
+    for optim in ("lomo", "adalomo"):  # they update inside backward, with no step for the guard to hook
+        with pytest.raises(NotImplementedError, match="LOMO"):
+            _check_supported(SimpleNamespace(optim=optim, deepspeed=None, fsdp=None), tiny_bert())
     with pytest.MonkeyPatch.context() as mp:  # accelerate ran FSDP, but the parameters are not FSDP2 DTensors
         mp.setattr("fish_tuning.integrations.trainer._accelerate_backend", lambda: "FSDP")
         with pytest.raises(NotImplementedError, match="FSDP version 2 only"):

@@ -300,6 +300,12 @@ def innermost_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimiz
 
 def _check_supported(args: TrainingArguments, model: nn.Module | None, optimizer=None):
     """Refuse set-ups the mask cannot be kept under; returns the ZeRO optimizer under DeepSpeed, else None."""
+    optim = str(getattr(getattr(args, "optim", None), "value", getattr(args, "optim", "")) or "")
+    if optim in ("lomo", "adalomo"):
+        raise NotImplementedError(
+            f"FishCallback cannot mask optim={optim!r}: LOMO updates each parameter inside backward and never calls "
+            "an optimizer step, so the step hooks that keep masked entries fixed would never run. Use adamw_torch "
+            "(or any optimizer with a step).")
     backend = _accelerate_backend()
     if getattr(args, "deepspeed", None) or backend == "DEEPSPEED":
         zero = zero_optimizer(optimizer)
