@@ -66,6 +66,8 @@ def main(out: str) -> None:
                "grads_checked": torch.tensor(probe.checked), "masked_grad_nonzero": torch.tensor(probe.nonzero)}, os.path.join(out, f"weights_rank{rank}.safetensors"))
 
     # 3. a mask that differs between DDP ranks (selected per rank) must be refused on every rank, not diverge
+    del trainer, model
+    dist.barrier()  # the DDP run above is over on both ranks before the next collective
     model = lora(tiny_bert())
     params = dict(model.named_parameters())
     own = ft.select_mask({n: torch.rand(params[n].shape, generator=torch.Generator().manual_seed(rank))
@@ -77,6 +79,7 @@ def main(out: str) -> None:
         refused = str(err)
     with open(os.path.join(out, f"own_mask_rank{rank}.txt"), "w") as f:
         f.write(refused)
+    dist.barrier()
     dist.destroy_process_group()
 
 
