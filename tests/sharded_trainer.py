@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
@@ -78,6 +79,17 @@ def make_trainer(out, rows, *callbacks, engine: str | None = None, save: bool = 
 def run_torchrun(engine: str, out: Path, mode: str, timeout: float) -> tuple[int | None, str, float]:
     """tests/sharded_trainer_worker.py on 2 ranks: (return code or None on timeout, log, seconds)."""
     return launch("sharded_trainer_worker.py", engine, str(out), mode, timeout=timeout)
+
+
+def trained_out(tmp_path_factory, engine: str, timeout: float) -> Path:
+    """A module fixture's body: the 2-rank ``train`` run of ``engine`` in a fresh folder, or the test fails with
+    the log (all processes killed on timeout)."""
+    out = tmp_path_factory.mktemp(engine)
+    code, log, _ = run_torchrun(engine, out, "train", timeout=timeout)
+    if code is None:
+        pytest.fail(f"torchrun timed out (all processes killed):\n{log[-5000:]}")
+    assert code == 0, f"torchrun failed:\n{log[-8000:]}"
+    return out
 
 
 def launch(script: str, *argv: str, timeout: float) -> tuple[int | None, str, float]:

@@ -12,29 +12,26 @@ import torch
 from safetensors.torch import load_file
 
 import fish_tuning as ft
-from sharded_trainer import check_against_single, check_resume, launch, run_torchrun, single_reference
+from sharded_trainer import (
+    check_against_single,
+    check_resume,
+    launch,
+    run_torchrun,
+    single_reference,
+    trained_out,
+)
 
 pytest.importorskip("deepspeed")
 
 
 @pytest.fixture(scope="module")
 def zero3_out(tmp_path_factory):
-    out = tmp_path_factory.mktemp("zero3")
-    code, log, _ = run_torchrun("zero3", out, "train", timeout=900)  # a cold JIT build of the ops: minutes
-    if code is None:
-        pytest.fail(f"torchrun timed out (all processes killed):\n{log[-5000:]}")
-    assert code == 0, f"torchrun failed:\n{log[-8000:]}"
-    return out
+    return trained_out(tmp_path_factory, "zero3", timeout=900)
 
 
 @pytest.fixture(scope="module")
 def zero2_out(tmp_path_factory):
-    out = tmp_path_factory.mktemp("zero2")
-    code, log, _ = run_torchrun("zero2", out, "train", timeout=900)
-    if code is None:
-        pytest.fail(f"torchrun timed out (all processes killed):\n{log[-5000:]}")
-    assert code == 0, f"torchrun failed:\n{log[-8000:]}"
-    return out
+    return trained_out(tmp_path_factory, "zero2", timeout=900)
 
 
 @pytest.fixture(scope="module")

@@ -6,17 +6,12 @@ would (see ``emulate_gpu_launch`` in tests/sharded_trainer_worker.py); from ther
 import psutil
 import pytest
 
-from sharded_trainer import check_against_single, check_resume, run_torchrun, single_reference
+from sharded_trainer import check_against_single, check_resume, run_torchrun, single_reference, trained_out
 
 
 @pytest.fixture(scope="module")
 def fsdp2_out(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp2")
-    code, log, _ = run_torchrun("fsdp2", out, "train", timeout=500)
-    if code is None:
-        pytest.fail(f"torchrun timed out (all processes killed):\n{log[-5000:]}")
-    assert code == 0, f"torchrun failed:\n{log[-8000:]}"
-    return out
+    return trained_out(tmp_path_factory, "fsdp2", timeout=500)
 
 
 @pytest.fixture(scope="module")
