@@ -3,10 +3,6 @@
 tests/fsdp_worker.py does the rank side; this file runs it and recomputes everything in one unsharded process.
 """
 
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -16,7 +12,6 @@ from safetensors.torch import load_file
 
 import fish_tuning as ft
 from conftest import lm_batches, lora, tiny_llama
-from helpers import kill_tree
 
 FISHER_SAMPLES = 13  # odd on purpose: rank 0 scores 7 samples in 2 batches, rank 1 scores 6
 KEEP = 0.1
@@ -64,22 +59,10 @@ def token_loss(model, batch):
 
 
 def run_torchrun(out: Path, mode: str, timeout: float) -> tuple[int | None, str, float]:
-    """(return code or None on timeout, log, seconds). On timeout the whole process group is killed."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "fsdp_worker.py"), str(out), mode]
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=timeout)
-        code = proc.returncode
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)
-        log, _ = proc.communicate(timeout=30)
-        code = None
-    return code, log, time.monotonic() - t0
+    """tests/fsdp_worker.py on 2 ranks: (return code or None on timeout, log, seconds); killed whole on timeout."""
+    from sharded_trainer import launch  # late: sharded_trainer imports this module's builders
+
+    return launch("fsdp_worker.py", str(out), mode, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
