@@ -68,19 +68,22 @@ class Study:
             pool = load_glue(task, "train", limit=a.train_examples + a.heldout, seed=0)
             train, held = pool[a.heldout:], pool[:a.heldout]
             dev = load_glue(task, "dev", limit=a.dev_examples)
-            self._data[task] = (train, glue_batches(held, tok, 64, a.max_length),
-                                glue_batches(dev, tok, 64, a.max_length))
+            self._data[task] = (train, self.to_device(glue_batches(held, tok, 64, a.max_length)),
+                                self.to_device(glue_batches(dev, tok, 64, a.max_length)))
         return self._data[task]
+
+    def to_device(self, batches: list[dict]) -> list[dict]:
+        return [{k: v.to(self.args.device) for k, v in b.items()} for b in batches]
 
     def build(self, task: str, seed: int):
         spec = task_spec(task)
-        model, tok = load_model("minilm", num_labels=spec.num_labels)
+        model, tok = load_model(self.args.model, num_labels=spec.num_labels)
         torch.manual_seed(seed)  # the head is the only random part (PiSSA init is an SVD)
         torch.nn.init.normal_(model.classifier.weight, std=model.config.initializer_range)
         torch.nn.init.zeros_(model.classifier.bias)
         peft_spec = PeftSpec(rank=self.args.rank, layers=None, target_modules=["query", "key", "value"],
                              task_type="SEQ_CLS")
-        return METHODS["lora"](model, peft_spec), tok
+        return METHODS["lora"](model, peft_spec).to(self.args.device), tok  # PiSSA's SVD ran on the CPU
 
     def mask(self, task: str, seed: int, model, train):
         if (task, seed) not in self._masks:
@@ -107,8 +110,8 @@ class Study:
         model.train()
         for _ in range(steps):
             if not batches:
-                batches = glue_batches(train, self._tok, a.batch_size, a.max_length, shuffle=True,
-                                       seed=1000 * seed + epoch)
+                batches = self.to_device(glue_batches(train, self._tok, a.batch_size, a.max_length, shuffle=True,
+                                                      seed=1000 * seed + epoch))
                 epoch += 1
             loss = model(**batches.pop(0)).loss
             losses.append(loss.item())
@@ -127,7 +130,8 @@ class Study:
                 "steps": steps, "train_loss_tail": statistics.mean(tail) if finite else math.inf,
                 "heldout": evaluate(model, held, task_spec(task).metric) if finite else bad,
                 "dev": evaluate(model, dev, task_spec(task).metric) if finite else bad,
-                "train_seconds": seconds, "adafish": json.loads(a.adafish) if opt_name == "adafish" else None}
+                "train_seconds": seconds, "adafish": json.loads(a.adafish) if opt_name == "adafish" else None,
+                "device": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else "cpu"}
 
     def record(self, run: dict) -> None:
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -161,6 +165,11 @@ def main() -> None:
     ap.add_argument("--calibration", type=int, default=256)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--adafish", default="{}", help='AdaFish kwargs as JSON, e.g. \'{"variant": "sqrt"}\'')
+    ap.add_argument("--model", default="minilm", help="alias or local folder (the GPU lease carries a copy)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda; batches are moved there once")
+    ap.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS),
+                    help="one arm per process when several share a GPU")
+    ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the pipeline, not the claim")
     args = ap.parse_args()
     if args.smoke:
@@ -174,8 +183,8 @@ def main() -> None:
     study = Study(args)
     for task in args.tasks:
         for mask in args.masks:
-            for opt in OPTIMIZERS:
-                for budget in BUDGETS:
+            for opt in args.optimizers:
+                for budget in args.budgets:
                     grid = sorted(args.lrs)
                     while True:
                         for lr in grid:

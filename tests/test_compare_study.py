@@ -171,3 +171,25 @@ def test_lr_by_budget(workspace, tmp_path, monkeypatch):  # noqa: F811
     for bad, msg in (({3: 0.1}, "not one of the budgets"), ({1: -1}, "positive number"), ([0.1], "must map")):
         with pytest.raises(ValueError, match=msg):
             load_config(raw={**raw, "lr_by_budget": bad})
+
+
+def test_device_field(workspace, tmp_path):  # noqa: F811
+    raw = _equal_budget(workspace, tmp_path)
+    for bad, msg in (("gpu0", "torch device name"), (3, "torch device name")):
+        with pytest.raises(ValueError, match=msg):
+            load_config(raw={**raw, "device": bad})
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU; use device=cpu"):
+            load_config(raw={**raw, "device": "cuda"})
+    cpu = load_config(raw=raw)
+    assert cpu.device == "cpu"
+    gpu = load_config(raw=raw)
+    gpu.device = "cuda:0"  # set after validation: this machine may have no GPU
+    assert runner.setup_fingerprint(gpu) != runner.setup_fingerprint(cpu)  # never one results file for both
+
+
+def test_runs_record_their_device(workspace, tmp_path):  # noqa: F811
+    raw = _equal_budget(workspace, tmp_path, device="cpu")
+    raw.update(budgets=[1], seeds=[0], strategies=["original", "fish"])
+    records = Study(load_config(raw=raw), log=lambda *a: None).run()
+    assert [r["device"] for r in records] == ["cpu", "cpu"]

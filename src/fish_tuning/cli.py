@@ -72,6 +72,9 @@ def _compare(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)  # every field is checked before any model is loaded
     _show_progress()
     records = Study(cfg).run()
+    if args.no_report:
+        print(f"results: {results_path(cfg)} (fish-tune report builds the table and plots)")
+        return 0
     paths = write_report(results_path(cfg))
     print()
     print(table([r for r in records if r.get("id")]))
@@ -118,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0] train.epochs=1")
     cmp_.add_argument("--data-dir", help="folder with glue/ and gsm8k/ (same as data_dir=DIR)")
     cmp_.add_argument("--out-dir", help="where results and report go (same as out_dir=DIR)")
+    cmp_.add_argument("--no-report", action="store_true",
+                      help="write only the results file (jobs that share a study: run fish-tune report once after)")
     cmp_.set_defaults(func=_compare)
 
     rep = sub.add_parser("report", help="rebuild the markdown table and plots from a results .jsonl file")

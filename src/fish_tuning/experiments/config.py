@@ -70,6 +70,7 @@ class CompareConfig:
     name: str = "compare"
     progress: bool = True
     show_masks: bool = False  # print the per-layer summary of each FISH mask
+    device: str = "cpu"  # where models train ("cuda", "cuda:1"); tokenised batches are moved there once
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
@@ -233,6 +234,7 @@ def validate(cfg: CompareConfig) -> None:
                          f"got {cfg.seeds!r}")
     if len(set(cfg.seeds)) != len(cfg.seeds):
         raise ValueError(f"config field 'seeds' repeats a seed: {cfg.seeds!r}")
+    _check_device(cfg.device)
     t = cfg.train
     for name in ("epochs", "batch_size", "max_length", "max_new_tokens"):
         v = getattr(t, name)
@@ -280,6 +282,21 @@ def validate(cfg: CompareConfig) -> None:
         except (ValueError, ImportError) as err:
             raise ValueError(f"config field 'model': {err}") from None
         _check_loadable(cfg.model, path)
+
+
+def _check_device(device: object) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device) if isinstance(device, str) else None
+    except RuntimeError:
+        dev = None
+    if dev is None:
+        raise ValueError(f"config field 'device' must be a torch device name such as cpu or cuda, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"config field 'device': {device!r} but this machine has no CUDA GPU; use device=cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"config field 'device': {device!r} but this machine has {torch.cuda.device_count()} GPU(s)")
 
 
 def _check_select_kwargs(cfg: CompareConfig) -> None:

@@ -76,7 +76,8 @@ def exact_match(model, tokenizer, examples: Sequence[dict], max_new_tokens: int 
             chunk = examples[start: start + batch_size]
             enc = tokenizer([prompt_of(e) for e in chunk], return_tensors="pt", padding=True,
                             add_special_tokens=False)
-            enc = {k: enc[k] for k in ("input_ids", "attention_mask")}
+            device = next(model.parameters()).device
+            enc = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

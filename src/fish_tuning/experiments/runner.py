@@ -84,6 +84,8 @@ def setup_fingerprint(cfg: CompareConfig) -> str:
         keys["select_kwargs"] = cfg.select_kwargs
     if cfg.lr_by_budget:
         keys["lr_by_budget"] = {f"{b:g}": lr for b, lr in sorted(cfg.lr_by_budget.items())}
+    if cfg.device != "cpu":  # float sums differ by device: GPU and CPU runs never share a results file
+        keys["device"] = torch.device(cfg.device).type
     return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -153,6 +155,9 @@ class _TaskData:
             self.fisher_n = t.fisher_samples or 128
             self.make = lambda ex, shuffle=False, seed=0, bs=t.batch_size: glue_batches(
                 ex, tokenizer, bs, t.max_length, shuffle=shuffle, seed=seed, group_by_length=t.group_by_length)
+        device, make = torch.device(cfg.device), self.make
+        if device.type != "cpu":  # tokenised once, moved once: a step then copies nothing from the host
+            self.make = lambda *a, **kw: [{k: v.to(device) for k, v in b.items()} for b in make(*a, **kw)]
         if not train_ex or not self.dev_ex:
             raise ValueError(f"task {task}: the train or dev split is empty")
         self.train_ex = train_ex
@@ -210,7 +215,8 @@ class Study:
                         task_type="CAUSAL_LM" if task == "gsm8k" else "SEQ_CLS")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pissa.*", category=UserWarning)
-            return METHODS[method](model, spec), tok
+            model = METHODS[method](model, spec)  # PiSSA's SVD runs on the CPU, so every device starts alike
+        return model.to(self.cfg.device), tok
 
     def _rank_for(self, run: Run) -> int:
         return self.cfg.lora_rank if run.strategy == "original" else self.cfg.pool_rank
@@ -306,6 +312,7 @@ class Study:
             "train_examples": len(data.train_ex), "dev_examples": len(data.dev_ex),
             "fisher_seconds": fisher_s, "wall_seconds": time.time() - start, "finished": time.time(),
             "peak_memory_mb": {"process_rss_high_water": rss, "cuda": peak},
+            "device": torch.cuda.get_device_name(cfg.device) if cfg.device.startswith("cuda") else "cpu",
             "config": cfg.to_dict(),
         }
 

@@ -26,7 +26,7 @@ def evaluate(model: torch.nn.Module, batches: Sequence[dict], metric: str) -> di
         preds.append(logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1))
         labels.append(batch["labels"])
     model.train(was_training)
-    score = glue_score(metric, torch.cat(preds).numpy(), torch.cat(labels).numpy())
+    score = glue_score(metric, torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy())
     return {"loss": loss_sum / max(count, 1), "score": score}
 
 
