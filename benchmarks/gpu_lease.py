@@ -129,7 +129,10 @@ def start_mps(env: dict) -> bool:
     for d in mps.values():
         os.makedirs(d, exist_ok=True)
     try:
-        subprocess.run(["nvidia-cuda-mps-control", "-d"], env={**env, **mps}, check=True, timeout=20)
+        started = subprocess.run(["nvidia-cuda-mps-control", "-d"], env={**env, **mps}, timeout=20,
+                                 capture_output=True, text=True)
+        if started.returncode and "already running" not in started.stdout + started.stderr:  # a 2nd call, warm
+            raise subprocess.CalledProcessError(started.returncode, "nvidia-cuda-mps-control -d", started.stderr)
         subprocess.run([sys.executable, "-c", "import torch; torch.ones(1, device='cuda').sum().item()"],
                        env={**env, **mps}, check=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as err:
