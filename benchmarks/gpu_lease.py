@@ -123,6 +123,28 @@ def snapshot(res: Path, logs: Path, out: Path) -> None:
     os.replace(tmp, out / "results.tar")
 
 
+def seed_results(res: Path, results: Path) -> int:
+    """Split the merged study files back into per-job files, so a later lease skips every run already done
+    (a compare record names its job in ``config.name``; an AdaFish record's arm is its job)."""
+    count = 0
+    for study in STUDIES.values():
+        path = results / f"{study}.jsonl"
+        if not path.is_file():
+            continue
+        by_job: dict[str, list[str]] = {}
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                label = r["config"]["name"] if "config" in r else (
+                    f"ada-{r['task']}-{r['mask']}-{r['optimizer']}-{r['budget'].replace('/', '')}")
+                by_job.setdefault(label, []).append(line)
+        for label, lines in by_job.items():
+            if not (res / f"{label}.jsonl").exists():
+                (res / f"{label}.jsonl").write_text("\n".join(lines) + "\n")
+                count += len(lines)
+    return count
+
+
 def start_mps(env: dict) -> bool:
     """CUDA MPS lets the slots' small kernels run side by side; if it does not start or serve, run without it."""
     mps = {"CUDA_MPS_PIPE_DIRECTORY": "/tmp/mps", "CUDA_MPS_LOG_DIRECTORY": "/tmp/mps-log"}
@@ -158,6 +180,8 @@ def run(args) -> int:
             tar.extractall(data, filter="data")
     env["FISH_DATA_DIR"] = str(data)
     mps = args.device.startswith("cuda") and not args.no_mps and start_mps(env)
+    if not args.smoke:
+        print(f"{seed_results(res, ROOT / 'benchmarks' / 'results')} finished runs carried in", flush=True)
     queue = jobs(res, args.device, args.smoke)
     print(f"{len(queue)} jobs, {args.slots} slots, MPS {'on' if mps else 'off'}, deadline {args.deadline} s",
           flush=True)

@@ -68,3 +68,20 @@ def test_merge_refuses_mixed_setups(tmp_path):
     with pytest.raises(SystemExit, match="different setups"):
         gl.merge(str(tar), tmp_path)
     assert not (tmp_path / "equal_budget_gpu.jsonl").exists()
+
+
+def test_a_later_lease_starts_from_the_merged_files(tmp_path):
+    gl = lease()
+    results, res = tmp_path / "results", tmp_path / "res"
+    results.mkdir()
+    res.mkdir()
+    eb = [{"id": "a", "config": {"name": "eb-sst2-s0"}}, {"id": "b", "config": {"name": "eb-mrpc-s1"}}]
+    ada = [{"task": "stsb", "mask": "fish", "optimizer": "adafish", "budget": "T/2", "lr": 0.01, "seed": 3}]
+    (results / "equal_budget_gpu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in eb))
+    (results / "adafish_halfT_stsb_gpu.jsonl").write_text(json.dumps(ada[0]) + "\n")
+    assert gl.seed_results(res, results) == 3
+    assert json.loads((res / "eb-mrpc-s1.jsonl").read_text()) == eb[1]
+    assert json.loads((res / "ada-stsb-fish-adafish-T2.jsonl").read_text()) == ada[0]
+    labels = {label for label, _ in gl.jobs(res, "cuda", smoke=False)}
+    assert {"eb-sst2-s0", "eb-mrpc-s1", "ada-stsb-fish-adafish-T2"} <= labels  # the files the jobs will resume
+    assert gl.seed_results(res, results) == 0  # a job's own file is never overwritten
