@@ -4,6 +4,7 @@ which a fixed 1e-4 did not: sharded models have no per-sample loop to fall back 
 that are not samples must still fail the probe, in bf16 as in float32.
 """
 
+import contextlib
 import warnings
 
 import pytest
@@ -14,7 +15,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 import fish_tuning as ft
 from conftest import cls_batches, lm_batches, lora, tiny_bert, tiny_llama
 from fish_tuning.loglik import per_sample_log_likelihood
-from fish_tuning.per_sample import PerSampleHooks, probe_sample_grouping, slice_batch
+from fish_tuning.per_sample import PerSampleHooks, float32_probe, low_precision, probe_sample_grouping
 from test_audit_defects import FlatTokens
 
 EPS = torch.finfo(torch.bfloat16).eps  # 2**-7
@@ -38,16 +39,20 @@ def fisher(model, batches, method="vectorized", autocast=False):
                                  progress=False)
 
 
-def probe(model, batch, params) -> str | None:
+def probe(model, batch, params, upcast: bool | None = None) -> str | None:
+    """The grouping probe on ``batch`` as compute_fisher runs it: in float32 for a half-precision model (unless
+    ``upcast=False``, as for sharded models), else on the batch pass itself."""
     named = dict(model.named_parameters())
     cand = {n: named[n] for n in params}
     model.eval()
     for n, p in named.items():
         p.requires_grad_(n in cand)
     hooks = PerSampleHooks(model, cand)
+    rows = batch["labels"].shape[0]
+    upcast = low_precision(model, torch.device("cpu")) if upcast is None else upcast
     try:
-        pair = slice_batch(batch, 0, 2, batch["labels"].shape[0], torch.device("cpu"))
-        return probe_sample_grouping(model, cand, hooks, pair, per_sample_log_likelihood)
+        with float32_probe(model) if upcast else contextlib.nullcontext():
+            return probe_sample_grouping(model, cand, hooks, batch, rows, per_sample_log_likelihood)
     finally:
         hooks.remove()
 

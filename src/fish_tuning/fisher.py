@@ -37,9 +37,10 @@ from .per_sample import (
     accumulate_hooked,
     batch_size_of,
     check_finite,
+    float32_probe,
     hooked_pass,
     loss_for,
-    probe_pair,
+    low_precision,
     probe_sample_grouping,
     slice_batch,
 )
@@ -138,7 +139,9 @@ def compute_fisher(
         )
     cand_list = list(cand.values())
     seen, scored = 0, 0
-    probed = False
+    probed: set[int] = set()  # batch sizes whose grouping the probe has checked
+    # Half precision is probed in float32 (its own batch pass): bf16 rounding would hide a coupling of a few %.
+    # Sharded models cannot be upcast; they piggyback on the real pass in their own precision.
     bar = tqdm(total=quota, desc=f"Fisher ({kind})", disable=not progress, leave=False)
     pinned = gathered(cand_list)  # ZeRO-3: the candidates stay gathered (full) for the whole pass; else a no-op
     try:
@@ -150,9 +153,26 @@ def compute_fisher(
             if real:
                 scored += _label_count(chunk["labels"])
             done = False
-            if use_hooks and not probed and (all_agree(take >= 2, device) if sharded else take >= 2):
-                probed = True
-                why = probe_sample_grouping(model, cand, hooks, probe_pair(chunk, take, device), loglik_fn)
+            probe = use_hooks and take >= 2 and take not in probed  # a new batch size: re-probe
+            if use_hooks and sharded:  # every rank runs the probe's passes (each all-gathers) if any rank probes
+                probe = not all_agree(not probe, device)
+            upcast = probe and not sharded and low_precision(model, device)
+            why = None
+            if upcast:
+                with float32_probe(model):
+                    why = probe_sample_grouping(model, cand, hooks, chunk, take, loglik_fn)
+            if use_hooks and why is None:
+                used: dict = {}
+                hooks.watch = take - 1 if probe and not upcast else None
+                grads = hooked_pass(model, hooks, dict(chunk), take, cand_list, kind, loglik_fn, gen, used)
+                # A pass that fails the summed-gradient check is left to that check (its own, plainer reason);
+                # sharded runs probe regardless, as every rank must run the probe's pass.
+                if hooks.watch is not None and (sharded or hooks.unbatched or accumulate_hooked(
+                        cand, hooks, grads, {}, take)):
+                    why = probe_sample_grouping(model, cand, hooks, chunk, take, loglik_fn, used["labels"])
+                hooks.watch = None
+            if probe:
+                probed.add(take)
                 if sharded and not all_agree(why is None, device):
                     raise RuntimeError("compute_fisher on an FSDP2-sharded model: per-sample hooks are not exact "
                                        f"on some rank ({why or 'another rank'}) and the exact per-sample loop is "
@@ -160,11 +180,11 @@ def compute_fisher(
                 if why is not None:
                     if method == "vectorized":
                         raise RuntimeError(f"method='vectorized' is not exact for this model: {why}; use 'auto'")
-                    logger.warning("compute_fisher: using the exact per-sample loop: %s", why)
-                    use_hooks, engine = False, "loop"
+                    logger.warning("compute_fisher: using the exact per-sample loop (batch size %d): %s", take, why)
+                    use_hooks, engine = False, ("vectorized+loop" if seen else "loop")
+                    hooks.clear()
                     hooks.remove()
             if use_hooks:
-                grads = hooked_pass(model, hooks, dict(chunk), take, cand_list, kind, loglik_fn, gen)
                 done = not hooks.unbatched and (not real or accumulate_hooked(cand, hooks, grads, sums, take))
                 hooks.clear()
                 if sharded and not all_agree(done, device):

@@ -3,13 +3,15 @@
 One batched forward/backward gives every sample's own gradient of each candidate whose layer type has a rule in
 :mod:`fish_tuning.grad_sample` (nn.Linear: activations ``a`` and output gradients ``g`` per sample form
 ``Σ_t g_tᵀ a_t``; nn.Embedding, (IA)³, DoRA's magnitude, LoRA's embedding factors, ``adapters``' LoRA). Each
-batch is checked against autograd's summed gradient, and once per pass a 2-sample probe checks that the hooked
-rows are the batch's samples; the driver falls back to the exact per-sample loop where either check fails.
+batch is checked against autograd's summed gradient, and at each new batch size a probe checks that the hooked
+rows are that batch's samples (a sample in the batch against the same sample alone); the driver falls back to the
+exact per-sample loop where either check fails.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -39,20 +41,6 @@ def slice_batch(batch: Mapping[str, object], start: int, stop: int, size: int, d
     for key, value in batch.items():
         if isinstance(value, Tensor):
             value = value[start:stop] if value.dim() > 0 and value.shape[0] == size else value
-            value = value.to(device)
-        out[key] = value
-    return out
-
-
-def probe_pair(batch: Mapping[str, object], size: int, device: torch.device) -> dict:
-    """Two rows of ``batch`` for the grouping probe: row 0 and the first row whose inputs differ from it. Two
-    identical samples would make a coupling between samples invisible (their joint and single passes agree)."""
-    rows = [v for v in batch.values() if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == size]
-    other = next((j for j in range(1, size) if any(not torch.equal(v[j], v[0]) for v in rows)), 1)
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, Tensor):
-            value = value[[0, other]] if value.dim() > 0 and value.shape[0] == size else value
             value = value.to(device)
         out[key] = value
     return out
@@ -92,6 +80,9 @@ class PerSampleHooks:
         # mixed precision, autocast): hooked and autograd gradients can agree only to that precision.
         self.eps: dict[str, float] = {}
         self._name_of = by_id
+        # The grouping probe's row: its own per-sample gradient (float32) is kept as well as the batch reductions.
+        self.watch: int | None = None
+        self.watched: dict[str, Tensor] = {}
         # Entries per sample, for the chunk size; a ZeRO-3 partition reports its full size as ds_numel.
         self._numel = {n: getattr(p, "ds_numel", None) or p.numel() for n, p in params.items()}
         self._handles = []
@@ -110,6 +101,7 @@ class PerSampleHooks:
         self.reduced.clear()
         self.calls.clear()
         self.live.clear()
+        self.watched.clear()
 
     def tap(self, module: nn.Module, names: Mapping[str, str], rows: int, out: Tensor, compute: Compute) -> None:
         """A rule's forward hook: record ``names``' per-sample gradients when ``out``'s gradient arrives."""
@@ -139,6 +131,8 @@ class PerSampleHooks:
             prev = self.grad_sample.get(name)
             self.grad_sample[name] = ps if prev is None else prev + ps
             return
+        if self.watch is not None and self.watch < rows:
+            self.watched[name] = per_sample(self.watch, self.watch + 1)[0].float()
         step = max(1, self.chunk_elems // max(1, self._numel[name]))
         total = square = None
         for lo in range(0, rows, step):
@@ -149,6 +143,12 @@ class PerSampleHooks:
                 total.add_(ps.sum(0))
                 square.add_(ps.square().sum(0))
         self.reduced[name] = (total, square)
+
+    def row(self, name: str) -> Tensor | None:
+        """Row ``watch``'s per-sample gradient of ``name`` from the last pass (None if it got none)."""
+        if name in self.grad_sample and self.watch is not None:
+            return self.grad_sample[name][self.watch].float()
+        return self.watched.get(name)
 
     def inputs(self, params: list[Tensor]) -> list[Tensor]:
         """What to differentiate for ``params`` after a forward: the tensors the hooked modules used."""
@@ -162,7 +162,7 @@ class PerSampleHooks:
 LinearPerSampleHooks = PerSampleHooks  # the name before rules covered other layer types
 
 
-def loss_for(model: nn.Module, batch: dict, kind: Kind, loglik_fn: LogLikFn, gen) -> Tensor:
+def loss_for(model: nn.Module, batch: dict, kind: Kind, loglik_fn: LogLikFn, gen, used: dict | None = None) -> Tensor:
     labels = batch.pop("labels")
     logits = model(**batch).logits
     if logits.dim() == 3 and labels.dim() == 2 and logits.shape[1] > labels.shape[1]:
@@ -171,6 +171,8 @@ def loss_for(model: nn.Module, batch: dict, kind: Kind, loglik_fn: LogLikFn, gen
         labels = nn.functional.pad(labels, (logits.shape[1] - labels.shape[1], 0), value=-100)
     if kind == "expected":
         labels = sample_labels(logits, labels, generator=gen)
+    if used is not None:  # the labels scored (sampled ones for kind="expected"), for the grouping probe
+        used["labels"] = labels
     # Minus the *sum* of per-sample log-likelihoods: its gradient w.r.t. sample i's activations is sample i's own.
     return -loglik_fn(logits, labels).sum()
 
@@ -183,43 +185,101 @@ def check_finite(name: str, value: Tensor) -> None:
         )
 
 
-def hooked_pass(model, hooks: PerSampleHooks, batch: dict, rows: int, cand_list, kind, loglik_fn, gen):
+def hooked_pass(model, hooks: PerSampleHooks, batch: dict, rows: int, cand_list, kind, loglik_fn, gen,
+                used: dict | None = None):
     hooks.clear()
     hooks.unbatched.clear()
     hooks.rows = rows
-    loss = loss_for(model, batch, kind, loglik_fn, gen)
+    loss = loss_for(model, batch, kind, loglik_fn, gen, used)
     return torch.autograd.grad(loss, hooks.inputs(cand_list), allow_unused=True)
 
 
-def probe_sample_grouping(model, cand: dict, hooks: PerSampleHooks, pair: dict, loglik_fn) -> str | None:
-    """Check once that the hooks group activations into the batch's samples: squared per-sample gradients of a
-    2-sample batch must equal those of two 1-sample passes. The summed-gradient check per batch cannot see a
-    module whose rows are not samples (tokens flattened to ``[B*T, H]``, MoE experts, packed sequences).
-    Returns why the hooks are not exact, or None."""
-    names = list(cand)
-    grads = hooked_pass(model, hooks, dict(pair), 2, list(cand.values()), "empirical", loglik_fn, None)
-    if hooks.unbatched:
+def low_precision(model: nn.Module, device: torch.device) -> bool:
+    """Whether the model computes below float32: half-precision parameters or buffers, or autocast on."""
+    if any(t.is_floating_point() and t.dtype in (torch.bfloat16, torch.float16)
+           for t in (*model.parameters(), *model.buffers())):
+        return True
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # pragma: no cover - a device type autocast does not know
+        return False
+
+
+@contextmanager
+def float32_probe(model: nn.Module):
+    """Run the model in float32 for the grouping probe: half-precision parameters and buffers upcast in place
+    (restored exactly afterwards: bf16/fp16 -> float32 -> bf16/fp16 is lossless), autocast and TF32 off."""
+    low = [t for t in (*model.parameters(), *model.buffers())
+           if t.is_floating_point() and t.dtype in (torch.bfloat16, torch.float16)]
+    dtypes = [t.dtype for t in low]
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        for t in low:
+            t.data = t.data.float()
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            yield
+    finally:
+        for t, dtype in zip(low, dtypes):
+            t.data = t.data.to(dtype)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def probe_sample_grouping(model, cand: dict, hooks: PerSampleHooks, batch: Mapping[str, object], rows: int,
+                          loglik_fn, labels: Tensor | None = None) -> str | None:
+    """Check that the hooks group a batch of ``rows`` into its samples: the last sample's per-sample gradient
+    *within this batch* must equal that of the same sample run alone. The summed-gradient check per batch cannot
+    see a module whose rows are not samples (tokens flattened to ``[B*T, H]``, MoE experts, packed sequences) or a
+    coupling between samples (mixing rows, batch statistics, capacity limits that depend on the batch size).
+
+    With ``labels`` (the labels the batch was scored with) the hooks hold that batch's pass, run with
+    ``hooks.watch = rows - 1``: only the single-sample pass runs here, and the hooks' batch results are left as
+    they were. Without, the batch pass runs here too (data labels). Returns why the hooks are not exact, or None.
+    """
+    names, cand_list = list(cand), list(cand.values())
+    device = cand_list[0].device
+    k = rows - 1
+    if labels is None:
+        hooks.eps.clear()  # the probe's own precision (float32_probe), not the pass before's
+        hooks.watch = k
+        hooked_pass(model, hooks, dict(batch), rows, cand_list, "empirical", loglik_fn, None)
+        labels = torch.as_tensor(batch["labels"])
+    # Not returned at once: under FSDP2/ZeRO-3 every rank must run the single-sample pass below (it all-gathers).
+    flat = sorted(hooks.unbatched)[:1]
+    got = {n: hooks.row(n) for n in names}
+    # Tolerance, relative to each candidate's largest entry. Both sides are formed by the same per-sample rule in
+    # float32 from each pass's own activations (not autograd's gradient, which bf16 weights round to bf16: the
+    # old probe's 0.6-0.9 eps noise), so what differs is the forward/backward's rounding at another batch size.
+    # Measured (tiny LoRA Llama/BERT, batch 8): 0 on CPU in any dtype; 1e-6 in float32; with bf16 roundings
+    # flipped as a GPU's other summation order does, up to 1.0 bf16 eps (a flip propagates), and a 1 % coupling
+    # gives 2.5 eps. So half precision is probed in float32 (float32_probe), where 1e-4 has 100x headroom and a
+    # coupling of 0.1 % is caught; 4 eps is left only for runs that cannot upcast (sharded bf16: FSDP2, ZeRO-3).
+    rel = {n: max(1e-4, 4 * hooks.eps.get(n, 0.0)) for n in names}
+    saved = (dict(hooks.reduced), dict(hooks.grad_sample), dict(hooks.calls), dict(hooks.live))
+    try:
+        hooks.watch = 0
+        row = slice_batch(batch, k, k + 1, rows, device)
+        row["labels"] = labels[k: k + 1].to(device)
+        hooked_pass(model, hooks, row, 1, cand_list, "empirical", loglik_fn, None)
+        flat = flat or sorted(hooks.unbatched)[:1]
+        if flat:
+            return f"'{flat[0]}' sees inputs whose leading dimension is not the batch of samples"
+        want = {n: hooks.row(n) for n in names}
+    finally:
         hooks.clear()
-        return f"'{sorted(hooks.unbatched)[0]}' sees inputs whose leading dimension is not the batch of samples"
-    hooked = {n: hooks.reduced[n][1] for n in names if n in hooks.reduced}
-    hooked.update({n: g.square().sum(0) for n, g in hooks.grad_sample.items()})
-    # Squares of low-precision gradients agree to about one eps (the exact loop's gradient is rounded to its dtype:
-    # 0.6-0.9 eps in bf16, alike for 12 to 512 tokens, 2 to 8 layers, width 32 to 256, so no length term); rows
-    # that are not samples are off by O(1) (0.2 to 4 of the max, 28+ bf16 eps). float32 keeps its 1e-4.
-    rel = {n: max(1e-4, 8 * hooks.eps.get(n, 0.0)) for n in hooked}
-    hooks.clear()
-    exact = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in cand.items()}
-    for i in range(2):
-        row = slice_batch(pair, i, i + 1, 2, next(iter(cand.values())).device)
-        loss = loss_for(model, row, "empirical", loglik_fn, None)
-        for n, g in zip(names, torch.autograd.grad(loss, hooks.inputs(list(cand.values())), allow_unused=True)):
-            if g is not None:
-                exact[n].add_(g.float().square())
-    del grads
-    for n, sq in hooked.items():
-        tol = rel[n] * float(exact[n].abs().max()) + _TINY  # relative only: an absolute floor hides small gradients
-        if float((sq - exact[n]).abs().max()) > tol:
-            return f"per-sample gradients of '{n}' do not group by sample (squared sums differ from a per-sample loop)"
+        hooks.watch = None
+        for mine, kept in zip((hooks.reduced, hooks.grad_sample, hooks.calls, hooks.live), saved):
+            mine.update(kept)
+    for n in names:
+        if got[n] is None and want[n] is None:
+            continue
+        if got[n] is None or want[n] is None:
+            return f"per-sample gradients of '{n}' do not group by sample (it gets a gradient only in one pass)"
+        err = float((got[n] - want[n]).abs().max())
+        scale = float(want[n].abs().max())
+        if err > rel[n] * scale + _TINY:  # relative only: an absolute floor hides small gradients
+            return (f"per-sample gradients of '{n}' do not group by sample (sample {k} of a batch of {rows} differs "
+                    f"from the same sample alone by {err / max(scale, _TINY):.2g} of its largest entry)")
     return None
 
 
