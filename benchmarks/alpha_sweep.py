@@ -1,0 +1,58 @@
+"""Choose fish_balanced's alpha on held-out train (issue 16): one `fish-tune compare` results file per alpha.
+
+Each file holds fish_balanced runs of configs/equal_budget.yaml scored on 1,000 held-out train examples
+(`train.holdout_examples=1000`), never on dev; runs/cpu_s4.sh made them:
+
+    fish-tune compare --no-report configs/equal_budget.yaml name=fish_balanced_alpha_a0.5 "tasks=[stsb,sst2]" \\
+        "seeds=[0]" "strategies=[fish_balanced]" train.holdout_examples=1000 "select_kwargs={fish_balanced: {alpha: 0.5}}"
+    python benchmarks/alpha_sweep.py            # the table; the rule: the best mean over every (task, budget, seed)
+
+Only (task, budget, seed) cells that every alpha has are compared, so the means are paired.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load(pattern: str = "fish_balanced_alpha_a*.jsonl") -> dict[float, dict[tuple, float]]:
+    out: dict[float, dict[tuple, float]] = {}
+    for f in sorted(RESULTS.glob(pattern)):
+        for line in f.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                if r.get("eval_split") != "holdout":
+                    raise SystemExit(f"{f.name}: run {r['id']} was scored on {r.get('eval_split')}, not held-out train")
+                alpha = float(r["select_kwargs"]["alpha"])
+                out.setdefault(alpha, {})[r["task"], r["budget"], r["seed"]] = 100 * r["score"]
+    return out
+
+
+def main() -> int:
+    runs = load()
+    if not runs:
+        print("no fish_balanced_alpha_a*.jsonl results yet")
+        return 1
+    cells = sorted(set.intersection(*(set(v) for v in runs.values())))
+    if not cells:
+        print("no (task, budget, seed) is done for every alpha yet")
+        return 1
+    alphas = sorted(runs)
+    print("| task | budget | seed | " + " | ".join(f"alpha {a:g}" for a in alphas) + " |")
+    print("|---|---|---|" + "---|" * len(alphas))
+    for c in cells:
+        print(f"| {c[0]} | {c[1]:g} | {c[2]} | " + " | ".join(f"{runs[a][c]:.2f}" for a in alphas) + " |")
+    means = {a: statistics.mean(runs[a][c] for c in cells) for a in alphas}
+    print("| **mean** | | | " + " | ".join(f"**{means[a]:.2f}**" for a in alphas) + " |")
+    best = max(alphas, key=lambda a: means[a])
+    print(f"\nBest mean held-out score over {len(cells)} paired cells: alpha {best:g}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
