@@ -5,8 +5,12 @@ A lease is short (minutes) and MiniLM is small, so one process cannot fill the G
 the AdaFish half-budget study -- into its own JSONL file. Jobs are interleaved by priority, so whatever the deadline
 cuts off is the least important; every finished run is kept (results.tar is refreshed every 30 s and at the end).
 
-    # on the GPU machine (the device tool), with .gpu/ carried (benchmarks/gpu_lease.py --prepare makes it here):
-    python3 benchmarks/gpu_lease.py --run --out $OUT --deadline 470
+    # here, once: .gpu/ (model copy, data archive, peft wheel), ignored by git, 46 MiB
+    PYTHONPATH=src .venv/bin/python benchmarks/gpu_lease.py --prepare
+    # on the GPU machine (the device tool, carry [".gpu"]; session 4 ran exactly this, deadline 500, timeout 580 s):
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/*.whl && export PYTHONPATH=/tmp/site
+    python3 benchmarks/gpu_lease.py --run --out $OUT --deadline 500 --slots 15
+    # finished runs are carried in from benchmarks/results/*.jsonl and skipped, so a later lease goes on from there
     # back here: merge the per-job files into benchmarks/results/*.jsonl (deduplicated, fingerprints checked)
     python3 benchmarks/gpu_lease.py --merge /work/.device/.../results.tar
     # here, on the CPU, in about two minutes: every kind of job on tiny sizes (checks the plumbing, not the claim)
