@@ -38,19 +38,27 @@ def main() -> int:
     if not runs:
         print("no fish_balanced_alpha_a*.jsonl results yet")
         return 1
-    cells = sorted(set.intersection(*(set(v) for v in runs.values())))
-    if not cells:
-        print("no (task, budget, seed) is done for every alpha yet")
-        return 1
     alphas = sorted(runs)
+    every = sorted(set.union(*(set(v) for v in runs.values())))
     print("| task | budget | seed | " + " | ".join(f"alpha {a:g}" for a in alphas) + " |")
     print("|---|---|---|" + "---|" * len(alphas))
-    for c in cells:
-        print(f"| {c[0]} | {c[1]:g} | {c[2]} | " + " | ".join(f"{runs[a][c]:.2f}" for a in alphas) + " |")
+    for c in every:
+        print(f"| {c[0]} | {c[1]:g} | {c[2]} | " + " | ".join(
+            f"{runs[a][c]:.2f}" if c in runs[a] else "-" for a in alphas) + " |")
+    cells = sorted(set.intersection(*(set(v) for v in runs.values())))
+    if not cells:
+        print("\nno (task, budget, seed) is done for every alpha yet")
+        return 1
     means = {a: statistics.mean(runs[a][c] for c in cells) for a in alphas}
-    print("| **mean** | | | " + " | ".join(f"**{means[a]:.2f}**" for a in alphas) + " |")
+    print("| **mean over the cells every alpha has** | | | " + " | ".join(f"**{means[a]:.2f}**" for a in alphas) + " |")
     best = max(alphas, key=lambda a: means[a])
-    print(f"\nBest mean held-out score over {len(cells)} paired cells: alpha {best:g}.")
+    print(f"\nBest mean held-out score over the {len(cells)} cells every alpha has: alpha {best:g}.")
+    for a in alphas:
+        if a != best:
+            both = sorted(set(runs[a]) & set(runs[best]))
+            d = [runs[best][c] - runs[a][c] for c in both]
+            print(f"alpha {best:g} − alpha {a:g}, paired over the {len(both)} cells both have: "
+                  f"{statistics.mean(d):+.2f} points, ahead in {sum(x > 0 for x in d)} of {len(d)}.")
     return 0
 
 
