@@ -1,21 +1,30 @@
 """Choose fish_balanced's alpha on held-out train (issue 16): one `fish-tune compare` results file per alpha.
 
 Each file holds fish_balanced runs of configs/equal_budget.yaml scored on 1,000 held-out train examples
-(`train.holdout_examples=1000`), never on dev; runs/cpu_s4.sh made them:
+(`train.holdout_examples=1000`), never on dev. One command per alpha and seed made them (alpha 0, 0.5, 1; seeds 0, 1):
 
     fish-tune compare --no-report configs/equal_budget.yaml name=fish_balanced_alpha_a0.5 "tasks=[stsb,sst2]" \\
         "seeds=[0]" "strategies=[fish_balanced]" train.holdout_examples=1000 "select_kwargs={fish_balanced: {alpha: 0.5}}"
-    python benchmarks/alpha_sweep.py            # the table; the rule: the best mean over every (task, budget, seed)
+    python benchmarks/alpha_sweep.py            # the table and the choice
+
+The rule: the alpha with the best mean over the (task, budget, seed) cells every alpha has; it replaces the library's
+default only if its paired 95% t interval against the default, over the cells both have, excludes 0.
 
 Only (task, budget, seed) cells that every alpha has are compared, so the means are paired.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import statistics
 import sys
 from pathlib import Path
+
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from fish_tuning.mask import select_mask  # noqa: E402  (the library's default alpha)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -53,6 +62,15 @@ def main() -> int:
     print("| **mean over the cells every alpha has** | | | " + " | ".join(f"**{means[a]:.2f}**" for a in alphas) + " |")
     best = max(alphas, key=lambda a: means[a])
     print(f"\nBest mean held-out score over the {len(cells)} cells every alpha has: alpha {best:g}.")
+    default = inspect.signature(select_mask).parameters["alpha"].default
+    if best != default and default in runs:
+        both = sorted(set(runs[default]) & set(runs[best]))
+        d = [runs[best][c] - runs[default][c] for c in both]
+        half = stats.t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("inf")
+        keep = statistics.mean(d) - half <= 0
+        print(f"alpha {best:g} − the default {default:g}: {statistics.mean(d):+.2f} "
+              f"[{statistics.mean(d) - half:+.2f}, {statistics.mean(d) + half:+.2f}] over {len(d)} cells: "
+              + ("the interval includes 0, so the default stays." if keep else f"alpha {best:g} becomes the default."))
     for a in alphas:
         if a != best:
             both = sorted(set(runs[a]) & set(runs[best]))
