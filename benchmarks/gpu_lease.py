@@ -107,9 +107,11 @@ def prepare() -> None:
             shutil.copy(f, dst)
     weights = load_file(src / "model.safetensors")
     save_file({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in weights.items()},
-              dst / "model.safetensors", metadata={"format": "pt"})
-    with tarfile.open(CARRY / "data.tar.xz", "w:xz") as tar:
+              dst / "model.safetensors.tmp", metadata={"format": "pt"})
+    os.replace(dst / "model.safetensors.tmp", dst / "model.safetensors")  # an interrupted prepare leaves no half file
+    with tarfile.open(CARRY / "data.tar.xz.tmp", "w:xz") as tar:
         tar.add(Path(local_data_dir(None)) / "glue", arcname="glue")
+    os.replace(CARRY / "data.tar.xz.tmp", CARRY / "data.tar.xz")
     import peft
 
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d",
@@ -235,6 +237,8 @@ def run(args) -> int:
 
 def merge(tar_path: str, dest: Path) -> None:
     """Per-job JSONL files -> one results file per study, deduplicated by run id; records already there win."""
+    if not Path(tar_path).is_file() or not tarfile.is_tarfile(tar_path):
+        raise SystemExit(f"--merge {tar_path}: not a results.tar (the device tool's files_at folder holds it)")
     by_study: dict[str, list[dict]] = {}
     with tarfile.open(tar_path) as tar:
         for m in tar.getmembers():

@@ -85,3 +85,11 @@ def test_a_later_lease_starts_from_the_merged_files(tmp_path):
     labels = {label for label, _ in gl.jobs(res, "cuda", smoke=False)}
     assert {"eb-sst2-s0", "eb-mrpc-s1", "ada-stsb-fish-adafish-T2"} <= labels  # the files the jobs will resume
     assert gl.seed_results(res, results) == 0  # a job's own file is never overwritten
+
+
+def test_merge_of_a_missing_or_foreign_file_says_so(tmp_path):
+    gl = lease()
+    (tmp_path / "notes.txt").write_text("not a tar")
+    for bad in (tmp_path / "absent.tar", tmp_path / "notes.txt"):
+        with pytest.raises(SystemExit, match="not a results.tar"):
+            gl.merge(str(bad), tmp_path)
