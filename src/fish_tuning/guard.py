@@ -141,6 +141,8 @@ class MaskGuard:
         name_of = {id(p): n for n, p in model.named_parameters()}
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
+        params = list(params)
+        self._param_ids = frozenset(id(p) for p in params)  # what a stepping optimizer may hold (see before_step)
         self.kept: dict[Tensor, Tensor] = {}  # guarded tensor -> its kept flat indices
         self.names: dict[Tensor, str] = {}
         frozen = set(mask.frozen)
@@ -174,6 +176,7 @@ class MaskGuard:
         self._dense: dict[Tensor, Tensor] = {}  # lazily built bool masks (True = must not change)
         self._backup: dict[Tensor, Tensor] = {}
         self._handles: list = []
+        self._pending = False  # True between before_step and after_step: a step that raised is undone next time
         self._owner: weakref.ref | None = None
         self._finalizer: weakref.finalize | None = None
         self.attached = False
@@ -211,18 +214,28 @@ class MaskGuard:
         if optimizer is not None:
             self._owner = weakref.ref(optimizer)
             self._finalizer = weakref.finalize(optimizer, MaskGuard._close_handles, self._handles, list(self.kept))
-            for opt in stepped if step_hooks else ():
-                self._handles.append(opt.register_step_pre_hook(lambda *_: self.before_step()))
-                self._handles.append(opt.register_step_post_hook(lambda *_: self.after_step()))
+            if step_hooks:
+                self.hook_steps(*stepped)
         return self
+
+    def hook_steps(self, *optimizers: torch.optim.Optimizer) -> None:
+        """Run :meth:`before_step` / :meth:`after_step` around every step of these optimizers (removed by close).
+
+        :class:`~fish_tuning.MaskedOptimizer` hooks the optimizer it wraps, so a direct ``wrapped.step()`` is
+        guarded as well."""
+        for opt in optimizers:
+            self._handles.append(opt.register_step_pre_hook(lambda o, *_: self.before_step(o)))
+            self._handles.append(opt.register_step_post_hook(lambda *_: self.after_step()))
 
     def close(self) -> None:
         """Remove every hook this guard registered; the tensors then train without the mask. Idempotent."""
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
+        self.after_step()  # a step that raised part-way and was never retried: put its masked entries back
         MaskGuard._close_handles(self._handles, list(self.kept))
         self._backup.clear()
+        self._pending = False
         self.attached = False
 
     remove = close  # the name of 0.1
@@ -279,9 +292,31 @@ class MaskGuard:
             dense = self._dense[p] = dense.view(shard.shape)
         return dense
 
+    def _check_params(self, optimizer) -> None:
+        """Refuse a step over tensors this guard never saw (a group added after it was built would train them
+        densely). ZeRO steps its own flat fp32 partitions, so the check applies to plain and FSDP2 optimizers."""
+        if self._parts is not None:
+            return
+        for group in getattr(optimizer, "param_groups", ()):
+            for p in group["params"]:
+                if id(p) not in self._param_ids:
+                    raise RuntimeError(
+                        f"{type(optimizer).__name__}.step() would update a tensor of shape {tuple(p.shape)} that "
+                        f"{self!r} was not built with (a parameter group added afterwards, by add_param_group or "
+                        "param_groups.append): its masked entries would train. Put every parameter in the optimizer "
+                        "before wrapping it or attaching the mask."
+                    )
+
     @torch.no_grad()
-    def before_step(self) -> None:
-        """Zero masked gradients (also ones set by hand, not through backward) and back up guarded tensors."""
+    def before_step(self, optimizer=None) -> None:
+        """Zero masked gradients (also ones set by hand, not through backward) and back up guarded tensors.
+
+        ``optimizer``: the one about to step; it may hold only the tensors this guard was built with. If the last
+        step raised part-way (``after_step`` never ran), what it moved is put back first."""
+        if self._pending:
+            self.after_step()
+        if optimizer is not None:
+            self._check_params(optimizer)
         for p, idx in self.kept.items():
             if p in self._local:  # ZeRO-3: the reduced fp32 gradient slice (already masked in backward)
                 grad = self._parts.grad(p)
@@ -295,12 +330,14 @@ class MaskGuard:
                 if buf is None:
                     buf = self._backup[p] = torch.empty_like(target)
                 buf.copy_(target)
+        self._pending = self.restore
 
     @torch.no_grad()
     def after_step(self) -> None:
         """Write the backed-up value of every masked entry back (undoes weight decay, momentum, ...)."""
-        if not self.restore:
+        if not self._pending:
             return
+        self._pending = False
         for p in self.kept:
             shard = self._target(p)
             torch.where(self._frozen(p), self._backup[p], shard, out=shard)

@@ -21,8 +21,9 @@ class MaskedOptimizer(torch.optim.Optimizer):
 
     1. zeroes the gradient of masked entries after each backward (``post_accumulate_grad`` hook), so gradient
        clipping and accumulation see the masked gradient (Eq. 6), and optimizer moments stay 0 there;
-    2. backs up the candidate tensors around ``step()`` and writes masked entries back afterwards, which undoes
-       weight decay or any other rule of the wrapped optimizer.
+    2. backs up the candidate tensors around every step of the wrapped optimizer (its step hooks, so a direct
+       ``wrapped.step()`` is covered too) and writes masked entries back afterwards, which undoes weight decay or
+       any other rule of the wrapped optimizer, also when that step raises part-way.
 
     The hooks live as long as this wrapper: :meth:`close` removes them, and so does garbage collection of the
     wrapper. Parameters matching the mask's ``always_train`` train normally; any other optimizer parameter that
@@ -44,6 +45,11 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self._patch_step_function()  # what Optimizer.__init__ does so that registered step hooks fire
         params = [p for g in optimizer.param_groups for p in g["params"]]
         self._guard = MaskGuard(mask, model, params).attach(self, step_hooks=False)
+        # torch runs step hooks only where Optimizer.__init__ patched the class's step ("hooked"); else step() calls
+        # the guard by hand, and then only through this wrapper
+        self._hooked = bool(getattr(type(optimizer).step, "hooked", False))
+        if self._hooked:
+            self._guard.hook_steps(optimizer)
 
     # Delegation: the wrapped optimizer owns all state.
     @property
@@ -99,13 +105,16 @@ class MaskedOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None):
         if not self._guard.attached:
             raise RuntimeError("MaskedOptimizer was closed: its mask no longer applies; build a new one to train")
-        self._guard.before_step()
-        if closure is None:
-            loss = self.optimizer.step()
-        else:
-            with torch.enable_grad():
-                loss = self.optimizer.step(closure)
-        self._guard.after_step()
+        if not self._hooked:
+            self._guard.before_step(self.optimizer)
+        try:
+            if closure is None:
+                loss = self.optimizer.step()
+            else:
+                with torch.enable_grad():
+                    loss = self.optimizer.step(closure)
+        finally:  # also when the wrapped step raises part-way: what it moved of the masked entries goes back
+            self._guard.after_step()
         return loss
 
     def state_bytes(self) -> int:
@@ -178,10 +187,7 @@ class SparseAdamW(torch.optim.Optimizer):
     def __init__(self, params: nn.Module | Iterable, mask: FishMask, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  mask_grads: bool = True, model: nn.Module | None = None):
-        if not 0.0 <= lr or not 0.0 <= eps or not 0.0 <= weight_decay:
-            raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        _check_hyper({"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         if isinstance(params, nn.Module):  # SparseAdamW(model, mask): every trainable parameter, one group
             model, groups = params, None
         elif model is None:
@@ -194,6 +200,8 @@ class SparseAdamW(torch.optim.Optimizer):
             if not isinstance(groups[0], dict):
                 groups = [{"params": groups}]
             groups = [{**g, "params": list(g["params"])} for g in groups]
+            for g in groups:
+                _check_hyper(g)
         self.mask = mask
         name_of = {id(p): n for n, p in model.named_parameters()}
         chosen = (p for _, p in model.named_parameters()) if groups is None else (
@@ -226,11 +234,19 @@ class SparseAdamW(torch.optim.Optimizer):
         else:
             keep = {id(p) for p in masked + dense}
             groups = [{**g, "params": [p for p in g["params"] if id(p) in keep]} for g in groups]
+        self._dense_ids = frozenset(id(p) for p in dense)
         super().__init__(groups, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        self._built = True
         if mask_grads:
             self._guard: MaskGuard | None = guard.attach(self, step_hooks=False)
         else:
             self._guard = None
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_built", False):  # torch.optim.Optimizer.__init__ adds the constructor's groups here
+            raise NotImplementedError("SparseAdamW: a group added later would have no mask entry and train densely; "
+                                      "pass every parameter group to the constructor")
+        super().add_param_group(param_group)
 
     def _compact_size(self, p: Tensor) -> int:
         idx = self._index.get(p)
@@ -259,6 +275,10 @@ class SparseAdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
                     state["exp_avg_sq"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
                 idx = self._index.get(p)
+                if idx is None and id(p) not in self._dense_ids:
+                    raise RuntimeError(f"SparseAdamW: a tensor of shape {tuple(p.shape)} was put in param_groups "
+                                       "after construction; it has no mask entry and would train densely. Pass "
+                                       "every parameter group to the constructor")
                 steps.append(state["step"])
                 if idx is None:
                     value, grad = local(p), local(p.grad)
@@ -333,6 +353,25 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"SparseAdamW(k={self.mask.num_selected:,}, defaults={self.defaults})"
+
+
+# torch.optim.AdamW options SparseAdamW does not implement, with the only value it supports
+_UNSUPPORTED = {"maximize": False, "amsgrad": False, "capturable": False, "differentiable": False,
+                "decoupled_weight_decay": True}
+
+
+def _check_hyper(group: dict) -> None:
+    """Refuse hyper-parameters out of range or AdamW options this optimizer would silently ignore."""
+    for key, supported in _UNSUPPORTED.items():
+        if key in group and bool(group[key]) != supported:
+            raise ValueError(f"SparseAdamW does not implement {key}={group[key]!r}: use "
+                             f"MaskedOptimizer(torch.optim.AdamW(..., {key}={group[key]!r}), mask, model)")
+    lr, eps, wd = group.get("lr", 0.0), group.get("eps", 0.0), group.get("weight_decay", 0.0)
+    if not (0.0 <= lr and 0.0 <= eps and 0.0 <= wd):
+        raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {wd}")
+    betas = group.get("betas", (0.0, 0.0))
+    if not (len(betas) == 2 and 0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
 
 
 def make_optimizer(model: nn.Module, mask: FishMask, lr: float = 1e-3, weight_decay: float = 1e-2,
