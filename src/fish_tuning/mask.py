@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from . import allocation
 from .checks import is_int, unit_interval
 from .files import atomic_write
+from .maskfile import check_fingerprint, read_mask_file, saved_names
 from .names import adapter_of, agnostic_names, insert_adapter
 from .zero3 import full_numel, full_shape
 
@@ -248,28 +249,14 @@ class FishMask:
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module | None = None,
              adapter_name: str | None = None) -> FishMask:
-        """Read a mask file; with ``model``, also check names and shapes against it.
+        """Read a mask file; with ``model``, also check names and shapes against it. A file whose entries differ
+        from its recorded fingerprint is refused (ValueError), as it would train other entries.
 
         A file saved with adapter-agnostic names gets the adapter name back: ``adapter_name``, else the
         ``model``'s active adapter, else the name it was saved under.
         """
-        from safetensors import safe_open
-
         path = os.fspath(path)
-        if os.path.isdir(path):
-            raise IsADirectoryError(f"{path} is a directory; pass the mask file inside it "
-                                    "(e.g. os.path.join(folder, 'fish_mask.safetensors'))")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"mask file not found: {path}")
-        try:
-            with safe_open(path, framework="pt") as f:
-                raw = (f.metadata() or {}).get("fish_mask")
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-            meta = json.loads(raw) if raw else None
-        except Exception as err:  # safetensors raises several types for damaged headers/bodies
-            raise ValueError(f"corrupt mask file {path}: {err}. Recreate it with select_mask(...).save()") from err
-        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
-            raise ValueError(f"corrupt mask file {path}: no fish-mask metadata (not written by FishMask.save)")
+        meta, tensors = read_mask_file(path, _FORMAT)
         adapter = meta.get("adapter")
         target = adapter_name or adapter_of(model) or (adapter or {}).get("name")
 
@@ -285,8 +272,13 @@ class FishMask:
             numel = math.prod(shapes[name])
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel or bool((idx[1:] <= idx[:-1]).any())):
                 raise ValueError(f"corrupt mask file {path}: indices of '{name}' are out of range or unsorted")
-            indices[name_of(name)] = idx
-        mask = cls(shapes={name_of(n): s for n, s in shapes.items()}, indices=indices,
+            indices[name] = idx
+        saved = saved_names(meta)  # the fingerprint was taken under these names, before any adapter remap
+        check_fingerprint(path, meta, cls(shapes={saved[n]: s for n, s in shapes.items()},
+                                          indices={saved[n]: i for n, i in indices.items()},
+                                          frozen=[saved[n] for n in meta.get("frozen", [])]).fingerprint())
+        mask = cls(shapes={name_of(n): s for n, s in shapes.items()},
+                   indices={name_of(n): i for n, i in indices.items()},
                    always_train=[name_of(n) for n in meta.get("always_train", [])],
                    always_train_patterns=list(meta.get("always_train_patterns", [])),
                    frozen=[name_of(n) for n in meta.get("frozen", [])],

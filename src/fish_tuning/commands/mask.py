@@ -49,16 +49,35 @@ class OutputArguments:
                                                     "(as --seed of fish-tune train)."})
 
 
-def _paths(out: OutputArguments, mask_path: str) -> tuple[str, str | None]:
+def _same_file(a: str, b: str) -> bool:
+    """True if two paths name one file (symlinks, ``./``, hard links of existing files)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+def _paths(out: OutputArguments, mask_path: str, flag: str = "--output") -> tuple[str, str | None]:
+    """Summary JSON and heat map paths (None: no picture). Raises CommandError before anything is written if two
+    outputs, or an output and the mask, are one file: each write would replace the other (a mask named
+    ``x.json`` would be overwritten by its own summary)."""
     stem = os.path.splitext(mask_path)[0]
     png = None if (out.png or "").lower() == "none" else (out.png or stem + ".png")
-    return out.summary_json or stem + ".json", png
+    json_path = out.summary_json or stem + ".json"
+    fixes = {"summary": "pass --summary_json another path", "picture": "pass --png another path (or --png none)"}
+    for what, path in (("summary", json_path), ("picture", png)):
+        if path is not None and _same_file(path, mask_path):
+            raise CommandError(f"the {what} would overwrite the mask file {mask_path} ({flag}); name the mask "
+                               f"*.safetensors or {fixes[what]}")
+    if png is not None and _same_file(json_path, png):
+        raise CommandError(f"the summary and the picture would both be written to {png}; pass --summary_json and "
+                           "--png different paths")
+    return json_path, png
 
 
-def _show(mask, out: OutputArguments, mask_path: str, model=None) -> None:
+def _show(mask, out: OutputArguments, mask_path: str, model=None, flag: str = "--output") -> None:
     from .maskview import draw_heatmap, grid_table, write_summary
 
-    json_path, png = _paths(out, mask_path)
+    json_path, png = _paths(out, mask_path, flag)
     data = write_summary(mask, json_path, model)
     print(mask.summary(per_tensor=out.per_tensor))
     print("\nkept entries per layer x module (% of that cell's entries):")
@@ -78,9 +97,9 @@ def show(argv: list[str]) -> int:
     path = out.show
     if not Path(path).is_file():
         raise CommandError(f"--show {path}: file not found (give a fish_mask.safetensors file)")
-    if _paths(out, path)[1]:
+    if _paths(out, path, "--show")[1]:  # never writes to the shown mask
         check_png_support()
-    _show(FishMask.load(path), out, path)
+    _show(FishMask.load(path), out, path, flag="--show")
     return 0
 
 
@@ -92,7 +111,7 @@ def compute(argv: list[str]) -> int:
     check_peft_args(peft_args)
     check_data_args(data_args)
     check_output_dir(os.path.dirname(os.path.abspath(out.output)))
-    if _paths(out, out.output)[1]:
+    if _paths(out, out.output)[1]:  # also refuses outputs that are one file, before anything is written
         from .maskview import check_png_support
 
         check_png_support()
