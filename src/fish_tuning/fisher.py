@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .checks import positive_int
 from .dist import dist_rank_world, sum_over_ranks
-from .loglik import per_sample_log_likelihood, sample_labels
+from .loglik import ModelLogLik, per_sample_log_likelihood, sample_labels
 from .per_sample import (
     Kind,
     LogLikFn,
@@ -77,6 +77,10 @@ def compute_fisher(
         kind: ``"empirical"`` uses the data labels (Eq. 3); ``"expected"`` samples y from the model (Eq. 2).
         params: candidate parameter names; default every parameter with ``requires_grad``.
         method: ``"auto"`` (vectorised where exact, else loop), ``"vectorized"`` or ``"loop"``.
+        loglik_fn: ``f(logits, labels) -> [B]``. The default lines sequence logits up with the labels as the model's
+            own loss does (causal LMs: the next label; token classification, masked LMs, encoder-decoder: the label
+            at the same position) and raises ``ValueError`` for a model it cannot classify; fix the alignment with
+            ``functools.partial(per_sample_log_likelihood, shift=...)``.
         distributed: sum over the ranks of the default process group (default: when one is initialised).
             ``num_samples`` is then the *global* count: rank r scores the first ``ceil((num_samples - r) / W)``
             samples of its own ``batches``, so with a ``DistributedSampler``-style shard (sample i of the
@@ -105,6 +109,7 @@ def compute_fisher(
             "method (e.g. peft.get_peft_model) or pass params=[...] names."
         )
     cand = {n: named[n] for n in params}
+    loglik_fn = ModelLogLik(loglik_fn, model)
 
     rank, world = dist_rank_world(distributed)
     sharded = is_sharded(model)
@@ -151,7 +156,7 @@ def compute_fisher(
             p.requires_grad_(n in cand)
         for chunk, take, real in _passes(batches, quota, device, sharded):
             if real:
-                scored += _label_count(chunk["labels"])
+                scored += _label_count(chunk["labels"], loglik_fn.shift is not False)
             done = False
             probe = use_hooks and take >= 2 and take not in probed  # a new batch size: re-probe
             if use_hooks and sharded:  # every rank runs the probe's passes (each all-gathers) if any rank probes
@@ -276,11 +281,11 @@ def _passes(batches: Iterable[Mapping[str, object]], quota: int, device: torch.d
         yield chunks[-1][0], chunks[-1][1], False
 
 
-def _label_count(labels) -> int:
-    """Scored targets in a batch: label tokens that are not -100 for a causal LM, else one per sample."""
+def _label_count(labels, shift: bool = True) -> int:
+    """Scored targets in a batch: label tokens that are not -100 for a sequence model, else one per sample."""
     labels = torch.as_tensor(labels)
     if labels.dim() == 2 and not labels.is_floating_point():
-        return int((labels[:, 1:] != -100).sum())
+        return int(((labels[:, 1:] if shift else labels) != -100).sum())
     return int(labels.shape[0]) if labels.dim() else 1
 
 

@@ -17,8 +17,10 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ..config import FishConfig
 from ..fisher import compute_fisher
 from ..guard import MaskGuard
+from ..loglik import per_sample_log_likelihood
 from ..mask import DEFAULT_ALPHA, FishMask, select_mask
 from ..methods import peft_candidates
+from ..per_sample import LogLikFn
 from ..sharded import is_sharded
 from ..zero3 import full_numel, zero_optimizer, zero_params
 from .adapter import FISH_MASK_NAME, adapter_digest, check_adapter_digest
@@ -68,6 +70,8 @@ class FishCallback(TrainerCallback):
         strategy: ``fish`` (the paper), ``rand`` / ``rev`` (controls), ``fish_balanced`` (per-tensor shares by
             Fisher mass ** ``alpha``) or ``fish_rank1`` (whole LoRA rank-1 components); see ``select_mask``.
         seed: subset and ``rand`` seed; default ``args.seed``. ``batch_size``: default per-device train size.
+        loglik_fn: ``f(logits, labels) -> [B]`` for the Fisher pass (see ``compute_fisher``); the default reads the
+            label alignment from the model. Not part of ``config`` (a function is not saved with the mask).
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class FishCallback(TrainerCallback):
         save_final_mask: bool = True,
         alpha: float = DEFAULT_ALPHA,
         config: FishConfig | None = None,
+        loglik_fn: LogLikFn | None = None,
     ):
         if config is None:
             config = FishConfig(keep=keep, budget=budget, strategy=strategy, alpha=alpha, num_samples=num_samples,
@@ -106,6 +111,9 @@ class FishCallback(TrainerCallback):
                                                                                c.fisher_method, c.alpha)
         self.given_mask = mask
         self.candidates, self.batch_size, self.save_final_mask = candidates, batch_size, save_final_mask
+        if loglik_fn is not None and not callable(loglik_fn):
+            raise TypeError(f"FishCallback: loglik_fn must be callable (logits, labels) -> [B], got {loglik_fn!r}")
+        self.loglik_fn: LogLikFn = loglik_fn if loglik_fn is not None else per_sample_log_likelihood
         self.mask: FishMask | None = mask
         self.guard: MaskGuard | None = None
         self.source: str | None = None  # "given", "checkpoint" or "fisher"
@@ -218,7 +226,7 @@ class FishCallback(TrainerCallback):
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):  # belt and braces: training RNG untouched by the Fisher pass
             scores = compute_fisher(model, loader, num_samples=self.num_samples, kind=self.kind, params=cands,
-                                    method=self.method, seed=seed,
+                                    method=self.method, loglik_fn=self.loglik_fn, seed=seed,
                                     progress=state.is_local_process_zero and not args.disable_tqdm)
         mask = select_mask(scores, keep=self.keep, budget=self.budget, strategy=self.strategy, seed=seed,
                            exclude=self.exclude, always_train=self.always_train, alpha=self.alpha)
