@@ -349,3 +349,38 @@ def test_minilm_package_from_a_local_csv(tiny, tmp_path, capsys):
     assert mask.num_candidates == 6 * 2 * 2 * 8 * 384  # 6 layers x (query, value) x (A, B) of r 8 x 384
     assert mask.num_selected == round(0.05 * mask.num_candidates)
     assert "trainable params:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("split, rows, message", [
+    ("train", [{"sentence": "the film was good", "score": float("nan")}], "1 NaN / inf value(s) in the train data"),
+    ("train", [{"sentence": "the film was good", "score": float("inf")}], "1 NaN / inf value(s) in the train data"),
+    ("train", [{"sentence": None, "score": 1.0}], "text column 'sentence' has 1 empty value(s) in the train data"),
+    ("validation", [{"sentence": None, "score": 1.0}], "empty value(s) in the validation data"),
+    ("validation", [{"sentence": "the film", "score": float("nan")}], "NaN / inf value(s) in the validation data"),
+])
+def test_non_finite_labels_and_empty_text_are_refused_before_any_model_loads(tiny, tmp_path, monkeypatch, capsys,
+                                                                              split, rows, message):
+    """JSON NaN / CSV inf labels passed the empty-cell check and trained a NaN adapter with exit code 0 (or died in
+    the Fisher pass with a traceback); an empty text cell reached the tokenizer (audit, session 5)."""
+    from transformers import AutoModelForSequenceClassification
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before the data was checked")
+
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", no_model)
+    good = [{"sentence": f"the movie was {w}", "score": 4.5 if w in POS else 0.5} for w in POS + NEG] * 3
+    files = {}
+    for name, data in (("train", good + rows if split == "train" else good),
+                       ("validation", good[:4] + rows if split == "validation" else None)):
+        if data is not None:
+            files[name] = tmp_path / f"{name}.jsonl"  # json.dumps writes NaN / Infinity, as pandas and others do
+            files[name].write_text("".join(json.dumps(r) + "\n" for r in data))
+    argv = ["train", "--model_name_or_path", str(tiny["bert"]), "--train_file", str(files["train"]),
+            "--output_dir", str(tmp_path / "o"), "--keep", "0.1", *FAST]
+    if "validation" in files:
+        argv += ["--validation_file", str(files["validation"])]
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("fish-tune: error: ") and "\n" not in err, err
+    assert message in err, err
+    assert not (tmp_path / "o" / "adapter_model.safetensors").exists()

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..methods import prefix_tuning_compat
-from .common import CommandError, DataArguments, ModelArguments, PeftArguments, peft_config
+from .common import CommandError, DataArguments, ModelArguments, PeftArguments, check_values, peft_config
 
 
 def check_task_requirements(task: str) -> None:
@@ -66,15 +66,16 @@ def _cls_trainer(model_args, peft_args, info, path, tokenizer, train, val, targs
             enc["labels"] = [index[v] for v in batch[label]]
         return enc
 
-    def prepare(ds):
+    def prepare(ds, split: str):
         if ds is None:
             return None
         missing = [c for c in (text, pair, label) if c and c not in ds.column_names]
         if missing:
             raise CommandError(f"column {missing[0]!r} is in the train data but not in the validation data")
+        check_values(ds, info, split)
         return ds.map(encode, batched=True, remove_columns=ds.column_names)
 
-    train_ds, val_ds = prepare(train), prepare(val)
+    train_ds, val_ds = prepare(train, "train"), prepare(val, "validation")
     kwargs: dict[str, Any] = {"num_labels": 1 if regression else len(labels)}
     if regression:
         kwargs["problem_type"] = "regression"

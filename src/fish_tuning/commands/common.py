@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import typing
@@ -252,19 +253,41 @@ def infer_task(model: ModelArguments, data: DataArguments, train) -> dict:
     if text is None:
         raise CommandError(f"{task} needs a text column; none of {', '.join(TEXT_NAMES)} is in the data "
                            f"({', '.join(cols)}): give --text_column")
+    check_values(train, out, "train")
     values = train[label]
-    if any(v is None for v in values):
-        raise CommandError(f"label column {label!r} has empty values; fill or drop those rows")
-    if task == "regression":
-        try:
-            [float(v) for v in values]
-        except (TypeError, ValueError):
-            raise CommandError(f"regression needs numeric labels in {label!r}; use --task classification") from None
-    else:
+    if task != "regression":
         out["label_list"] = sorted(set(values), key=lambda v: (isinstance(v, str), v))
         if len(out["label_list"]) < 2:
             raise CommandError(f"label column {label!r} has a single value; classification needs two or more")
     return out
+
+
+def check_values(ds, info: dict, split: str) -> None:
+    """Refuse rows the tokenizer or the loss cannot take (an empty text cell, an empty or non-finite label) before
+    any model loads: they would end in a traceback, or in NaN gradients and a NaN adapter saved with exit code 0."""
+    for column in (info["text"], info["pair"]):
+        if column and column in ds.column_names:
+            empty = sum(v is None for v in ds[column])
+            if empty:
+                raise CommandError(f"text column {column!r} has {empty} empty value(s) in the {split} data; fill "
+                                   "or drop those rows")
+    label = info["label"]
+    if not label or label not in ds.column_names:
+        return
+    values = ds[label]
+    if any(v is None for v in values):
+        raise CommandError(f"label column {label!r} has empty values in the {split} data; fill or drop those rows")
+    if info["task"] == "regression":
+        try:
+            numbers = [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise CommandError(f"regression needs numeric labels in {label!r}; use --task classification") from None
+    else:
+        numbers = [v for v in values if isinstance(v, float)]
+    bad = sum(not math.isfinite(v) for v in numbers)
+    if bad:
+        raise CommandError(f"label column {label!r} has {bad} NaN / inf value(s) in the {split} data; fill or drop "
+                           "those rows")
 
 
 def _is_float(values) -> bool:
