@@ -73,6 +73,7 @@ def run(argv: list[str]) -> int:
     check_task_requirements(info["task"])
     # ---- nothing above loads model weights; everything below may take a while
     from .. import FishCallback
+    from ..integrations.adapter import save_mask_beside_adapter
     from .logs import attach_log_bridge
     from .maskview import write_summary
 
@@ -85,7 +86,9 @@ def run(argv: list[str]) -> int:
           f"on {len(trainer.train_dataset):,} examples", flush=True)
     resume = targs.resume_from_checkpoint  # a checkpoint folder, or true: the last one in output_dir
     trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
-    trainer.save_model(targs.output_dir)  # the peft adapter; FishCallback already wrote fish_mask.safetensors
+    trainer.save_model(targs.output_dir)  # the peft adapter
+    if trainer.args.should_save:  # FishCallback's train-end mask predates it: write it again, naming this adapter
+        save_mask_beside_adapter(targs.output_dir, fish.mask, trainer.model)
     summary = write_summary(fish.mask, os.path.join(targs.output_dir, "fish_mask.json"), trainer.model)
     metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     if metrics:
@@ -101,4 +104,9 @@ def main(argv: list[str]) -> int:
         return run(argv)
     except (CommandError, ValueError, OSError, ImportError) as err:
         print(f"fish-tune: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        return 2
+    except ArithmeticError as err:  # FloatingPointError: a non-finite gradient in the Fisher pass; names its fix
+        text = str(err).splitlines()[0] if str(err) else (
+            f"{type(err).__name__}: check the data's inputs and labels, and train in float32 (not --fp16)")
+        print(f"fish-tune: error: {text}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ import os
 import re
 import tempfile
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -23,17 +24,11 @@ from ..methods import peft_candidates
 from ..per_sample import LogLikFn
 from ..sharded import is_sharded
 from ..zero3 import full_numel, zero_optimizer, zero_params
-from .adapter import FISH_MASK_NAME, adapter_digest, check_adapter_digest
+from .adapter import save_mask_before_adapter, save_mask_beside_adapter, without_digests
 from .distributed import calibration_loader
+from .resume import MASK_GROUP_KEY, check_given, load_resumed, record
 
 logger = logging.getLogger("fish_tuning")
-MASK_GROUP_KEY = "fish_tuning_mask"
-
-
-def _saved_state(optimizer: torch.optim.Optimizer, lr_scheduler=None) -> dict | None:
-    """The mask state a resumed checkpoint restored: in the optimizer's first param group, or (FSDP2) the scheduler."""
-    saved = optimizer.param_groups[0].get(MASK_GROUP_KEY)
-    return saved if saved is not None else getattr(lr_scheduler, MASK_GROUP_KEY, None)
 
 
 class FishCallback(TrainerCallback):
@@ -41,8 +36,10 @@ class FishCallback(TrainerCallback):
 
     At ``on_train_begin`` (after the Trainer built and prepared its optimizer) the callback
 
-    1. gets the mask: ``mask=`` if given; on ``resume_from_checkpoint`` the checkpoint's ``fish_mask.safetensors``;
-       otherwise Fisher on ``num_samples`` seeded-random examples of the trainer's own train dataset, batched by
+    1. gets the mask: ``mask=`` if given; on ``resume_from_checkpoint`` the resumed checkpoint's (from its
+       optimizer state, or under ``save_only_model`` the mask file whose fingerprint its trainer_state.json
+       records; see :mod:`fish_tuning.integrations.resume`); on a later ``train()`` of the same model the mask
+       this callback already selected (its entries have trained; :meth:`reset` asks for a new one); otherwise Fisher on ``num_samples`` seeded-random examples of the trainer's own train dataset, batched by
        its own data collator (global count; under DDP each rank scores its share and the sums are combined);
     2. attaches a :class:`~fish_tuning.MaskGuard` to the innermost torch optimizer (under accelerate's
        ``AcceleratedOptimizer``): masked gradients are zeroed after each backward (so clipping, accumulation and
@@ -57,7 +54,9 @@ class FishCallback(TrainerCallback):
 
     The Trainer's optimizer, scheduler, clipping and accumulation are used unchanged. Counts go to
     ``trainer.state.log_history`` (and ``self.stats``); the mask is written into every checkpoint and, at train
-    end, into ``args.output_dir`` (beside the adapter ``trainer.save_model()`` writes there).
+    end, into ``args.output_dir``, where the adapter is written only later by ``trainer.save_model()``: the mask
+    records the adapter files already there as stale, so ``load_adapter`` refuses the pair until the new adapter
+    arrives (a run killed before save_model never pairs its mask with an older adapter).
 
     Args:
         keep / budget: fraction or number of candidate entries to train (exactly one, unless ``mask`` is given).
@@ -116,8 +115,9 @@ class FishCallback(TrainerCallback):
         self.loglik_fn: LogLikFn = loglik_fn if loglik_fn is not None else per_sample_log_likelihood
         self.mask: FishMask | None = mask
         self.guard: MaskGuard | None = None
-        self.source: str | None = None  # "given", "checkpoint" or "fisher"
+        self.source: str | None = None  # "given", "checkpoint", "fisher" or "kept"
         self.stats: dict[str, float] = {}
+        self._trained: weakref.ref[nn.Module] | None = None  # the model self.mask was taken for
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
@@ -129,23 +129,28 @@ class FishCallback(TrainerCallback):
         # ZeRO: the torch optimizer that ZeRO wraps holds the param groups (and steps the fp32 masters)
         inner = zero.optimizer if zero is not None else innermost_optimizer(optimizer)
         if self.given_mask is not None:
+            if state.global_step > 0:
+                check_given(self.given_mask, state, inner, lr_scheduler)
             self.mask, self.source = self.given_mask, "given"
-            saved = _saved_state(inner, lr_scheduler) if state.global_step > 0 else None
-            if saved is not None and FishMask.from_state(saved).fingerprint() != self.given_mask.fingerprint():
-                raise ValueError(
-                    f"resuming at step {state.global_step} with a mask that is not the interrupted run's (the "
-                    "checkpoint's optimizer state holds another one): its entries trained under that mask, so "
-                    "switching would freeze some moved entries and train others from stale state. Pass the "
-                    "checkpoint's mask (FishMask.load('<checkpoint>/fish_mask.safetensors')) or no mask at all, "
-                    "or start a new run without resume_from_checkpoint.")
         elif state.global_step > 0:
-            self.mask, self.source = self._load_resumed(args, state, model, inner, lr_scheduler), "checkpoint"
+            self.mask, self.source = load_resumed(args, state, model, inner, lr_scheduler), "checkpoint"
             wanted = self.budget if self.budget is not None else round(self.keep * self.mask.num_candidates)
             if wanted != self.mask.num_selected:
                 warnings.warn(f"FishCallback: resuming with the checkpoint's mask ({self.mask.num_selected} entries), "
                               f"not the {wanted} that keep/budget ask for now", stacklevel=2)
+        elif self.mask is not None and self._trained is not None and self._trained() is model:
+            # a second train() starts a fresh TrainerState at step 0, but these weights trained under self.mask:
+            # a new selection on them would move other entries and leave no mask that describes the adapter
+            self.source = "kept"
+            warnings.warn("FishCallback: keeping the mask this callback selected for this model in an earlier "
+                          f"train() ({self.mask.num_selected} entries); call callback.reset() before train() for a "
+                          "fresh selection", stacklevel=2)
         else:
             self.mask, self.source = self._select(args, state, model, train_dataloader), "fisher"
+        self.mask = without_digests(self.mask)  # digests of the folder it was read from describe only that folder
+        if self.source != "given":
+            self._trained = weakref.ref(model)
+        record(args, state, self.mask)  # its fingerprint goes into every checkpoint's trainer_state.json
         # The mask travels in the optimizer's first param group (as schedulers keep "initial_lr" there), so every
         # checkpoint's optimizer.pt carries it and resuming from any folder restores exactly this mask. FSDP2
         # checkpoints (torch.distributed.checkpoint) load only the keys a fresh optimizer has, so it also rides in
@@ -173,13 +178,18 @@ class FishCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.remove()  # first: later training of this model is never masked by surprise, even if saving fails
         if self.mask is not None and self.save_final_mask and args.should_save:
-            self.mask.save(os.path.join(args.output_dir, FISH_MASK_NAME), model=kwargs.get("model"))
+            save_mask_before_adapter(args.output_dir, self.mask, kwargs.get("model"))
 
     def remove(self) -> None:
         """Detach the gradient and step hooks (done automatically at train end). Idempotent."""
         if self.guard is not None:
             self.guard.close()
             self.guard = None
+
+    def reset(self) -> None:
+        """Forget the mask selected in an earlier ``train()``: the next one selects afresh (or uses ``mask=``)."""
+        self.remove()
+        self.mask, self.source, self._trained = self.given_mask, None, None
 
     def attach_to(self, trainer) -> FishCallback:
         """Add this callback to ``trainer`` so that its ``fish/*`` figures also reach the reporters
@@ -200,11 +210,7 @@ class FishCallback(TrainerCallback):
 
     def _save_mask(self, folder: str, model: nn.Module | None) -> None:
         """The mask beside a checkpoint's adapter, with a digest of those adapter files (checked on resume)."""
-        mask = self.mask
-        digest = adapter_digest(folder)
-        if digest:
-            mask = dataclasses.replace(mask, meta={**mask.meta, "adapter_files": digest})
-        mask.save(os.path.join(folder, FISH_MASK_NAME), model=model)
+        save_mask_beside_adapter(folder, self.mask, model)
 
     # ------------------------------------------------------------------ mask sources
     def _select(self, args, state, model: nn.Module, train_dataloader) -> FishMask:
@@ -246,27 +252,6 @@ class FishCallback(TrainerCallback):
         meta = {**mask.meta, "always_train_numel": numel, "fisher": fisher,
                 "fish_config": self.config.to_dict()}
         return dataclasses.replace(mask, always_train=names, meta=meta)
-
-    def _load_resumed(self, args, state, model: nn.Module, optimizer: torch.optim.Optimizer,
-                      lr_scheduler=None) -> FishMask:
-        """The interrupted run's mask: restored with the optimizer (or LR scheduler) state the Trainer just loaded
-        from the checkpoint; checkpoints without it (older versions) fall back to ``output_dir/checkpoint-N``'s file."""
-        saved = _saved_state(optimizer, lr_scheduler)
-        if saved is not None:
-            mask = FishMask.from_state(saved)
-            mask.check(model)
-            return mask
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        path = os.path.join(folder, FISH_MASK_NAME)
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"resuming at step {state.global_step}, but the checkpoint's optimizer state holds no FISH mask and "
-                f"{path} does not exist: the checkpoint was not written with FishCallback. Pass the mask of the "
-                "interrupted run: FishCallback(mask=FishMask.load('<checkpoint>/fish_mask.safetensors'))"
-            )
-        mask = FishMask.load(path, model)
-        check_adapter_digest(folder, mask)
-        return mask
 
     def _log(self, state: TrainerState, model: nn.Module) -> None:
         mask = self.mask
