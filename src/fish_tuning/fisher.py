@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .batches import batch_size_of, labelled_rows, probe_row
 from .checks import positive_int
 from .dist import dist_rank_world, sum_over_ranks
 from .loglik import ModelLogLik, per_sample_log_likelihood, sample_labels
@@ -35,7 +36,6 @@ from .per_sample import (
     LogLikFn,
     PerSampleHooks,
     accumulate_hooked,
-    batch_size_of,
     check_finite,
     float32_probe,
     hooked_pass,
@@ -73,7 +73,9 @@ def compute_fisher(
 
     Args:
         batches: any iterable of model-input dicts with ``labels`` (a DataLoader, a list), any batch size.
-        num_samples: how many samples (rows, not batches) to score; the paper uses 128 (256 for generation).
+        num_samples: how many samples (rows, not batches) to score; the paper uses 128 (256 for generation). A
+            class label of -100 (ignored by the model's own loss) marks a row without a label: it is skipped and
+            not counted. Packed rows (several examples in one row: padding-free collators) raise ``ValueError``.
         kind: ``"empirical"`` uses the data labels (Eq. 3); ``"expected"`` samples y from the model (Eq. 2).
         params: candidate parameter names; default every parameter with ``requires_grad``.
         method: ``"auto"`` (vectorised where exact, else loop), ``"vectorized"`` or ``"loop"``.
@@ -143,7 +145,7 @@ def compute_fisher(
             "fully_shard, or restrict params= to nn.Linear weights (LoRA's A and B are)."
         )
     cand_list = list(cand.values())
-    seen, scored = 0, 0
+    seen, scored, rows = 0, 0, 0  # samples scored (N), label targets, rows read (labelled or not)
     probed: set[int] = set()  # batch sizes whose grouping the probe has checked
     # Half precision is probed in float32 (its own batch pass): bf16 rounding would hide a coupling of a few %.
     # Sharded models cannot be upcast; they piggyback on the real pass in their own precision.
@@ -154,9 +156,12 @@ def compute_fisher(
         model.eval()
         for n, p in named.items():
             p.requires_grad_(n in cand)
-        for chunk, take, real in _passes(batches, quota, device, sharded):
+        for chunk, take, real, samples in _passes(batches, quota, device, sharded):
             if real:
                 scored += _label_count(chunk["labels"], loglik_fn.shift is not False)
+                rows += take
+            if samples == 0 and not sharded:  # every row unlabelled: no gradient (sharded ranks run every pass)
+                continue
             done = False
             probe = use_hooks and take >= 2 and take not in probed  # a new batch size: re-probe
             if use_hooks and sharded:  # every rank runs the probe's passes (each all-gathers) if any rank probes
@@ -168,7 +173,7 @@ def compute_fisher(
                     why = probe_sample_grouping(model, cand, hooks, chunk, take, loglik_fn)
             if use_hooks and why is None:
                 used: dict = {}
-                hooks.watch = take - 1 if probe and not upcast else None
+                hooks.watch = probe_row(chunk["labels"], take) if probe and not upcast else None
                 grads = hooked_pass(model, hooks, dict(chunk), take, cand_list, kind, loglik_fn, gen, used)
                 # A pass that fails the summed-gradient check is left to that check (its own, plainer reason);
                 # sharded runs probe regardless, as every rank must run the probe's pass.
@@ -207,7 +212,10 @@ def compute_fisher(
                     use_hooks, engine = False, ("vectorized+loop" if seen else "loop")
                     hooks.remove()
             if not done:
+                labelled = labelled_rows(chunk["labels"])
                 for i in range(take):
+                    if labelled is not None and not labelled[i]:  # no label, no gradient
+                        continue
                     row = slice_batch(chunk, i, i + 1, take, device)
                     grads = torch.autograd.grad(loss_for(model, row, kind, loglik_fn, gen), cand_list,
                                                 allow_unused=True)
@@ -217,8 +225,8 @@ def compute_fisher(
                             s.add_(g.float().square())
             if not real:
                 continue
-            seen += take
-            bar.update(take)
+            seen += samples
+            bar.update(samples)
     finally:
         pinned.__exit__(None, None, None)
         bar.close()
@@ -229,17 +237,17 @@ def compute_fisher(
         model.train(was_training)
 
     logger.info("compute_fisher: engine=%s (%d samples on this rank)", engine, seen)
-    count = torch.tensor([float(seen), float(scored)], device=device)
+    count = torch.tensor([float(seen), float(scored), float(rows)], device=device)
     if world > 1:
         count = sum_over_ranks(sums, count)
     total = int(count[0].item())
-    if total == 0:
+    if int(count[2].item()) == 0:
         raise ValueError("compute_fisher got no batches (the iterable was empty): pass calibration batches")
-    if int(count[1].item()) == 0:
+    if int(count[1].item()) == 0 or total == 0:
         raise ValueError(
-            "every label of the calibration batches is -100 (ignored): there is no label token to score, so the "
+            "every label of the calibration batches is -100 (ignored): there is no label to score, so the "
             "Fisher would be zero everywhere. Check the data collator / completion-only masking (are completions "
-            "cut off by max_length?)"
+            "cut off by max_length?), or the class labels of a classification dataset"
         )
     count = count[0]
     if total < num_samples and rank == 0:
@@ -252,7 +260,8 @@ def compute_fisher(
 
 
 def _passes(batches: Iterable[Mapping[str, object]], quota: int, device: torch.device, sharded: bool):
-    """(chunk, rows, real) per forward/backward pass: this rank's batches cut to its quota of samples.
+    """(chunk, rows, real, samples) per forward/backward pass: this rank's batches cut to its quota of samples
+    (rows with a label: an unlabelled class row, -100, is carried along but not counted).
 
     Under FSDP every pass all-gathers, so all ranks must run the same number: a rank with fewer batches repeats
     its last one as discarded passes (``real`` False) up to the largest count (one all-reduce).
@@ -262,13 +271,13 @@ def _passes(batches: Iterable[Mapping[str, object]], quota: int, device: torch.d
         if seen >= quota:
             break
         size = batch_size_of(batch)
-        take = min(size, quota - seen)
-        chunk = (slice_batch(batch, 0, take, size, device), take, True)
+        take, samples = _take(batch["labels"], size, quota - seen)
+        chunk = (slice_batch(batch, 0, take, size, device), take, True, samples)
         if not sharded:
             yield chunk
         else:
             chunks.append(chunk)
-        seen += take
+        seen += samples
     if not sharded:
         return
     if not all_agree(bool(chunks), device):
@@ -278,14 +287,32 @@ def _passes(batches: Iterable[Mapping[str, object]], quota: int, device: torch.d
     padded = pass_count(len(chunks), device)
     yield from chunks
     for _ in range(padded - len(chunks)):
-        yield chunks[-1][0], chunks[-1][1], False
+        yield chunks[-1][0], chunks[-1][1], False, chunks[-1][3]
+
+
+def _take(labels, size: int, need: int) -> tuple[int, int]:
+    """(rows, samples) of a batch of ``size`` rows to read for ``need`` more samples: the shortest prefix that has
+    ``need`` labelled rows (all rows are samples unless class labels say otherwise), or the whole batch."""
+    labelled = labelled_rows(labels)
+    if labelled is None:
+        take = min(size, need)
+        return take, take
+    cum = labelled.long().cumsum(0)
+    have = int(cum[-1]) if cum.numel() else 0
+    if have <= need:
+        return size, have
+    return int((cum < need).sum()) + 1, need
 
 
 def _label_count(labels, shift: bool = True) -> int:
-    """Scored targets in a batch: label tokens that are not -100 for a sequence model, else one per sample."""
+    """Scored targets in a batch: label tokens that are not -100 for a sequence model, labelled rows for class
+    labels (-100: none), else one per sample."""
     labels = torch.as_tensor(labels)
     if labels.dim() == 2 and not labels.is_floating_point():
         return int(((labels[:, 1:] if shift else labels) != -100).sum())
+    labelled = labelled_rows(labels)
+    if labelled is not None:
+        return int(labelled.sum())
     return int(labels.shape[0]) if labels.dim() else 1
 
 

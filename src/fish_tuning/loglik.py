@@ -31,7 +31,7 @@ def per_sample_log_likelihood(logits: Tensor, labels: Tensor, shift: bool = True
       from the model; pass ``functools.partial(per_sample_log_likelihood, shift=...)`` to fix it yourself.
     - ``logits [B, 1]`` or floating labels of shape ``[B]``: regression with unit-variance Gaussian (matches MSE).
     - ``logits [B, C]`` with float labels ``[B, C]``: multi-label Bernoulli.
-    - ``logits [B, C]`` with integer labels ``[B]``: categorical.
+    - ``logits [B, C]`` with integer labels ``[B]``: categorical; a sample labelled ``-100`` scores 0 (no label).
     """
     logits = logits.float()
     if logits.dim() == 3:
@@ -50,7 +50,9 @@ def per_sample_log_likelihood(logits: Tensor, labels: Tensor, shift: bool = True
         return -0.5 * (logits.squeeze(1) - labels.float().view(-1)) ** 2
     if labels.is_floating_point() and labels.shape == logits.shape:
         return -nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(1)
-    return torch.log_softmax(logits, dim=-1).gather(1, labels.long().view(-1, 1)).squeeze(1)
+    # A label of -100 marks a sample without one (CrossEntropyLoss's ignore_index, as the model's own loss): 0 here,
+    # and compute_fisher does not count it in N.
+    return -nn.functional.cross_entropy(logits, labels.long().view(-1), ignore_index=-100, reduction="none")
 
 
 @torch.no_grad()
@@ -74,7 +76,8 @@ def sample_labels(logits: Tensor, labels: Tensor, generator: torch.Generator | N
         return (logits.squeeze(1) + noise).to(labels.dtype if labels.is_floating_point() else torch.float32)
     if labels.is_floating_point() and labels.shape == logits.shape:
         return torch.bernoulli(torch.sigmoid(logits), generator=generator).to(labels.dtype)
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).view(-1).to(labels.dtype)
+    drawn = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).view(-1).to(labels.dtype)
+    return torch.where(labels.view(-1) == -100, labels.view(-1), drawn)  # an unlabelled sample stays unlabelled
 
 
 def unwrapped(model: nn.Module) -> Iterator[nn.Module]:

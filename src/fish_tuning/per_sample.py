@@ -17,33 +17,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .batches import probe_row, slice_batch
 from .grad_sample import Compute, PerSample, load_rules, resolve, rule_for
 from .loglik import sample_labels, unwrapped
 
 Kind = Literal["empirical", "expected"]
 LogLikFn = Callable[[Tensor, Tensor], Tensor]
-
-
-def batch_size_of(batch: Mapping[str, object]) -> int:
-    labels = batch.get("labels") if isinstance(batch, Mapping) else None
-    if labels is None:
-        keys = list(batch.keys()) if isinstance(batch, Mapping) else type(batch).__name__
-        raise ValueError(
-            f"compute_fisher needs batches that are dicts with a 'labels' entry (got {keys}). "
-            "Add labels to each batch (e.g. a DataCollator that sets 'labels'); the Fisher is the gradient of "
-            "log p(labels | inputs)."
-        )
-    return int(torch.as_tensor(labels).shape[0])
-
-
-def slice_batch(batch: Mapping[str, object], start: int, stop: int, size: int, device: torch.device) -> dict:
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, Tensor):
-            value = value[start:stop] if value.dim() > 0 and value.shape[0] == size else value
-            value = value.to(device)
-        out[key] = value
-    return out
 
 
 _TINY = torch.finfo(torch.float32).tiny  # tolerances are relative to each candidate's own scale; this only keeps 0 <= 0
@@ -242,18 +221,19 @@ def float32_probe(model: nn.Module):
 
 def probe_sample_grouping(model, cand: dict, hooks: PerSampleHooks, batch: Mapping[str, object], rows: int,
                           loglik_fn, labels: Tensor | None = None) -> str | None:
-    """Check that the hooks group a batch of ``rows`` into its samples: the last sample's per-sample gradient
+    """Check that the hooks group a batch of ``rows`` into its samples: the last labelled sample's gradient
     *within this batch* must equal that of the same sample run alone. The summed-gradient check per batch cannot
     see a module whose rows are not samples (tokens flattened to ``[B*T, H]``, MoE experts, packed sequences) or a
     coupling between samples (mixing rows, batch statistics, capacity limits that depend on the batch size).
 
     With ``labels`` (the labels the batch was scored with) the hooks hold that batch's pass, run with
-    ``hooks.watch = rows - 1``: only the single-sample pass runs here, and the hooks' batch results are left as
-    they were. Without, the batch pass runs here too (data labels). Returns why the hooks are not exact, or None.
+    ``hooks.watch = probe_row(batch["labels"], rows)``: only the single-sample pass runs here, and the hooks' batch
+    results are left as they were. Without, the batch pass runs here too (data labels). Returns why the hooks are
+    not exact, or None.
     """
     names, cand_list = list(cand), list(cand.values())
     device = cand_list[0].device
-    k = rows - 1
+    k = probe_row(batch["labels"], rows)  # the last row with a label: an unlabelled one has no gradient to compare
     if labels is None:
         hooks.eps.clear()  # the probe's own precision (float32_probe), not the pass before's
         hooks.watch = k
