@@ -104,7 +104,7 @@ def test_causal_lm_calibration_without_label_tokens_is_an_error():
     batches = lm_batches(2)
     for b in batches:
         b["labels"].fill_(-100)
-    with pytest.raises(ValueError, match="no label token"):
+    with pytest.raises(ValueError, match="there is no label to score"):
         ft.compute_fisher(model, batches, num_samples=16, params=ft.peft_candidates(model), progress=False)
 
 
