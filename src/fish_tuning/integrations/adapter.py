@@ -49,18 +49,22 @@ def without_digests(mask: FishMask) -> FishMask:
     return dataclasses.replace(mask, meta={k: v for k, v in mask.meta.items() if k not in _DIGEST_KEYS})
 
 
+def _save_with_digest(folder: str | os.PathLike, mask: FishMask, model: nn.Module | None, key: str) -> str:
+    mask = without_digests(mask)
+    digest = adapter_digest(folder)
+    if digest:
+        mask = dataclasses.replace(mask, meta={**mask.meta, key: digest})
+    path = os.path.join(os.fspath(folder), FISH_MASK_NAME)
+    mask.save(path, model=model)
+    return path
+
+
 def save_mask_beside_adapter(folder: str | os.PathLike, mask: FishMask, model: nn.Module | None = None) -> str:
     """Write ``mask`` into ``folder`` with a digest of the adapter weight files there (checked on load/resume).
 
     For a Trainer's ``output_dir`` call it after ``trainer.save_model``: the digest then names the new adapter.
     """
-    mask = without_digests(mask)
-    digest = adapter_digest(folder)
-    if digest:
-        mask = dataclasses.replace(mask, meta={**mask.meta, "adapter_files": digest})
-    path = os.path.join(os.fspath(folder), FISH_MASK_NAME)
-    mask.save(path, model=model)
-    return path
+    return _save_with_digest(folder, mask, model, "adapter_files")
 
 
 def save_mask_before_adapter(folder: str | os.PathLike, mask: FishMask, model: nn.Module | None = None) -> str:
@@ -70,13 +74,7 @@ def save_mask_before_adapter(folder: str | os.PathLike, mask: FishMask, model: n
     :func:`check_adapter_digest` refuses them if the new adapter never arrives (the run died before
     ``trainer.save_model``), while the adapter that ``save_model`` writes next is accepted.
     """
-    mask = without_digests(mask)
-    stale = adapter_digest(folder)
-    if stale:
-        mask = dataclasses.replace(mask, meta={**mask.meta, "stale_adapter_files": stale})
-    path = os.path.join(os.fspath(folder), FISH_MASK_NAME)
-    mask.save(path, model=model)
-    return path
+    return _save_with_digest(folder, mask, model, "stale_adapter_files")
 
 
 def check_adapter_digest(directory: str | os.PathLike, mask: FishMask) -> None:
