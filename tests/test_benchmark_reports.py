@@ -28,3 +28,32 @@ def test_report_rebuilds_the_benchmarks_table(name, figures):
     doc = (ROOT / "BENCHMARKS.md").read_text().splitlines()
     missing = [r for r in rows if r not in doc]
     assert not missing, f"rows of `benchmarks/{name}.py --report` not in BENCHMARKS.md: {missing}"
+
+
+def _rec(seed, strategy, device, budget=1, task="sst2"):
+    return {"task": task, "method": "lora", "mode": "fixed_proportion", "budget": budget, "seed": seed,
+            "strategy": strategy, "device": device, "score": 0.5, "config": {"strategies": ["original", "fish"]}}
+
+
+def test_fill_blocks_takes_each_block_whole_from_one_machine(tmp_path):
+    fill_blocks = load("fill_blocks")
+    base = [_rec(0, "original", "gpu"), _rec(0, "fish", "gpu"),  # complete: kept
+            _rec(1, "original", "gpu"),                           # incomplete, complete in the fill: replaced whole
+            _rec(2, "fish", "gpu")]                               # incomplete everywhere: kept as it is
+    fill = [_rec(0, "original", "cpu"), _rec(0, "fish", "cpu"), _rec(1, "original", "cpu"),
+            _rec(1, "fish", "cpu"), _rec(2, "original", "cpu")]
+    out, notes = fill_blocks.combine(base, [fill])
+    got = {(r["seed"], r["strategy"]): r["device"] for r in out}
+    assert got == {(0, "original"): "gpu", (0, "fish"): "gpu", (1, "original"): "cpu", (1, "fish"): "cpu",
+                   (2, "fish"): "gpu"}
+    assert len(notes) == 2 and "replacing 1 of 2" in notes[0] and "incomplete (1 of 2" in notes[1]
+
+
+def test_fill_blocks_refuses_to_overwrite_an_input(tmp_path, monkeypatch, capsys):
+    fill_blocks = load("fill_blocks")
+    src = tmp_path / "a.jsonl"
+    src.write_text('{"x": 1}\n')
+    monkeypatch.setattr("sys.argv", ["fill_blocks", str(src), str(src), "--out", str(src)])
+    with pytest.raises(SystemExit, match="one of the inputs"):
+        fill_blocks.main()
+    assert src.read_text() == '{"x": 1}\n'

@@ -101,3 +101,17 @@ def test_paired_loss_counts_lower_as_ahead(tmp_path, capsys):
             if line.startswith("| LORA FISH r8 pool = top-1 budget − LORA Original r1 top-1 layers |")]
     assert len(rows) == 2 and "-0.100 [-0.100, -0.100] 3/3 ahead" in rows[1]
     capsys.readouterr()
+
+
+def test_wall_time_is_split_by_machine_when_a_study_mixes_them(tmp_path, capsys):
+    path = _study(tmp_path)
+    assert main(["report", str(path)]) == 0
+    assert "by machine" not in (tmp_path / "study.md").read_text()  # one machine: one total
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in records:  # seed 2's runs re-run on the CPU, slower
+        r["device"], r["wall_seconds"] = ("cpu", 240.0) if r["seed"] == 2 else ("NVIDIA H200", 60.0)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["report", str(path)]) == 0
+    text = (tmp_path / "study.md").read_text()
+    assert "by machine: NVIDIA H200 18.0 min over 18 runs, cpu 36.0 min over 9 runs." in text
+    capsys.readouterr()

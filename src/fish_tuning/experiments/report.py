@@ -200,7 +200,12 @@ def _wall_time(records: list[dict]) -> str:
     if len(times) > 1:
         span = f" (first to last finished run: {(max(times) - min(times)) / 3600:.1f} h, all sessions together)"
     per = f"; {total / len(records):.1f} min per run" if records else ""
-    return f"Wall time: {total:.1f} min over all runs{per}{span}."
+    devices: dict[str, list[float]] = {}
+    for r in records:
+        devices.setdefault(str(r.get("device", "unrecorded")), []).append(r.get("wall_seconds", 0) / 60)
+    split = "" if len(devices) < 2 else "; by machine: " + ", ".join(  # a minute of GPU is not a minute of CPU
+        f"{d} {sum(m):.1f} min over {len(m)} runs" for d, m in sorted(devices.items()))
+    return f"Wall time: {total:.1f} min over all runs{per}{span}{split}."
 
 
 def write_report(results: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> dict[str, Path]:
