@@ -57,3 +57,29 @@ def test_fill_blocks_refuses_to_overwrite_an_input(tmp_path, monkeypatch, capsys
     with pytest.raises(SystemExit, match="one of the inputs"):
         fill_blocks.main()
     assert src.read_text() == '{"x": 1}\n'
+
+
+def _tables(markdown: str) -> list[list[str]]:
+    blocks, cur = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            cur.append(line)
+        elif cur:
+            blocks.append(cur)
+            cur = []
+    return blocks
+
+
+@pytest.mark.parametrize("results", ["equal_budget_dora.jsonl"])
+def test_equal_budget_tables_in_benchmarks_are_what_the_saved_results_give(results, tmp_path):
+    """The score table and the paired-difference table that BENCHMARKS.md quotes come out of `fish-tune report`
+    on the saved results file as they stand there, row for row."""
+    from fish_tuning.experiments.report import write_report
+
+    md = write_report(ROOT / "benchmarks" / "results" / results, tmp_path)["table"].read_text()
+    tables = _tables(md)
+    scores = tables[0]
+    paired = next(t for t in tables if t[0].startswith("| a − b"))
+    doc = set((ROOT / "BENCHMARKS.md").read_text().splitlines())
+    missing = [r for r in scores + paired if r not in doc]
+    assert len(scores) > 4 and len(paired) > 3 and not missing, f"{results}: rows not in BENCHMARKS.md: {missing}"
