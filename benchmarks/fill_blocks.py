@@ -61,6 +61,8 @@ def main() -> None:
     out = Path(args.out)
     if out.resolve() in {Path(p).resolve() for p in [args.base, *args.fill]}:
         raise SystemExit(f"--out {out} is one of the inputs; name a new file")
+    if not out.parent.is_dir():
+        raise SystemExit(f"--out {out}: folder {out.parent} does not exist; create it or name another")
     records, notes = combine(load(args.base), [load(p) for p in args.fill])
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
