@@ -20,7 +20,15 @@ from pathlib import Path
 
 
 def load(path: str) -> list[dict]:
-    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+    """The records of a `fish-tune compare` results file; anything else is refused with its name."""
+    try:
+        records = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"{path}: not a readable JSONL results file ({err})") from None
+    keys = {"task", "method", "mode", "budget", "seed", "strategy", "config"}
+    if not records or any(not keys <= set(r) for r in records):
+        raise SystemExit(f"{path}: not a `fish-tune compare` results file (each line needs {sorted(keys)})")
+    return records
 
 
 def blocks(records: list[dict]) -> dict[tuple, dict[str, dict]]:

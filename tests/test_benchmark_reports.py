@@ -57,6 +57,11 @@ def test_fill_blocks_refuses_to_overwrite_an_input(tmp_path, monkeypatch, capsys
     with pytest.raises(SystemExit, match="one of the inputs"):
         fill_blocks.main()
     assert src.read_text() == '{"x": 1}\n'
+    out = tmp_path / "out.jsonl"
+    monkeypatch.setattr("sys.argv", ["fill_blocks", str(src), str(src), "--out", str(out)])
+    with pytest.raises(SystemExit, match="not a `fish-tune compare` results file"):
+        fill_blocks.main()
+    assert not out.exists()
 
 
 def _tables(markdown: str) -> list[list[str]]:
