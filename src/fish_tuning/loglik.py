@@ -22,7 +22,8 @@ ALIGNED_SUFFIXES = ("ForTokenClassification", "ForMaskedLM")
 HEAD_SHIFT = {"CausalLMHead": True, "TaggingHead": False, "BertStyleMaskedLMHead": False, "Seq2SeqLMHead": False}
 
 
-def per_sample_log_likelihood(logits: Tensor, labels: Tensor, shift: bool = True) -> Tensor:
+def per_sample_log_likelihood(logits: Tensor, labels: Tensor, shift: bool = True,
+                              problem_type: str | None = None) -> Tensor:
     """Log-likelihood of each sample, shape ``[B]``.
 
     - ``logits [B, T, V]`` with ``labels [B, T]``: per-token categorical, summed over a sample's label tokens
@@ -30,6 +31,9 @@ def per_sample_log_likelihood(logits: Tensor, labels: Tensor, shift: bool = True
       classification, masked LM, encoder-decoder): position t predicts label t. ``compute_fisher`` picks ``shift``
       from the model; pass ``functools.partial(per_sample_log_likelihood, shift=...)`` to fix it yourself.
     - ``logits [B, 1]`` or floating labels of shape ``[B]``: regression with unit-variance Gaussian (matches MSE).
+    - ``problem_type="regression"`` (the model config's; ``compute_fisher`` passes it): the same Gaussian, summed
+      over all C outputs of ``logits [B, C]`` with labels ``[B, C]`` (the model's own loss is MSE, not BCE);
+      ``"multi_label_classification"``: Bernoulli even for one output (``logits [B, 1]``, float labels ``[B, 1]``).
     - ``logits [B, C]`` with float labels ``[B, C]``: multi-label Bernoulli.
     - ``logits [B, C]`` with integer labels ``[B]``: categorical; a sample labelled ``-100`` scores 0 (no label).
     """
@@ -46,18 +50,31 @@ def per_sample_log_likelihood(logits: Tensor, labels: Tensor, shift: bool = True
         return -nll.view(b, t).sum(1)
     if logits.dim() != 2:
         raise ValueError(f"unsupported logits shape {tuple(logits.shape)}: pass loglik_fn= for this model")
-    if logits.shape[1] == 1 and (labels.is_floating_point() or labels.dim() == 1):
-        return -0.5 * (logits.squeeze(1) - labels.float().view(-1)) ** 2
-    if labels.is_floating_point() and labels.shape == logits.shape:
+    multi_label = labels.is_floating_point() and labels.shape == logits.shape
+    if problem_type == "regression" or (problem_type != "multi_label_classification" and logits.shape[1] == 1 and
+                                        (labels.is_floating_point() or labels.dim() == 1)):
+        return -0.5 * (logits - _regression_targets(logits, labels)).square().sum(1)
+    if problem_type == "multi_label_classification" and not multi_label:
+        raise ValueError(f"multi-label logits {tuple(logits.shape)} need float labels of the same shape; got "
+                         f"{labels.dtype} labels of shape {tuple(labels.shape)}")
+    if multi_label:
         return -nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(1)
     # A label of -100 marks a sample without one (CrossEntropyLoss's ignore_index, as the model's own loss): 0 here,
     # and compute_fisher does not count it in N.
     return -nn.functional.cross_entropy(logits, labels.long().view(-1), ignore_index=-100, reduction="none")
 
 
+def _regression_targets(logits: Tensor, labels: Tensor) -> Tensor:
+    """Regression labels laid out as ``logits [B, C]`` (``[B]`` or ``[B, C]``), float32."""
+    if labels.numel() != logits.numel():
+        raise ValueError(f"regression logits {tuple(logits.shape)} need one label per output; got labels of shape "
+                         f"{tuple(labels.shape)}")
+    return labels.float().view(logits.shape)
+
+
 @torch.no_grad()
 def sample_labels(logits: Tensor, labels: Tensor, generator: torch.Generator | None = None,
-                  shift: bool = True) -> Tensor:
+                  shift: bool = True, problem_type: str | None = None) -> Tensor:
     """Draw labels from the model's own predictive distribution (expected Fisher, Eq. 2), same layout as ``labels``.
 
     Sequence logits sample every scored position independently (teacher forcing); ``shift`` as in
@@ -71,7 +88,11 @@ def sample_labels(logits: Tensor, labels: Tensor, generator: torch.Generator | N
         drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
         dest.copy_(torch.where(dest != -100, drawn.to(dest.dtype), dest))
         return out
-    if logits.shape[1] == 1 and (labels.is_floating_point() or labels.dim() == 1):
+    if problem_type == "regression" and logits.shape[1] > 1:
+        drawn = logits + torch.randn(logits.shape, generator=generator, device=logits.device)
+        return drawn.view(_regression_targets(logits, labels).shape)
+    if problem_type != "multi_label_classification" and logits.shape[1] == 1 and (
+            labels.is_floating_point() or labels.dim() == 1):
         noise = torch.randn(logits.shape[0], generator=generator, device=logits.device)
         return (logits.squeeze(1) + noise).to(labels.dtype if labels.is_floating_point() else torch.float32)
     if labels.is_floating_point() and labels.shape == logits.shape:
@@ -102,6 +123,15 @@ def _peft_tasks(m: nn.Module) -> set[str]:
     if not isinstance(configs, dict):
         return set()
     return {str(getattr(t, "value", t)) for t in (getattr(c, "task_type", None) for c in configs.values()) if t}
+
+
+def problem_type(model: nn.Module) -> str | None:
+    """The ``config.problem_type`` of ``model`` or a model it wraps (e.g. ``"regression"``), or None."""
+    for m in unwrapped(model):
+        kind = getattr(getattr(m, "config", None), "problem_type", None)
+        if isinstance(kind, str):
+            return kind
+    return None
 
 
 def _head_shift(m: nn.Module) -> set[bool]:
@@ -158,15 +188,19 @@ class ModelLogLik:
         self.shift = declared if declared is not None else label_shift(model)
         self.builtin = self.fn is per_sample_log_likelihood
         self.model_name = type(model).__name__
+        # Several regression outputs look like multi-label logits and labels: only the config tells them apart.
+        self.problem_type = problem_type(model)
 
     def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
         if self.builtin and logits.dim() == 3:
             return per_sample_log_likelihood(logits, labels, shift=self._shift(logits))
+        if self.builtin:
+            return per_sample_log_likelihood(logits, labels, problem_type=self.problem_type)
         return self.fn(logits, labels)
 
     def sample(self, logits: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
         shift = self._shift(logits) if logits.dim() == 3 else True
-        return sample_labels(logits, labels, generator, shift=shift)
+        return sample_labels(logits, labels, generator, shift=shift, problem_type=self.problem_type)
 
     def _shift(self, logits: Tensor) -> bool:
         if self.shift is not None:
