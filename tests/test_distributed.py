@@ -1,8 +1,5 @@
 """Two gloo ranks under torchrun give the single-process Fisher and mask (tests/dist_worker.py does the rank side)."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +9,7 @@ from transformers import default_data_collator
 
 import fish_tuning as ft
 from conftest import cls_batches, lora, tiny_bert
-from helpers import ListDataset, kill_tree
+from helpers import ListDataset
 
 FISHER_SAMPLES = 21  # odd on purpose: rank 0 scores 11 samples, rank 1 scores 10
 TRAIN_SAMPLES = 16
@@ -37,21 +34,13 @@ def train_rows():
 
 @pytest.fixture(scope="module")
 def torchrun_out(tmp_path_factory):
+    from sharded_trainer import launch  # late: sharded_trainer imports the FSDP test's builders
+
     out = tmp_path_factory.mktemp("dist")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
-           "OMP_NUM_THREADS": "1"}
-    # --standalone: the rendezvous binds a free port itself (no race with other jobs picking ports)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "dist_worker.py"), str(out)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=400)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)  # torchrun and both workers (each worker runs in its own session)
-        log, _ = proc.communicate()
-        pytest.fail(f"torchrun timed out:\n{log[-5000:]}")
-    assert proc.returncode == 0, f"torchrun failed:\n{log[-8000:]}"
+    code, log, _ = launch("dist_worker.py", str(out), timeout=400)  # --standalone: a free port, no race
+    if code is None:
+        pytest.fail(f"torchrun timed out (process group killed):\n{log[-5000:]}")
+    assert code == 0, f"torchrun failed:\n{log[-8000:]}"
     return out
 
 
@@ -106,3 +95,25 @@ def test_masks_that_differ_between_ddp_ranks_are_refused_on_every_rank(torchrun_
 def test_distributed_true_without_process_group_is_a_clear_error():
     with pytest.raises(ValueError, match="init_process_group"):
         ft.compute_fisher(lora(tiny_bert()), cls_batches(1), num_samples=4, distributed=True, progress=False)
+
+
+def test_launch_retries_a_gloo_abort_once_and_nothing_else(monkeypatch):
+    import sharded_trainer
+
+    calls = []
+
+    def fake(results):
+        def once(script, *argv, timeout):
+            calls.append(script)
+            return results[len(calls) - 1]
+        return once
+
+    abort = (-6, f"rank 0: {sharded_trainer.GLOO_ABORT}", 1.0)
+    monkeypatch.setattr(sharded_trainer, "_launch_once", fake([abort, (0, "ok", 2.0)]))
+    code, log, seconds = sharded_trainer.launch("w.py", timeout=1)
+    assert (code, seconds, len(calls)) == (0, 3.0, 2) and "retried once" in log and log.endswith("ok")
+    for first in ([abort, abort], [(1, "AssertionError: ranks disagree", 1.0), (0, "ok", 1.0)]):
+        calls.clear()  # a second abort, or any other failure: returned as is (a real defect is never retried away)
+        monkeypatch.setattr(sharded_trainer, "_launch_once", fake(first))
+        code, _, _ = sharded_trainer.launch("w.py", timeout=1)
+        assert code != 0 and len(calls) == (2 if first[0] is abort else 1)
