@@ -138,7 +138,15 @@ class MaskGuard:
                  optimizer: torch.optim.Optimizer | None = None, restore: bool = True):
         mask.check(model)
         self.mask, self.restore, self._optimizer = mask, restore, optimizer
-        name_of = {id(p): n for n, p in model.named_parameters()}
+        named = dict(model.named_parameters())
+        for name, idx in mask.indices.items():
+            if idx.numel() and not named[name].requires_grad:
+                raise ValueError(
+                    f"mask candidate '{name}' keeps {idx.numel()} entries but does not require grad, so they would "
+                    "never train. Set requires_grad=True on it before building the optimizer, or select the mask "
+                    "without it (select_mask(..., exclude=...) / FishCallback(exclude=...))."
+                )
+        name_of = {id(p): n for n, p in named.items()}
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         params = list(params)
@@ -285,10 +293,10 @@ class MaskGuard:
 
     def _frozen(self, p: Tensor) -> Tensor:
         dense = self._dense.get(p)
-        if dense is None:
+        if dense is None or dense.device != self._target(p).device:  # built lazily; again after model.to(device)
             shard = self._target(p)
             dense = torch.ones(shard.numel(), dtype=torch.bool, device=shard.device)
-            dense[self._local.get(p, self.kept[p]).long()] = False
+            dense[self._local.get(p, self.kept[p]).long().to(dense.device)] = False
             dense = self._dense[p] = dense.view(shard.shape)
         return dense
 
@@ -327,7 +335,8 @@ class MaskGuard:
             if self.restore:
                 target = self._target(p)
                 buf = self._backup.get(p)
-                if buf is None:
+                if buf is None or buf.dtype != target.dtype or buf.device != target.device:
+                    # again after model.to(dtype / device): where(..., out=target) needs the target's dtype
                     buf = self._backup[p] = torch.empty_like(target)
                 buf.copy_(target)
         self._pending = self.restore

@@ -162,7 +162,9 @@ class FishCallback(TrainerCallback):
             params = zero_params(zero)
         else:
             params = [p for group in inner.param_groups for p in group["params"]]
-        self.guard = MaskGuard(self.mask, model, params).attach(zero if zero is not None else inner)
+        guard = MaskGuard(self.mask, model, params)  # refuses a kept candidate that does not require grad
+        _check_kept_in_optimizer(self.mask, model, params)
+        self.guard = guard.attach(zero if zero is not None else inner)
         self._log(state, model)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -323,6 +325,19 @@ def _check_supported(args: TrainingArguments, model: nn.Module | None, optimizer
                       stacklevel=3)
     if model is None:
         raise ValueError("FishCallback got no model from the Trainer")
+
+
+def _check_kept_in_optimizer(mask: FishMask, model: nn.Module, params: list[torch.Tensor]) -> None:
+    """The Trainer steps one optimizer: a candidate with kept entries outside it would silently never train."""
+    held = {id(p) for p in params}
+    for name, p in model.named_parameters():
+        if name in mask.shapes and mask.indices[name].numel() and id(p) not in held:
+            raise ValueError(
+                f"FishCallback: mask candidate '{name}' keeps {mask.indices[name].numel()} entries but is not in the "
+                "Trainer's optimizer, so they would never train. Put every candidate in the optimizer (e.g. "
+                "optimizers=(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), None)), or select "
+                "the mask without it (FishCallback(exclude=...))."
+            )
 
 
 def _check_writable(folder: str) -> None:
