@@ -19,9 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import fish_tuning as ft  # noqa: E402
-from conftest import lm_batches, lora  # noqa: E402
-from helpers import ListDataset  # noqa: E402
-from sharded_trainer import CLIP, FSDP_CONFIG, ROOT  # noqa: E402
+from conftest import lora  # noqa: E402
+from sharded_trainer import CLIP, FSDP_CONFIG, ROOT, train_rows  # noqa: E402
 from sharded_trainer_worker import emulate_gpu_launch, gathered_weights  # noqa: E402
 
 STEPS = 3
@@ -42,15 +41,6 @@ def audit_model():
         torch.set_num_threads(threads)
 
 
-def rows() -> ListDataset:
-    out = []
-    for b in lm_batches(n_batches=STEPS, batch_size=8, seed=7):
-        b["labels"] = b["input_ids"].clone()
-        b["labels"][:, :4] = -100
-        out += [{k: v[i] for k, v in b.items()} for i in range(8)]
-    return ListDataset(out)
-
-
 def trainer_for(out: str, engine: str | None, mask: ft.FishMask | None, batch: int, accum: int) -> Trainer:
     sharded = {}
     if engine in ("zero3", "zero2"):
@@ -65,7 +55,8 @@ def trainer_for(out: str, engine: str | None, mask: ft.FishMask | None, batch: i
         learning_rate=1e-2, weight_decay=0.1, max_grad_norm=CLIP, optim="adamw_torch", save_strategy="steps",
         save_steps=1, report_to=[], seed=0, disable_tqdm=True, use_cpu=engine is None,
         accelerator_config={"use_configured_state": True} if engine else None, **sharded)
-    return Trainer(model=audit_model(), args=args, train_dataset=rows(), callbacks=[ft.FishCallback(mask=mask) if mask is not None else ft.FishCallback(keep=0.1)])
+    fish = ft.FishCallback(mask=mask) if mask is not None else ft.FishCallback(keep=0.1)
+    return Trainer(model=audit_model(), args=args, train_dataset=train_rows(), callbacks=[fish])
 
 
 def main(engine: str, out: str, mode: str = "train") -> None:

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from transformers import default_data_collator
 
 import fish_tuning as ft
-from sharded_audit_worker import audit_model, rows, trainer_for
-from sharded_trainer import ROOT, WEIGHT_ATOL, launch
+from sharded_audit_worker import audit_model, trainer_for
+from sharded_trainer import ROOT, WEIGHT_ATOL, launch, train_rows
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 def given(tmp_path_factory):
     """The mask selected in one process, the initial weights and the 1-process run's weights (batch 8)."""
     model = audit_model()
-    loader = ft.calibration_loader(rows(), 13, batch_size=4, collate_fn=default_data_collator, seed=0,
+    loader = ft.calibration_loader(train_rows(), 13, batch_size=4, collate_fn=default_data_collator, seed=0,
                                    distributed=False)
     scores = ft.compute_fisher(model, loader, num_samples=13, params=ft.peft_candidates(model), progress=False)
     mask = ft.select_mask(scores, keep=0.1)
