@@ -163,7 +163,7 @@ class FishCallback(TrainerCallback):
         else:
             params = [p for group in inner.param_groups for p in group["params"]]
         guard = MaskGuard(self.mask, model, params)  # refuses a kept candidate that does not require grad
-        _check_kept_in_optimizer(self.mask, model, params)
+        _check_kept_in_optimizer(self.mask, guard)
         self.guard = guard.attach(zero if zero is not None else inner)
         self._log(state, model)
 
@@ -327,11 +327,12 @@ def _check_supported(args: TrainingArguments, model: nn.Module | None, optimizer
         raise ValueError("FishCallback got no model from the Trainer")
 
 
-def _check_kept_in_optimizer(mask: FishMask, model: nn.Module, params: list[torch.Tensor]) -> None:
-    """The Trainer steps one optimizer: a candidate with kept entries outside it would silently never train."""
-    held = {id(p) for p in params}
-    for name, p in model.named_parameters():
-        if name in mask.shapes and mask.indices[name].numel() and id(p) not in held:
+def _check_kept_in_optimizer(mask: FishMask, guard: MaskGuard) -> None:
+    """The Trainer steps one optimizer: a candidate with kept entries outside it (so outside the guard built on its
+    tensors) would silently never train."""
+    guarded = set(guard.names.values())
+    for name in mask.names:
+        if mask.indices[name].numel() and name not in guarded:
             raise ValueError(
                 f"FishCallback: mask candidate '{name}' keeps {mask.indices[name].numel()} entries but is not in the "
                 "Trainer's optimizer, so they would never train. Put every candidate in the optimizer (e.g. "
