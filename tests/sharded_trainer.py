@@ -95,22 +95,22 @@ def trained_out(tmp_path_factory, engine: str, timeout: float) -> Path:
 GLOO_ABORT = "terminate called without an active exception"  # gloo's C++ abort under load (pytorch#90549)
 
 
-def launch(script: str, *argv: str, timeout: float) -> tuple[int | None, str, float]:
-    """tests/<script> under torchrun on 2 ranks. On timeout the launcher and every worker are killed.
+def launch(script: str, *argv: str, timeout: float, nproc: int = 2) -> tuple[int | None, str, float]:
+    """tests/<script> under torchrun on ``nproc`` ranks. On timeout the launcher and every worker are killed.
 
     A rank that gloo aborts in C++ (GLOO_ABORT, seen twice in ~20 `make test` runs on the shared 2-core machine, in
     different workers, passing on rerun) is retried once; any other failure, and a second abort, is returned as is."""
-    code, log, seconds = _launch_once(script, *argv, timeout=timeout)
+    code, log, seconds = _launch_once(script, *argv, timeout=timeout, nproc=nproc)
     if code not in (0, None) and GLOO_ABORT in log:
-        code, again, more = _launch_once(script, *argv, timeout=timeout)
+        code, again, more = _launch_once(script, *argv, timeout=timeout, nproc=nproc)
         log, seconds = f"{log}\n--- gloo aborted a rank; retried once ---\n{again}", seconds + more
     return code, log, seconds
 
 
-def _launch_once(script: str, *argv: str, timeout: float) -> tuple[int | None, str, float]:
+def _launch_once(script: str, *argv: str, timeout: float, nproc: int) -> tuple[int | None, str, float]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
            "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(ROOT / "tests" / script), *argv]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

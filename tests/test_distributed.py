@@ -103,7 +103,7 @@ def test_launch_retries_a_gloo_abort_once_and_nothing_else(monkeypatch):
     calls = []
 
     def fake(results):
-        def once(script, *argv, timeout):
+        def once(script, *argv, timeout, nproc):
             calls.append(script)
             return results[len(calls) - 1]
         return once

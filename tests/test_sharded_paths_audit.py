@@ -10,10 +10,6 @@ same weights; ZeRO-3: refused by DeepSpeed with a clear error).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,7 +17,7 @@ from transformers import default_data_collator
 
 import fish_tuning as ft
 from sharded_audit_worker import audit_model, trainer_for
-from sharded_trainer import ROOT, WEIGHT_ATOL, launch, train_rows
+from sharded_trainer import WEIGHT_ATOL, launch, train_rows
 
 pytestmark = pytest.mark.slow
 
@@ -42,14 +38,7 @@ def given(tmp_path_factory):
 
 def run(engine: str, out, given, mode: str = "train", nproc: int = 2, timeout: float = 300):
     given["mask"].save(out / "given_mask.safetensors")
-    if nproc == 2:
-        return launch("sharded_audit_worker.py", engine, str(out), mode, timeout=timeout)[:2]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
-           "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(nproc), str(ROOT / "tests" / "sharded_audit_worker.py"), engine, str(out), mode],
-                          env=env, capture_output=True, text=True, timeout=timeout)
-    return proc.returncode, proc.stdout + proc.stderr
+    return launch("sharded_audit_worker.py", engine, str(out), mode, timeout=timeout, nproc=nproc)[:2]
 
 
 def check(out, engine: str, given, mode: str = "train", ranks: int = 2) -> float:
