@@ -24,7 +24,7 @@ from pathlib import Path
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from fish_tuning.mask import select_mask  # noqa: E402  (the library's default alpha)
+from fish_tuning.selection import select_mask  # noqa: E402  (the library's default alpha)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

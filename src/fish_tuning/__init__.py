@@ -18,9 +18,10 @@ from .adafish import AdaFish
 from .config import FishConfig
 from .fisher import ZeroFisherWarning, compute_fisher
 from .guard import MaskGuard
-from .mask import FishMask, select_mask
+from .mask import FishMask
 from .methods import always_trainable, peft_candidates
 from .optim import MaskedOptimizer, SparseAdamW, make_optimizer
+from .selection import select_mask
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the lazy names as ordinary imports
     from .integrations import FishCallback, calibration_loader, load_adapter, save_adapter

@@ -1,10 +1,11 @@
-"""Where the budget goes: allocation-aware selection rules beside the paper's global top-k.
+"""Where the budget goes: per-tensor counts and the rules that fill them (used by :mod:`fish_tuning.selection`).
 
 Global top-k (``fish``) may spend most of k on a few tensors (the last layer) and, inside a tensor, on a few
-hidden dimensions. Two alternatives, both exactly k and deterministic (ties go to the earliest position):
+hidden dimensions. The alternatives here are all exactly k and deterministic (ties go to the earliest position):
 
-- ``fish_balanced``: tensor t gets a budget proportional to (its Fisher mass)^alpha (alpha = 1: mass-proportional,
-  about what global top-k does; alpha = 0: equal shares), capped at its size, then top-k inside each tensor.
+- per-tensor counts (``tensor_budgets``): proportional to a weight ** alpha (the tensor's size: uniform density;
+  its score mass: ``allocation="mass"``, alias ``fish_balanced``), capped at its size; ``within`` then fills each
+  tensor's count by score or at random.
 - ``fish_rank1``: LoRA's rank-1 components (row i of A with column i of B, PiSSA's i-th singular direction) are
   kept whole, best mean Fisher first; any other candidate entry is a unit of its own. The last unit that does not
   fit is filled with its best entries, so exactly k entries are kept.
@@ -52,16 +53,21 @@ def tensor_budgets(mass: list[float], sizes: list[int], k: int, alpha: float) ->
     return budgets
 
 
-def balanced(flats: list[Tensor], k: int, alpha: float) -> Tensor:
-    """Keep-flags over the concatenated candidates for ``fish_balanced``."""
-    sizes = [t.numel() for t in flats]
-    mass = [float(t.double().sum()) for t in flats]
+def within(flats: list[Tensor], counts: list[int], strategy: str, seed: int) -> Tensor:
+    """Keep-flags over the concatenated candidates: ``counts[t]`` entries of tensor t, by ``strategy`` inside it
+    (``fish``: highest scores, ``rev``: lowest, ties to the earlier position; ``rand``: seeded positions, one
+    generator walked through the tensors in order, so the same seed and counts give the same mask)."""
+    gen = torch.Generator().manual_seed(seed)
     keep = []
-    for t, b in zip(flats, tensor_budgets(mass, sizes, k, alpha)):
+    for t, b in zip(flats, counts):
         flags = torch.zeros(t.numel(), dtype=torch.bool)
-        flags[torch.sort(t, descending=True, stable=True).indices[:b]] = True
+        if strategy == "rand":
+            chosen = torch.randperm(t.numel(), generator=gen)[:b]
+        else:
+            chosen = torch.sort(t, descending=(strategy == "fish"), stable=True).indices[:b]
+        flags[chosen] = True
         keep.append(flags)
-    return torch.cat(keep)
+    return torch.cat(keep) if keep else torch.zeros(0, dtype=torch.bool)
 
 
 def _partner(name: str, names: set[str]) -> str | None:

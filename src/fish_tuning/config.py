@@ -7,7 +7,8 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .checks import is_int, positive_int, unit_interval
-from .mask import DEFAULT_ALPHA, STRATEGIES, _patterns, check_keep_budget
+from .mask import _patterns
+from .selection import DEFAULT_ALPHA, STRATEGIES, check_keep_budget
 
 KINDS = ("empirical", "expected")
 METHODS = ("auto", "vectorized", "loop")

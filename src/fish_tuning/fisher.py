@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -49,7 +50,7 @@ from .zero3 import full_shape, gathered
 
 Method = Literal["auto", "vectorized", "loop"]
 logger = logging.getLogger("fish_tuning")
-__all__ = ["ZeroFisherWarning", "compute_fisher", "per_sample_log_likelihood", "sample_labels", "warn_zero_fisher"]
+__all__ = ["GradientMoments", "ZeroFisherWarning", "compute_fisher", "gradient_moments", "per_sample_log_likelihood", "sample_labels", "warn_zero_fisher"]
 
 
 class ZeroFisherWarning(UserWarning):
@@ -57,6 +58,19 @@ class ZeroFisherWarning(UserWarning):
 
 
 # --------------------------------------------------------------------------------------------- public API
+@dataclass
+class GradientMoments:
+    """First and second moments of the per-sample gradients of log p(y|x), per candidate entry, from one pass.
+
+    ``fisher`` = 1/N Σᵢ gᵢ² (the diagonal empirical Fisher), ``mean`` = 1/N Σᵢ gᵢ (its sign-keeping part: the
+    gradient-consistency scores of :mod:`fish_tuning.scores` need both), ``num_samples`` = N.
+    """
+
+    fisher: dict[str, Tensor]
+    mean: dict[str, Tensor]
+    num_samples: int
+
+
 def compute_fisher(
     model: nn.Module,
     batches: Iterable[Mapping[str, object]],
@@ -70,6 +84,28 @@ def compute_fisher(
     distributed: bool | None = None,
 ) -> dict[str, Tensor]:
     """Mean squared per-sample gradient of log p(y|x) for each candidate parameter (float32, same shape).
+
+    Arguments as :func:`gradient_moments`, which also returns the mean per-sample gradient from the same pass.
+    """
+    return gradient_moments(model, batches, num_samples, kind, params, method, loglik_fn, seed, progress,
+                            distributed, _stacklevel=3).fisher
+
+
+def gradient_moments(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, object]],
+    num_samples: int = 128,
+    kind: Kind = "empirical",
+    params: Sequence[str] | None = None,
+    method: Method = "auto",
+    loglik_fn: LogLikFn = per_sample_log_likelihood,
+    seed: int = 0,
+    progress: bool = True,
+    distributed: bool | None = None,
+    _stacklevel: int = 2,
+) -> GradientMoments:
+    """Mean squared (``.fisher``) and mean (``.mean``) per-sample gradient of log p(y|x) of each candidate
+    parameter (float32, its shape), from one pass; the mean costs one more buffer, no extra forward or backward.
 
     Args:
         batches: any iterable of model-input dicts with ``labels`` (a DataLoader, a list), any batch size.
@@ -123,6 +159,7 @@ def compute_fisher(
     device = next(iter(cand.values())).device
     gen = torch.Generator(device=device).manual_seed(seed + rank) if kind == "expected" else None
     sums = {n: torch.zeros(full_shape(p), dtype=torch.float32, device=p.device) for n, p in cand.items()}
+    grad_sums = {n: torch.zeros_like(s) for n, s in sums.items()}  # Σᵢ gᵢ, for the mean gradient
     saved_flags = {n: p.requires_grad for n, p in named.items()}
     was_training = model.training
     hooks = PerSampleHooks(model, cand) if method != "loop" else None
@@ -195,7 +232,8 @@ def compute_fisher(
                     hooks.clear()
                     hooks.remove()
             if use_hooks:
-                done = not hooks.unbatched and (not real or accumulate_hooked(cand, hooks, grads, sums, take))
+                done = not hooks.unbatched and (not real or accumulate_hooked(cand, hooks, grads, sums, take,
+                                                                               grad_sums))
                 hooks.clear()
                 if sharded and not all_agree(done, device):
                     raise RuntimeError("compute_fisher on an FSDP2-sharded model: per-sample hook gradients "
@@ -223,6 +261,7 @@ def compute_fisher(
                         if g is not None:
                             check_finite(n, g)
                             s.add_(g.float().square())
+                            grad_sums[n].add_(g.float())
             if not real:
                 continue
             seen += samples
@@ -239,7 +278,8 @@ def compute_fisher(
     logger.info("compute_fisher: engine=%s (%d samples on this rank)", engine, seen)
     count = torch.tensor([float(seen), float(scored), float(rows)], device=device)
     if world > 1:
-        count = sum_over_ranks(sums, count)
+        both = {**{("sq", n): s for n, s in sums.items()}, **{("g", n): g for n, g in grad_sums.items()}}
+        count = sum_over_ranks(both, count)
     total = int(count[0].item())
     if int(count[2].item()) == 0:
         raise ValueError("compute_fisher got no batches (the iterable was empty): pass calibration batches")
@@ -253,10 +293,10 @@ def compute_fisher(
     if total < num_samples and rank == 0:
         where = f" over {world} ranks" if world > 1 else ""
         warnings.warn(f"compute_fisher: only {total} samples available{where}, fewer than num_samples={num_samples}",
-                      stacklevel=2)
+                      stacklevel=_stacklevel)
     scores = {n: s / count for n, s in sums.items()}
-    warn_zero_fisher(scores)
-    return scores
+    warn_zero_fisher(scores, _stacklevel + 1)
+    return GradientMoments(fisher=scores, mean={n: g / count for n, g in grad_sums.items()}, num_samples=total)
 
 
 def _passes(batches: Iterable[Mapping[str, object]], quota: int, device: torch.device, sharded: bool):
@@ -316,12 +356,12 @@ def _label_count(labels, shift: bool = True) -> int:
     return int(labels.shape[0]) if labels.dim() else 1
 
 
-def warn_zero_fisher(scores: Mapping[str, Tensor]) -> list[str]:
+def warn_zero_fisher(scores: Mapping[str, Tensor], stacklevel: int = 3) -> list[str]:
     """Warn about candidate tensors whose Fisher is exactly zero everywhere; returns their names."""
     from .methods.advice import zero_fisher_hint
 
     zero = [n for n, s in scores.items() if s.numel() and not bool(s.any())]
     if zero:
         msg = f"{len(zero)} candidate tensor(s) have zero Fisher information everywhere, e.g. {zero[:3]}. "
-        warnings.warn(msg + zero_fisher_hint(zero), ZeroFisherWarning, stacklevel=3)
+        warnings.warn(msg + zero_fisher_hint(zero), ZeroFisherWarning, stacklevel=stacklevel)
     return zero

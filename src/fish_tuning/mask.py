@@ -1,30 +1,24 @@
-"""FishMask: which candidate entries are trained (global top-k of Fisher, Eq. 4-5), and its sparse file format."""
+"""FishMask: which candidate entries are trained, and its sparse file format (selection: :mod:`fish_tuning.selection`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-import numbers
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from . import allocation
-from .checks import is_int, unit_interval
 from .files import atomic_write
 from .maskfile import check_fingerprint, read_mask_file, saved_names
 from .names import adapter_of, agnostic_names, insert_adapter
 from .zero3 import full_numel, full_shape
 
-Strategy = Literal["fish", "rand", "rev", "fish_balanced", "fish_rank1"]
-STRATEGIES = ("fish", "rand", "rev", "fish_balanced", "fish_rank1")
-DEFAULT_ALPHA = 0.5  # fish_balanced's exponent; see BENCHMARKS.md (allocation study) for how it was measured
 _FORMAT = "fish-mask"
 _VERSION = 1
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)\.")
@@ -289,102 +283,3 @@ class FishMask:
         if model is not None:
             mask.check(model)
         return mask
-
-
-def select_mask(
-    scores: Mapping[str, Tensor],
-    keep: float | None = None,
-    budget: int | None = None,
-    strategy: Strategy = "fish",
-    seed: int = 0,
-    exclude: str | Iterable[str] | None = None,
-    always_train: str | Iterable[str] | None = None,
-    alpha: float = DEFAULT_ALPHA,
-) -> FishMask:
-    """Keep exactly k entries of all candidates globally (Eq. 4-5).
-
-    ``fish`` keeps the top-k scores, ``rev`` the bottom-k (Eq. 15), ``rand`` a seeded uniform k. Beyond the
-    paper (:mod:`fish_tuning.allocation`): ``fish_balanced`` gives each tensor a share of k proportional to its
-    Fisher mass to the power ``alpha`` and keeps its top entries; ``fish_rank1`` keeps whole LoRA rank-1
-    components by mean Fisher. Ties are broken by position (candidate order, then flat index), so the same scores
-    always give the same mask; scores are ranked in their own precision (float64 stays float64). Names matching a
-    regex in ``exclude`` are not candidates and never train (``mask.frozen``); names matching ``always_train``
-    leave the budget and train fully.
-    """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    alpha = unit_interval(alpha, "alpha (fish_balanced's exponent)")
-    if strategy == "rand" and not is_int(seed):
-        raise ValueError(f"strategy='rand' needs an integer seed (the same seed gives the same mask), got {seed!r}")
-    excl, always = _patterns(exclude, "exclude"), _patterns(always_train, "always_train")
-    always_names = [n for n in scores if _matches(n, always)]
-    excluded = [n for n in scores if _matches(n, excl) and n not in always_names]
-    cand = {n: s for n, s in scores.items() if n not in excluded and n not in always_names}
-    if not cand:
-        raise ValueError("no candidate parameters left to select from (scores empty, or all excluded / always_train)")
-    n_total = sum(s.numel() for s in cand.values())
-    if n_total == 0:
-        raise ValueError(f"every candidate tensor is empty (0 entries: {list(cand)[:3]}); nothing can be selected")
-    k = resolve_k(n_total, keep, budget)
-
-    dtype = torch.float32
-    for t in cand.values():
-        dtype = torch.promote_types(dtype, t.dtype if t.is_floating_point() else torch.float64)
-    flat = torch.cat([t.detach().reshape(-1).to(device="cpu", dtype=dtype) for t in cand.values()])
-    if not bool(torch.isfinite(flat).all()):
-        bad = next(n for n, t in cand.items() if not bool(torch.isfinite(t).all()))
-        raise ValueError(f"Fisher scores of '{bad}' contain NaN/inf; recompute them")
-    if strategy == "fish_balanced":
-        sizes = [t.numel() for t in cand.values()]
-        keep_flat = allocation.balanced(list(torch.split(flat, sizes)), k, float(alpha))
-    elif strategy == "fish_rank1":
-        sizes = [t.numel() for t in cand.values()]
-        keep_flat = allocation.rank1({n: f.view(t.shape) for (n, t), f in zip(cand.items(), torch.split(flat, sizes))},
-                                     k)
-    else:
-        if strategy == "rand":
-            chosen = torch.randperm(n_total, generator=torch.Generator().manual_seed(int(seed)))[:k]
-        else:  # stable sort: equal scores keep their positional order, so ties resolve deterministically
-            chosen = torch.sort(flat, descending=(strategy == "fish"), stable=True).indices[:k]
-        keep_flat = torch.zeros(n_total, dtype=torch.bool)
-        keep_flat[chosen] = True
-
-    shapes, indices, offset = {}, {}, 0
-    for name, t in cand.items():
-        shapes[name] = tuple(t.shape)
-        indices[name] = keep_flat[offset: offset + t.numel()].nonzero().view(-1)
-        offset += t.numel()
-    always_numel = sum(scores[n].numel() for n in always_names)
-    meta = {"k": k, "keep": k / n_total, "always_train_numel": always_numel}
-    if strategy == "fish_balanced":
-        meta["alpha"] = float(alpha)
-    return FishMask(shapes=shapes, indices=indices, always_train=always_names, always_train_patterns=always,
-                    frozen=excluded, strategy=strategy, seed=int(seed) if strategy == "rand" else None, meta=meta)
-
-
-def check_keep_budget(keep: object, budget: object) -> tuple[float | None, int | None]:
-    """Validate ``keep`` / ``budget`` before any work: exactly one, keep a fraction in (0, 1], budget >= 1.
-
-    Accepts numpy scalars and 0-d tensors; returns them as a Python float / int.
-    """
-    if (keep is None) == (budget is None):
-        raise ValueError("give exactly one of keep= (fraction in (0, 1]) or budget= (number of entries)")
-    if budget is not None:
-        value = budget.item() if isinstance(budget, Tensor) and budget.dim() == 0 else budget
-        if not is_int(value) or int(value) < 1:
-            raise ValueError(f"budget must be a positive integer (a number of entries), got {budget!r}")
-        return None, int(value)
-    value = keep.item() if isinstance(keep, Tensor) and keep.dim() == 0 else keep
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) <= 1:
-        raise ValueError(f"keep must be a fraction in (0, 1], got {keep!r}; use budget= for an entry count")
-    return float(value), None
-
-
-def resolve_k(n_total: int, keep: float | None, budget: int | None) -> int:
-    """The exact number of entries to keep among ``n_total`` candidates."""
-    keep, budget = check_keep_budget(keep, budget)
-    if budget is not None:
-        if budget > n_total:
-            raise ValueError(f"budget must be an integer in [1, {n_total:,}] (the number of candidates), got {budget}")
-        return budget
-    return max(1, min(n_total, round(keep * n_total)))

@@ -278,8 +278,9 @@ def probe_sample_grouping(model, cand: dict, hooks: PerSampleHooks, batch: Mappi
     return None
 
 
-def accumulate_hooked(cand, hooks: PerSampleHooks, grads, sums, rows: int) -> bool:
-    """Add the hooks' squared per-sample gradients; False if any disagrees with autograd's summed gradient.
+def accumulate_hooked(cand, hooks: PerSampleHooks, grads, sums, rows: int, grad_sums=None) -> bool:
+    """Add the hooks' squared per-sample gradients to ``sums`` (and their plain sum to ``grad_sums``); False if any
+    disagrees with autograd's summed gradient.
 
     All finiteness and agreement checks are reduced on the device and read back with a single sync per batch.
     """
@@ -316,4 +317,6 @@ def accumulate_hooked(cand, hooks: PerSampleHooks, grads, sums, rows: int) -> bo
         if name in stats:
             square = stats[name][1]
             s.add_(square if square is not None else hooks.grad_sample[name].square().sum(0))
+            if grad_sums is not None:
+                grad_sums[name].add_(stats[name][0].float())
     return True

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from ..mask import STRATEGIES as MASK_STRATEGIES
+from ..selection import STRATEGIES as MASK_STRATEGIES
 from .tasks import GLUE_TASKS, task_spec
 
 MODES = ("fixed_layers", "fixed_proportion")
@@ -60,10 +60,15 @@ class CompareConfig:
     fish_layers: int = 5  # fixed_proportion: FISH / rand / rev adapt the top this-many layers
     fish_rank: int | None = None  # fixed_proportion: rank of the FISH / rand / rev pool (None: the same as rank)
     select_kwargs: dict = field(default_factory=dict)  # per strategy: extra select_mask arguments, {name: {k: v}}
+    # named selection arms usable in `strategies`: {name: {strategy, allocation, score, warmup_steps}} (arms.py)
+    arms: dict = field(default_factory=dict)
     average_excludes: list[str] = field(default_factory=list)  # tasks shown in reports but left out of averages
     # learning rate per budget ({1: 0.01, 6: 0.003}); every strategy of that budget (Original included) uses it,
     # budgets not named use train.lr. For budgets whose small trainable count wants a larger rate.
     lr_by_budget: dict = field(default_factory=dict)
+    # learning rate per strategy / arm, each at its own best rate: {fish: 0.003} or {fish: {1: 0.01, 6: 0.003}};
+    # it wins over lr_by_budget and train.lr
+    lr_by_arm: dict = field(default_factory=dict)
     target_modules: list[str] | None = None  # None: attention q/k/v of BERT-style or LLaMA-style models
     data_dir: str | None = None
     out_dir: str = "results/compare"
@@ -78,8 +83,14 @@ class CompareConfig:
         """Rank of the Original runs (and of every run in fixed_layers mode)."""
         return self.rank if self.rank is not None else (16 if self.mode == "fixed_layers" else 1)
 
-    def lr_for(self, budget: float) -> float:
-        """Learning rate of the runs at ``budget`` (the dense Original of fixed_layers mode has budget 1.0)."""
+    def lr_for(self, budget: float, strategy: str | None = None) -> float:
+        """Learning rate of ``strategy``'s runs at ``budget`` (the dense Original of fixed_layers mode has budget
+        1.0): ``lr_by_arm``, else ``lr_by_budget``, else ``train.lr``."""
+        by_arm = self.lr_by_arm.get(strategy)
+        if isinstance(by_arm, dict) and budget in by_arm:
+            return by_arm[budget]
+        if by_arm is not None and not isinstance(by_arm, dict):
+            return by_arm
         return self.lr_by_budget.get(budget, self.train.lr)
 
     @property
@@ -193,9 +204,13 @@ def validate(cfg: CompareConfig) -> None:
             raise ValueError(f"config field 'methods': unknown method {m!r}; available: {sorted(METHODS)}")
     if cfg.mode not in MODES:
         raise ValueError(f"config field 'mode' must be one of {MODES}, got {cfg.mode!r}")
+    from .arms import check_arms
+
+    check_arms(cfg)
     for s in cfg.strategies:
-        if s not in RUN_STRATEGIES:
-            raise ValueError(f"config field 'strategies': unknown strategy {s!r}; choose from {RUN_STRATEGIES}")
+        if s not in RUN_STRATEGIES and s not in cfg.arms:
+            raise ValueError(f"config field 'strategies': unknown strategy {s!r}; choose from {RUN_STRATEGIES} or "
+                             f"an arm defined under 'arms' ({sorted(cfg.arms)})")
     for b in cfg.budgets:
         if cfg.mode == "fixed_layers" and not (isinstance(b, (int, float)) and 0 < b <= 1):
             raise ValueError(f"config field 'budgets': in fixed_layers mode each budget is a keep fraction in (0, 1], "
@@ -302,7 +317,7 @@ def _check_device(device: object) -> None:
 def _check_select_kwargs(cfg: CompareConfig) -> None:
     """``select_kwargs: {fish_balanced: {alpha: 0.5}}``: each key a masked strategy of the study, each value a mapping
     of arguments that ``fish_tuning.select_mask`` accepts."""
-    from ..mask import select_mask
+    from ..selection import select_mask
 
     sk = cfg.select_kwargs
     if not isinstance(sk, dict):

@@ -26,10 +26,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import FishMask, always_trainable, compute_fisher, peft_candidates, select_mask
+from .. import FishMask, always_trainable, peft_candidates
+from ..fisher import GradientMoments, gradient_moments
 from ..models import load_model
 from ..optim import make_optimizer as masked_optimizer
 from .analysis import mask_record, trivial_baseline
+from .arms import Arm, arm_of, jaccard, parse_arm, rewind, select_for_arm, warm_up
 from .builders import METHODS, PeftSpec, default_targets, layer_indices
 from .config import CompareConfig
 from .results import append_record, check_writable, read_results
@@ -84,6 +86,8 @@ def setup_fingerprint(cfg: CompareConfig) -> str:
         keys["select_kwargs"] = cfg.select_kwargs
     if cfg.lr_by_budget:
         keys["lr_by_budget"] = {f"{b:g}": lr for b, lr in sorted(cfg.lr_by_budget.items())}
+    # arms and lr_by_arm are not here: each record states its arm and rate, checked on resume (_check_resumed),
+    # so a study can gain arms later
     if cfg.device != "cpu":  # float sums differ by device: GPU and CPU runs never share a results file
         keys["device"] = torch.device(cfg.device).type
     return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
@@ -198,7 +202,8 @@ class Study:
         self.path = results_path(cfg)
         self.fingerprint = setup_fingerprint(cfg)
         self._data: dict[str, _TaskData] = {}
-        self._fisher: dict[tuple, tuple[dict, float]] = {}
+        self._moments: dict[tuple, tuple[GradientMoments, float]] = {}
+        self.arms = {name: parse_arm(name, raw) for name, raw in cfg.arms.items()}
         self._original_count: dict[tuple, int] = {}
 
     # -------------------------------------------------------------- models and budgets
@@ -266,29 +271,21 @@ class Study:
         head_numel = sum(params[n].numel() for n in heads)
         base_numel = sum(p.numel() for n, p in params.items() if n not in set(names) and n not in set(heads))
         before = data.evaluate(model, cfg) if cfg.train.eval_before else None
-        mask, fisher_s = None, 0.0
+        mask, paper, arm, fisher_s = None, None, None, 0.0
         if run.strategy != "original":
             k = (self._original_budget(run) if run.mode == "fixed_proportion"
                  else max(1, min(n_cand, round(run.budget * n_cand))))
-            if run.strategy == "rand":
-                scores = {n: torch.zeros(params[n].shape) for n in names}
-            else:
-                key = (run.task, run.method, run.seed, self._layers_for(run), self._rank_for(run))
-                if key not in self._fisher:
-                    t0 = time.time()
-                    fisher = compute_fisher(model, data.fisher_batches(run.seed), data.fisher_n, params=names,
-                                            seed=run.seed, progress=cfg.progress)
-                    self._fisher[key] = (fisher, time.time() - t0)
-                fisher, fisher_s = self._fisher[key]
-                scores = {n: fisher[n] for n in names}
-            if heads:
-                scores.update({n: torch.zeros(params[n].shape) for n in heads})
-            mask = select_mask(scores, budget=k, strategy=run.strategy, seed=run.seed,
-                               always_train=[f"^{n}$" for n in heads] or None,
-                               **cfg.select_kwargs.get(run.strategy, {}))
+            arm = arm_of(run.strategy, self.arms)
+            shapes = ({n: tuple(params[n].shape) for n in names}, {n: tuple(params[n].shape) for n in heads})
+            if arm.warmup_steps:  # the paper's mask it is compared with is the one at init, without warm-up
+                _, paper = select_for_arm(Arm(), self._moments_for(run, Arm(), model, data, names)[0], *shapes, k,
+                                          run.seed)
+            moments, fisher_s = self._moments_for(run, arm, model, data, names)
+            mask, warm_paper = select_for_arm(arm, moments, *shapes, k, run.seed, cfg.select_kwargs.get(run.strategy, {}))
+            paper = paper if arm.warmup_steps else warm_paper
             if cfg.show_masks and run.strategy == "fish":
                 self.log(mask.summary())
-        opt = optimizer_for_run(model, mask, cfg, cfg.lr_for(run.budget))
+        opt = optimizer_for_run(model, mask, cfg, cfg.lr_for(run.budget, run.strategy))
         epochs = []
 
         def on_epoch_end(epoch: int, loss: float) -> None:
@@ -303,9 +300,11 @@ class Study:
         return {
             "id": run.id, **asdict(run), "fingerprint": self.fingerprint, "model": cfg.model,
             "metric": data.metric, "rank": self._rank_for(run), "layers": self._layers_for(run),
-            "eval_split": data.eval_split, "trivial": data.trivial, "lr": cfg.lr_for(run.budget),
+            "eval_split": data.eval_split, "trivial": data.trivial, "lr": cfg.lr_for(run.budget, run.strategy),
             "select_kwargs": cfg.select_kwargs.get(run.strategy, {}),
+            **({"arm": arm.to_dict()} if run.strategy in self.arms else {}),
             "mask": mask_record(mask) if mask is not None else None,
+            **({"jaccard_fish": jaccard(mask, paper)} if paper is not None and run.strategy != "fish" else {}),
             "trainable": {"peft": peft_trainable, "candidates": n_cand, "always_train": head_numel,
                           "base_params": base_numel, "proportion": peft_trainable / max(1, base_numel)},
             "epochs": epochs, "score": epochs[-1]["dev_score"], "before": before,
@@ -316,7 +315,39 @@ class Study:
             "config": cfg.to_dict(),
         }
 
+    def _moments_for(self, run: Run, arm: Arm, model, data: _TaskData, names: list[str]
+                     ) -> tuple[GradientMoments, float]:
+        """The per-sample gradient moments this run's arm scores with (cached per task / seed / pool, and per
+        warm-up length and rate), and the seconds they took; a warm-up is rewound before returning."""
+        lr = self.cfg.lr_for(run.budget, run.strategy)
+        key = (run.task, run.method, run.seed, self._layers_for(run), self._rank_for(run), arm.warmup_steps,
+               lr if arm.warmup_steps else None)
+        if key not in self._moments:
+            t0, init = time.time(), None
+            if arm.warmup_steps:
+                init = warm_up(model, data.train_batches(run.seed), arm.warmup_steps, lr, self.cfg.train.weight_decay)
+            moments = gradient_moments(model, data.fisher_batches(run.seed), data.fisher_n, params=names,
+                                       seed=run.seed, progress=self.cfg.progress)
+            if init is not None:
+                rewind(model, init)
+            self._moments[key] = (moments, time.time() - t0)
+        return self._moments[key]
+
     # -------------------------------------------------------------- the study
+    def _check_resumed(self, existing: list[dict], runs: list[Run]) -> None:
+        """A finished run counts only if it ran the arm and rate this config asks for."""
+        planned = {r.id: r for r in runs}
+        for rec in existing:
+            run = planned.get(rec["id"])
+            if run is None:
+                continue
+            arm = self.arms[run.strategy].to_dict() if run.strategy in self.arms else None
+            lr = self.cfg.lr_for(run.budget, run.strategy)
+            if rec.get("arm") != arm or ("lr" in rec and rec["lr"] != lr):
+                raise ValueError(f"{self.path}: run {rec['id']} was made with arm {rec.get('arm')} at lr "
+                                 f"{rec.get('lr')}, but this config asks for {arm} at lr {lr}; rename the arm or "
+                                 "change 'name' to start a new results file")
+
     def run(self) -> list[dict]:
         """Execute every planned run not yet in the results file; returns all records of this study."""
         existing = read_results(self.path)
@@ -326,6 +357,7 @@ class Study:
                                  f"settings); change 'name' or 'out_dir' to start a new results file")
         done = {rec["id"] for rec in existing}
         runs = plan_runs(self.cfg)
+        self._check_resumed(existing, runs)
         todo = [r for r in runs if r.id not in done]
         self.log(f"compare: {len(runs)} runs planned, {len(runs) - len(todo)} already in {self.path}, "
                  f"{len(todo)} to do")

@@ -19,9 +19,10 @@ from ..config import FishConfig
 from ..fisher import compute_fisher
 from ..guard import MaskGuard
 from ..loglik import per_sample_log_likelihood
-from ..mask import DEFAULT_ALPHA, FishMask, select_mask
+from ..mask import FishMask
 from ..methods import peft_candidates
 from ..per_sample import LogLikFn
+from ..selection import DEFAULT_ALPHA, select_mask
 from ..sharded import is_sharded
 from ..zero3 import full_numel, zero_optimizer, zero_params
 from .adapter import save_mask_before_adapter, save_mask_beside_adapter, without_digests

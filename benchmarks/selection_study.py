@@ -1,0 +1,149 @@
+"""Issue 23's screening study: every selection arm at its own best rate, against rand and the shuffled control.
+
+    python benchmarks/selection_study.py run      # resumable; stage 1 (rate sweep, seed 0), then stage 2 (seeds)
+    python benchmarks/selection_study.py report   # the tables of BENCHMARKS.md "Selection that beats chance"
+
+Stage 1 runs configs/selection_screen.yaml at each rate of RATES on seed 0 (held-out train scores, never dev),
+as two processes over disjoint task pairs (2 cores). Stage 2 picks, per arm and budget, the rate with the best
+mean held-out score over the tasks, and runs SEEDS at that rate. The report pairs every arm with rand and with the
+shuffled control per (task, seed) and gives the mean difference with its 95 % t interval and sign count.
+Everything is read back from benchmarks/results/selection/*.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs/selection_screen.yaml"
+OUT = ROOT / "benchmarks/results/selection"
+RATES = (0.003, 0.01, 0.03)
+SEEDS = (1, 2)
+PARTS = {"a": ["sst2", "rte"], "b": ["stsb", "mrpc"]}  # about equal CPU time each
+sys.path.insert(0, str(ROOT / "src"))
+
+from fish_tuning.experiments.stats import fmt_paired, paired  # noqa: E402
+
+
+def _compare(name: str, tasks: list[str], *overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(ROOT / ".venv/bin/fish-tune"), "compare", str(CONFIG), f"name={name}", f"tasks=[{','.join(tasks)}]",
+           *overrides]
+    return subprocess.Popen(cmd, env=env, cwd=ROOT)
+
+
+def _both(make) -> None:
+    procs = [make(part, tasks) for part, tasks in PARTS.items()]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"a compare process failed (exit codes {codes}); see the log above")
+
+
+def records(pattern: str) -> list[dict]:
+    out = []
+    for path in sorted(OUT.glob(pattern)):
+        out += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return out
+
+
+def best_rates(sweep: list[dict]) -> dict[str, dict[float, float]]:
+    """arm -> budget -> the rate with the best mean seed-0 held-out score over the tasks."""
+    acc: dict[tuple, list[float]] = defaultdict(list)
+    for r in sweep:
+        acc[(r["strategy"], r["budget"], r["lr"])].append(r["score"])
+    best: dict[str, dict[float, tuple[float, float]]] = defaultdict(dict)
+    n_tasks = max(len(v) for v in acc.values())
+    for (arm, budget, lr), scores in sorted(acc.items()):
+        if len(scores) < n_tasks:
+            continue  # a rate not finished on every task is not a candidate yet
+        mean = sum(scores) / len(scores)
+        if budget not in best[arm] or mean > best[arm][budget][1]:
+            best[arm][budget] = (lr, mean)
+    return {arm: {b: lr for b, (lr, _) in by.items()} for arm, by in best.items()}
+
+
+def run() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    for lr in RATES:
+        _both(lambda part, tasks, lr=lr: _compare(f"sweep_lr{lr:g}_{part}", tasks, f"train.lr={lr}", "seeds=[0]"))
+    rates = best_rates(records("sweep_*.jsonl"))
+    flow = "{" + ", ".join(f"{arm}: {{{', '.join(f'{b:g}: {lr:g}' for b, lr in by.items())}}}"
+                           for arm, by in rates.items()) + "}"
+    print(f"stage 2 rates (best mean seed-0 held-out score): {flow}", flush=True)
+    _both(lambda part, tasks: _compare(f"seeds_{part}", tasks, f"lr_by_arm={flow}",
+                                       f"seeds=[{','.join(map(str, SEEDS))}]"))
+
+
+def chosen(all_runs: list[dict]) -> list[dict]:
+    """Seed 0 at each arm's chosen rate (from the sweep) plus the stage-2 seeds."""
+    rates = best_rates([r for r in all_runs if r["seed"] == 0])
+    return [r for r in all_runs if r["seed"] != 0 or rates.get(r["strategy"], {}).get(r["budget"]) == r["lr"]]
+
+
+def report() -> str:
+    sweep, seeds = records("sweep_*.jsonl"), records("seeds_*.jsonl")
+    rates = best_rates(sweep)
+    runs = chosen(sweep + seeds)
+    by = {(r["task"], r["budget"], r["strategy"], r["seed"]): r for r in runs}
+    tasks = sorted({r["task"] for r in runs})
+    arms = list(dict.fromkeys(r["strategy"] for r in sweep))
+    budgets = sorted({r["budget"] for r in runs})
+    n_seeds = sorted({r["seed"] for r in runs})
+    lines = [f"Held-out train score x100 (500 examples per task), seeds {n_seeds}; each arm at its own rate "
+             f"(best mean seed-0 held-out score over {', '.join(map(str, RATES))}).", ""]
+    for budget in budgets:
+        k = next((r["trainable"]["peft"] for r in runs if r["budget"] == budget), 0)
+        lines += [f"**Budget {budget:g} ({k:,} entries)**", "",
+                  "| arm | rate | " + " | ".join(tasks) + " | mean | − rand | − shuffled | layer share (0→5) | top-8 | "
+                  "Jaccard vs fish |", "|" + "---|" * (len(tasks) + 8)]
+        for arm in arms:
+            cells, diffs = [], {"rand": [], "shuffled": []}
+            for task in tasks:
+                vals = [100 * by[(task, budget, arm, s)]["score"] for s in n_seeds if (task, budget, arm, s) in by]
+                cells.append(f"{sum(vals) / len(vals):.1f}" if vals else "–")
+            for ctrl in diffs:
+                for task in tasks:
+                    for s in n_seeds:
+                        a, c = by.get((task, budget, arm, s)), by.get((task, budget, ctrl, s))
+                        if a and c and arm != ctrl:
+                            diffs[ctrl].append(100 * (a["score"] - c["score"]))
+            mine = [r for r in runs if r["budget"] == budget and r["strategy"] == arm]
+            mean = sum(100 * r["score"] for r in mine) / max(1, len(mine))
+            share, conc, jac = _mask_cells(mine)
+            lr = rates.get(arm, {}).get(budget)
+            lines.append(f"| {arm} | {lr:g} | " + " | ".join(cells) + f" | {mean:.1f} | "
+                         + " | ".join(fmt_paired(paired(d)) if len(d) > 1 else "–" for d in diffs.values())
+                         + f" | {share} | {conc} | {jac} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _mask_cells(runs: list[dict]) -> tuple[str, str, str]:
+    masks = [r["mask"] for r in runs if r.get("mask")]
+    if not masks:
+        return "dense", "–", "–"
+    layers: dict[int, float] = defaultdict(float)
+    for m in masks:
+        total = sum(kept for _, kept, _ in m["per_layer"]) or 1
+        for layer, kept, _ in m["per_layer"]:
+            layers[layer] += kept / total / len(masks)
+    share = " ".join(f"{100 * layers[k]:.0f}" for k in sorted(layers, key=lambda x: (x is None, x)))
+    conc = sum(m["concentration_top8"] for m in masks) / len(masks)
+    jac = [r["jaccard_fish"] for r in runs if "jaccard_fish" in r]
+    return share, f"{100 * conc:.0f}%", f"{sum(jac) / len(jac):.2f}" if jac else "1.00"
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("stage", choices=["run", "report"])
+    args = ap.parse_args()
+    if args.stage == "run":
+        run()
+    else:
+        print(report())
