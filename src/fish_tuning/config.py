@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 from .checks import is_int, positive_int, unit_interval
 from .mask import _patterns
-from .selection import DEFAULT_ALPHA, STRATEGIES, check_keep_budget
+from .scores import SCORES
+from .selection import ALLOCATIONS, DEFAULT_ALPHA, STRATEGIES, check_keep_budget
 
 KINDS = ("empirical", "expected")
 METHODS = ("auto", "vectorized", "loop")
@@ -25,8 +26,17 @@ class FishConfig:
     strategy: str = field(default="fish", metadata={
         "help": f"Selection rule: one of {', '.join(STRATEGIES)}. fish = top-k Fisher (the paper); rand / rev = "
                 "controls; fish_balanced / fish_rank1 = allocation-aware variants."})
+    allocation: str = field(default="global", metadata={
+        "help": "How many entries each tensor gets: global (the paper: one ranking over all tensors), uniform "
+                "(the same density in every tensor) or mass (~ score mass^alpha); strategy then picks inside."})
+    score: str = field(default="fisher", metadata={
+        "help": "What is ranked: fisher (the paper), normalized (row/column-normalised Fisher), consistency "
+                "(|mean g| - 1.65 SE) or snr ((mean g)^2 / Fisher); all from the same pass."})
+    warmup_steps: int = field(default=0, metadata={
+        "help": "Train the adapter densely for this many steps, score there, then rewind it to its init and "
+                "train masked with a fresh optimizer state (0: score at init, the paper)."})
     alpha: float = field(default=DEFAULT_ALPHA, metadata={
-        "help": "fish_balanced only: per-tensor budget ~ (Fisher mass)^alpha, alpha in [0, 1]."})
+        "help": "allocation=mass (and fish_balanced) only: per-tensor budget ~ (score mass)^alpha, in [0, 1]."})
     num_samples: int = field(default=128, metadata={
         "help": "Calibration samples for the Fisher pass (the paper: 128; 256 for generation)."})
     fisher_kind: str = field(default="empirical", metadata={
@@ -46,7 +56,18 @@ class FishConfig:
             self.keep, self.budget = check_keep_budget(self.keep, self.budget)
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        self.alpha = unit_interval(self.alpha, "alpha (fish_balanced's exponent)")
+        self.alpha = unit_interval(self.alpha, "alpha (the mass allocation's exponent)")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS} (or a FishMask, given to FishCallback or "
+                             f"select_mask), got {self.allocation!r}")
+        if (self.strategy, self.allocation) in (("fish_balanced", "uniform"), ("fish_rank1", "uniform"),
+                                                ("fish_rank1", "mass")):
+            raise ValueError(f"strategy={self.strategy!r} fixes its own allocation; use strategy='fish' with "
+                             f"allocation={self.allocation!r}, or leave allocation at 'global'")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        if not is_int(self.warmup_steps) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         self.num_samples = positive_int(self.num_samples, "num_samples")
         if self.fisher_kind not in KINDS:
             raise ValueError(f"fisher_kind must be one of {KINDS}, got {self.fisher_kind!r}")

@@ -296,7 +296,8 @@ def gradient_moments(
                       stacklevel=_stacklevel)
     scores = {n: s / count for n, s in sums.items()}
     warn_zero_fisher(scores, _stacklevel + 1)
-    return GradientMoments(fisher=scores, mean={n: g / count for n, g in grad_sums.items()}, num_samples=total)
+    # the passes differentiate the loss -Σ log p: negate, so .mean is the mean gradient of log p as documented
+    return GradientMoments(fisher=scores, mean={n: -g / count for n, g in grad_sums.items()}, num_samples=total)
 
 
 def _passes(batches: Iterable[Mapping[str, object]], quota: int, device: torch.device, sharded: bool):

@@ -16,18 +16,20 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..config import FishConfig
-from ..fisher import compute_fisher
+from ..fisher import gradient_moments
 from ..guard import MaskGuard
 from ..loglik import per_sample_log_likelihood
 from ..mask import FishMask
 from ..methods import peft_candidates
 from ..per_sample import LogLikFn
+from ..scores import score as score_of
 from ..selection import DEFAULT_ALPHA, select_mask
 from ..sharded import is_sharded
 from ..zero3 import full_numel, zero_optimizer, zero_params
 from .adapter import save_mask_before_adapter, save_mask_beside_adapter, without_digests
 from .distributed import calibration_loader
 from .resume import MASK_GROUP_KEY, check_given, load_resumed, record
+from .warmup import WarmUp
 
 logger = logging.getLogger("fish_tuning")
 
@@ -69,6 +71,11 @@ class FishCallback(TrainerCallback):
         exclude: regexes of candidates left out of the selection; they stay frozen (never trained).
         strategy: ``fish`` (the paper), ``rand`` / ``rev`` (controls), ``fish_balanced`` (per-tensor shares by
             Fisher mass ** ``alpha``) or ``fish_rank1`` (whole LoRA rank-1 components); see ``select_mask``.
+        allocation: per-tensor counts: ``global`` (the paper), ``uniform``, ``mass``, or a :class:`FishMask`
+            whose counts are kept (``strategy="rand"`` with the FISH mask is the shuffled control).
+        score: what is ranked: ``fisher``, ``normalized``, ``consistency`` or ``snr`` (:mod:`fish_tuning.scores`).
+        warmup_steps: dense training steps before scoring; the adapter is then rewound to its init and the
+            optimizer state cleared (the steps count in ``max_steps`` and the LR schedule).
         seed: subset and ``rand`` seed; default ``args.seed``. ``batch_size``: default per-device train size.
         loglik_fn: ``f(logits, labels) -> [B]`` for the Fisher pass (see ``compute_fisher``); the default reads the
             label alignment from the model. Not part of ``config`` (a function is not saved with the mask).
@@ -92,16 +99,22 @@ class FishCallback(TrainerCallback):
         alpha: float = DEFAULT_ALPHA,
         config: FishConfig | None = None,
         loglik_fn: LogLikFn | None = None,
+        allocation: str | FishMask = "global",
+        score: str = "fisher",
+        warmup_steps: int = 0,
     ):
+        self.allocation_mask = allocation if isinstance(allocation, FishMask) else None
+        named = "global" if self.allocation_mask is not None else allocation
         if config is None:
             config = FishConfig(keep=keep, budget=budget, strategy=strategy, alpha=alpha, num_samples=num_samples,
                                 fisher_kind=kind, fisher_method=method, exclude=exclude, always_train=always_train,
-                                seed=seed)
-        elif any(v is not None for v in (keep, budget, exclude, always_train, seed)):
+                                seed=seed, allocation=named, score=score, warmup_steps=warmup_steps)
+        elif any(v is not None for v in (keep, budget, exclude, always_train, seed)) or (
+                named, score, warmup_steps) != ("global", "fisher", 0):
             raise ValueError("FishCallback: give the FISH settings either as config= or as keywords, not both")
         if mask is not None and (config.keep is not None or config.budget is not None):
             raise ValueError("FishCallback: give either mask= or keep=/budget=, not both")
-        if mask is None and (config.keep is None) == (config.budget is None):
+        if mask is None and self.allocation_mask is None and (config.keep is None) == (config.budget is None):
             raise ValueError("FishCallback needs exactly one of keep= (fraction) or budget= (entries), or mask=")
         self.config = config
         c = config
@@ -119,6 +132,7 @@ class FishCallback(TrainerCallback):
         self.source: str | None = None  # "given", "checkpoint", "fisher" or "kept"
         self.stats: dict[str, float] = {}
         self._trained: weakref.ref[nn.Module] | None = None  # the model self.mask was taken for
+        self._warm: WarmUp | None = None  # set while the dense warm-up runs
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
@@ -133,9 +147,14 @@ class FishCallback(TrainerCallback):
             if state.global_step > 0:
                 check_given(self.given_mask, state, inner, lr_scheduler)
             self.mask, self.source = self.given_mask, "given"
+        elif 0 < state.global_step < self.config.warmup_steps:
+            raise ValueError(f"FishCallback: this checkpoint (step {state.global_step}) is inside the warm-up of "
+                             f"{self.config.warmup_steps} dense steps, before any mask exists; resume from a "
+                             "checkpoint after the warm-up or start again")
         elif state.global_step > 0:
             self.mask, self.source = load_resumed(args, state, model, inner, lr_scheduler), "checkpoint"
-            wanted = self.budget if self.budget is not None else round(self.keep * self.mask.num_candidates)
+            wanted = (self.budget if self.budget is not None else self.allocation_mask.num_selected
+                      if self.allocation_mask is not None else round(self.keep * self.mask.num_candidates))
             if wanted != self.mask.num_selected:
                 warnings.warn(f"FishCallback: resuming with the checkpoint's mask ({self.mask.num_selected} entries), "
                               f"not the {wanted} that keep/budget ask for now", stacklevel=2)
@@ -146,8 +165,28 @@ class FishCallback(TrainerCallback):
             warnings.warn("FishCallback: keeping the mask this callback selected for this model in an earlier "
                           f"train() ({self.mask.num_selected} entries); call callback.reset() before train() for a "
                           "fresh selection", stacklevel=2)
+        elif self.config.warmup_steps:
+            if zero is not None or is_sharded(model):
+                raise NotImplementedError("FishCallback(warmup_steps=...) runs on one process or DDP; under ZeRO or "
+                                          "FSDP2 select the mask without warm-up (warmup_steps=0) or pass mask=")
+            self._warm, self.source = WarmUp(model, self.config.warmup_steps), "warmup"
+            return  # dense steps until on_step_end reaches warmup_steps
         else:
             self.mask, self.source = self._select(args, state, model, train_dataloader), "fisher"
+        self._attach(args, state, model, inner, zero, lr_scheduler)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
+                    optimizer=None, train_dataloader=None, lr_scheduler=None, **kwargs):
+        if self._warm is None or not self._warm.due(state.global_step):
+            return
+        mask = self._select(args, state, model, train_dataloader)  # scored at the warmed-up weights
+        inner = innermost_optimizer(optimizer)
+        self._warm.rewind(model, inner)
+        self._warm, self.mask, self.source = None, mask, "fisher"
+        self._attach(args, state, model, inner, None, lr_scheduler)
+
+    def _attach(self, args, state, model, inner, zero, lr_scheduler) -> None:
+        """Guard ``self.mask`` from now on, and make it travel with every checkpoint."""
         self.mask = without_digests(self.mask)  # digests of the folder it was read from describe only that folder
         if self.source != "given":
             self._trained = weakref.ref(model)
@@ -180,6 +219,11 @@ class FishCallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.remove()  # first: later training of this model is never masked by surprise, even if saving fails
+        if self._warm is not None:
+            self._warm = None
+            warnings.warn(f"FishCallback: training ended at step {state.global_step}, inside the warm-up of "
+                          f"{self.config.warmup_steps} dense steps: no mask was selected and every adapter entry "
+                          "trained; lower warmup_steps or train longer", stacklevel=2)
         if self.mask is not None and self.save_final_mask and args.should_save:
             save_mask_before_adapter(args.output_dir, self.mask, kwargs.get("model"))
 
@@ -192,7 +236,7 @@ class FishCallback(TrainerCallback):
     def reset(self) -> None:
         """Forget the mask selected in an earlier ``train()``: the next one selects afresh (or uses ``mask=``)."""
         self.remove()
-        self.mask, self.source, self._trained = self.given_mask, None, None
+        self.mask, self.source, self._trained, self._warm = self.given_mask, None, None, None
 
     def attach_to(self, trainer) -> FishCallback:
         """Add this callback to ``trainer`` so that its ``fish/*`` figures also reach the reporters
@@ -234,11 +278,14 @@ class FishCallback(TrainerCallback):
                                     seed=seed)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):  # belt and braces: training RNG untouched by the Fisher pass
-            scores = compute_fisher(model, loader, num_samples=self.num_samples, kind=self.kind, params=cands,
-                                    method=self.method, loglik_fn=self.loglik_fn, seed=seed,
-                                    progress=state.is_local_process_zero and not args.disable_tqdm)
-        mask = select_mask(scores, keep=self.keep, budget=self.budget, strategy=self.strategy, seed=seed,
-                           exclude=self.exclude, always_train=self.always_train, alpha=self.alpha)
+                moments = gradient_moments(model, loader, num_samples=self.num_samples, kind=self.kind, params=cands,
+                                       method=self.method, loglik_fn=self.loglik_fn, seed=seed,
+                                       progress=state.is_local_process_zero and not args.disable_tqdm)
+        c = self.config
+        scores = moments.fisher
+        mask = select_mask(score_of(moments, c.score), keep=self.keep, budget=self.budget, strategy=self.strategy,
+                           seed=seed, exclude=self.exclude, always_train=self.always_train, alpha=self.alpha,
+                           allocation=self.allocation_mask if self.allocation_mask is not None else c.allocation)
         kept = torch.cat([scores[n].reshape(-1)[mask.indices[n]] for n in mask.names])
         fisher = {"num_samples": min(self.num_samples, len(dataset)), "kind": self.kind, "seed": seed,
                   "total": float(sum(float(scores[n].sum()) for n in mask.names)),
