@@ -384,3 +384,18 @@ def test_non_finite_labels_and_empty_text_are_refused_before_any_model_loads(tin
     assert rc == 2 and err.startswith("fish-tune: error: ") and "\n" not in err, err
     assert message in err, err
     assert not (tmp_path / "o" / "adapter_model.safetensors").exists()
+
+
+def test_allocation_score_and_warmup_flags_reach_the_mask(tiny, tmp_path, capsys):
+    out_dir = tmp_path / "alloc"
+    assert main(["train", "--model_name_or_path", str(tiny["bert"]), "--train_file", str(tiny["csv"]),
+                 "--budget", "64", "--allocation", "uniform", "--score", "consistency", "--fish_warmup_steps", "1",
+                 "--output_dir", str(out_dir), *FAST]) == 0
+    mask = ft.FishMask.load(out_dir / ft.FISH_MASK_NAME)
+    assert mask.num_selected == 64 and mask.meta["allocation"] == "uniform"
+    assert {int(i.numel()) for i in mask.indices.values()} == {8}  # 8 same-shaped tensors, the same density
+    config = mask.meta["fish_config"]
+    assert (config["score"], config["warmup_steps"]) == ("consistency", 1)
+    assert main(["train", "--model_name_or_path", str(tiny["bert"]), "--train_file", str(tiny["csv"]),
+                 "--budget", "64", "--allocation", "erk", "--output_dir", str(tmp_path / "bad"), *FAST]) == 2
+    assert "allocation must be one of" in capsys.readouterr().err

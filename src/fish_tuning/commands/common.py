@@ -87,12 +87,16 @@ class PeftArguments:
     num_virtual_tokens: int = field(default=20, metadata={"help": "Prefix-Tuning: virtual tokens."})
 
 
+_RENAMED = {"seed": "fish_seed", "warmup_steps": "fish_warmup_steps"}  # TrainingArguments has the plain names
+
+
 def _fish_arguments() -> type:
-    """FishConfig's fields as flags; ``seed`` becomes ``--fish_seed`` (``--seed`` is TrainingArguments')."""
+    """FishConfig's fields as flags; ``seed`` / ``warmup_steps`` become ``--fish_seed`` / ``--fish_warmup_steps``
+    (``--seed`` and ``--warmup_steps``, the LR warm-up, are TrainingArguments')."""
     hints = typing.get_type_hints(FishConfig)
     out = []
     for f in dataclasses.fields(FishConfig):
-        name = "fish_seed" if f.name == "seed" else f.name
+        name = _RENAMED.get(f.name, f.name)
         out.append((name, hints[f.name], field(default=f.default, metadata=dict(f.metadata))))
     return dataclasses.make_dataclass("FishArguments", out)
 
@@ -103,7 +107,8 @@ FishArguments = _fish_arguments()
 def fish_config(fish: Any) -> FishConfig:
     """Validate the FISH flags into a FishConfig; errors name the flags."""
     values = dataclasses.asdict(fish)
-    values["seed"] = values.pop("fish_seed")
+    for plain, flag in _RENAMED.items():
+        values[plain] = values.pop(flag)
     try:
         config = FishConfig(**values)
         config.require_budget()
