@@ -1,13 +1,17 @@
 """Issue 23's screening study: every selection arm at its own best rate, against rand and the shuffled control.
 
-    python benchmarks/selection_study.py run      # resumable; stage 1 (rate sweep, seed 0), then stage 2 (seeds)
+    python benchmarks/selection_study.py run      # resumable: screening (stages 1-2), then confirmation (3-4)
     python benchmarks/selection_study.py report   # the tables of BENCHMARKS.md "Selection that beats chance"
 
-Stage 1 runs configs/selection_screen.yaml at each rate of RATES on seed 0 (held-out train scores, never dev),
-as two processes over disjoint task pairs (2 cores). Stage 2 picks, per arm and budget, the rate with the best
-mean held-out score over the tasks, and runs SEEDS at that rate. The report pairs every arm with rand and with the
-shuffled control per (task, seed) and gives the mean difference with its 95 % t interval and sign count.
-Everything is read back from benchmarks/results/selection/*.jsonl.
+Screening, on held-out train only (configs/selection_screen.yaml): stage 1 runs every arm at each rate of RATES
+on seed 0, as two processes over disjoint task pairs (2 cores); stage 2 picks, per arm and budget, the rate with
+the best mean held-out score over the tasks, and runs SEEDS at that rate.
+Confirmation, on the dev sets (the same recipe, holdout off): stage 3 runs the two best screened arms (mean
+held-out score over tasks, seeds and both budgets; the controls and the paper's fish are not candidates) against
+rand, the shuffled control, the paper's fish and the Originals, CONFIRM_SEEDS seeds, every arm at its screened
+rate; stage 4 the same arms with DoRA at budget 6, 3 seeds. The report pairs every arm with its controls per
+(task, seed): mean difference, 95 % t interval and sign count. Everything is read back from
+benchmarks/results/selection/*.jsonl.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ CONFIG = ROOT / "configs/selection_screen.yaml"
 OUT = ROOT / "benchmarks/results/selection"
 RATES = (0.003, 0.01, 0.03)
 SEEDS = (1, 2)
+CONFIRM_SEEDS = (0, 1, 2, 3, 4)
+CONTROLS = ("original", "rand", "shuffled", "fish")  # never "the best arm" themselves
 PARTS = {"a": ["sst2", "rte"], "b": ["stsb", "mrpc"]}  # about equal CPU time each
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -73,11 +79,35 @@ def run() -> None:
     for lr in RATES:
         _both(lambda part, tasks, lr=lr: _compare(f"sweep_lr{lr:g}_{part}", tasks, f"train.lr={lr}", "seeds=[0]"))
     rates = best_rates(records("sweep_*.jsonl"))
-    flow = "{" + ", ".join(f"{arm}: {{{', '.join(f'{b:g}: {lr:g}' for b, lr in by.items())}}}"
-                           for arm, by in rates.items()) + "}"
+    flow = _flow(rates)
     print(f"stage 2 rates (best mean seed-0 held-out score): {flow}", flush=True)
     _both(lambda part, tasks: _compare(f"seeds_{part}", tasks, f"lr_by_arm={flow}",
                                        f"seeds=[{','.join(map(str, SEEDS))}]"))
+    best = best_arms(chosen(records("sweep_*.jsonl") + records("seeds_*.jsonl")))
+    arms = [*CONTROLS, *best]
+    flow = _flow({a: by for a, by in rates.items() if a in arms})
+    print(f"confirmation arms: {arms}", flush=True)
+    common = ("train.holdout_examples=null", f"strategies=[{','.join(arms)}]", f"lr_by_arm={flow}")
+    _both(lambda part, tasks: _compare(f"confirm_{part}", tasks, *common,
+                                       f"seeds=[{','.join(map(str, CONFIRM_SEEDS))}]"))
+    dora = _flow({a: {6: by[6]} for a, by in rates.items() if a in arms})
+    _both(lambda part, tasks: _compare(f"confirm_dora_{part}", tasks, *common[:2], f"lr_by_arm={dora}",
+                                       "methods=[dora]", "budgets=[6]", "seeds=[0,1,2]"))
+
+
+def _flow(rates: dict[str, dict[float, float]]) -> str:
+    """``{arm: {budget: rate}}`` as a YAML flow mapping for a ``key=value`` override."""
+    return "{" + ", ".join(f"{arm}: {{{', '.join(f'{b:g}: {lr:g}' for b, lr in by.items())}}}"
+                           for arm, by in rates.items()) + "}"
+
+
+def best_arms(runs: list[dict], n: int = 2) -> list[str]:
+    """The ``n`` screened arms with the best mean held-out score over tasks, seeds and budgets."""
+    acc: dict[str, list[float]] = defaultdict(list)
+    for r in runs:
+        if r["strategy"] not in CONTROLS:
+            acc[r["strategy"]].append(r["score"])
+    return sorted(acc, key=lambda a: -sum(acc[a]) / len(acc[a]))[:n]
 
 
 def chosen(all_runs: list[dict]) -> list[dict]:

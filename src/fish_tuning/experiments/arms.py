@@ -44,6 +44,10 @@ class Arm:
 def parse_arm(name: str, raw: object) -> Arm:
     """One ``arms`` entry of a config, checked; ValueError naming the field otherwise."""
     where = f"config field 'arms.{name}'"
+
+    def field(f: str) -> str:
+        return f"config field 'arms.{name}.{f}'"
+
     if name in STRATEGIES or name == "original":
         raise ValueError(f"{where}: {name!r} is a built-in strategy; give the arm another name")
     if not isinstance(raw, dict):
@@ -53,13 +57,13 @@ def parse_arm(name: str, raw: object) -> Arm:
         raise ValueError(f"{where}: {unknown[0]!r} is unknown; valid fields: {list(ARM_FIELDS)}")
     arm = Arm(**raw)
     if arm.strategy not in ("fish", "rand", "rev"):
-        raise ValueError(f"{where}.strategy must be fish, rand or rev, got {arm.strategy!r}")
+        raise ValueError(f"{field('strategy')} must be fish, rand or rev, got {arm.strategy!r}")
     if arm.allocation not in ARM_ALLOCATIONS:
-        raise ValueError(f"{where}.allocation must be one of {ARM_ALLOCATIONS}, got {arm.allocation!r}")
+        raise ValueError(f"{field('allocation')} must be one of {ARM_ALLOCATIONS}, got {arm.allocation!r}")
     if arm.score not in SCORES:
-        raise ValueError(f"{where}.score must be one of {SCORES}, got {arm.score!r}")
+        raise ValueError(f"{field('score')} must be one of {SCORES}, got {arm.score!r}")
     if isinstance(arm.warmup_steps, bool) or not isinstance(arm.warmup_steps, int) or arm.warmup_steps < 0:
-        raise ValueError(f"{where}.warmup_steps must be an integer >= 0, got {arm.warmup_steps!r}")
+        raise ValueError(f"{field('warmup_steps')} must be an integer >= 0, got {arm.warmup_steps!r}")
     return arm
 
 
