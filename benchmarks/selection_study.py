@@ -147,7 +147,7 @@ def report() -> str:
             mean = sum(100 * r["score"] for r in mine) / max(1, len(mine))
             share, conc, jac = _mask_cells(mine)
             lr = rates.get(arm, {}).get(budget)
-            lines.append(f"| {arm} | {lr:g} | " + " | ".join(cells) + f" | {mean:.1f} | "
+            lines.append(f"| {arm} | {'–' if lr is None else f'{lr:g}'} | " + " | ".join(cells) + f" | {mean:.1f} | "
                          + " | ".join(fmt_paired(paired(d)) if len(d) > 1 else "–" for d in diffs.values())
                          + f" | {share} | {conc} | {jac} |")
         lines.append("")

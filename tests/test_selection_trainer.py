@@ -84,3 +84,35 @@ def test_warmup_resume_inside_is_refused_and_short_runs_warn(tmp_path):
         Trainer(model=model, args=make_args(tmp_path / "s", 2), train_dataset=bert_rows(), callbacks=[short]).train()
     assert short.mask is None and not torch.equal(before[ft.peft_candidates(model)[0]],
                                                   model.get_parameter(ft.peft_candidates(model)[0]))
+
+
+def test_refresh_in_the_trainer_moves_the_mask_and_resumes_bit_identically(tmp_path):
+    from test_trainer_callback import StopAt as Stop, train
+
+    def fish():
+        return ft.FishCallback(keep=0.1, num_samples=16, refresh_every=2, refresh_fraction=0.5, refresh_until=8)
+
+    full_cb = fish()
+    model = _model()
+    init = snapshot(model)
+    full = train(tmp_path / "full", [full_cb], steps=8, model=model)
+    history = full_cb.mask.meta["refresh"]["history"]
+    assert [h["step"] for h in history] == [2, 4, 6] and all(h["regrown"] > 0 for h in history)
+    logged = [e for e in full.state.log_history if "fish/refresh_changed" in e]
+    assert [e["step"] for e in logged] == [2, 4, 6] and 0 < logged[-1]["fish/ever_kept"] < 1
+    saved = ft.FishMask.load(tmp_path / "full" / ft.FISH_MASK_NAME)
+    assert saved.fingerprint() == full_cb.mask.fingerprint()  # the train-end file: the mask in force at the end
+    assert saved.num_selected == round(0.1 * saved.num_candidates)
+    # the budget does not leak: no more entries moved than were ever kept (first mask + regrowth)
+    moved = sum(int((model.get_parameter(n).detach() != init[n]).sum()) for n in saved.names)
+    assert saved.num_selected < moved <= saved.meta["refresh"]["ever_kept"] * saved.num_candidates
+
+    # resume inside a gradient window (checkpoint 3; the refresh at 4 scores steps 3 and 4)
+    train(tmp_path / "cut", [fish(), Stop(3)], steps=8, save_strategy="steps", save_steps=3)
+    in_ckpt = ft.FishMask.load(tmp_path / "cut" / "checkpoint-3" / ft.FISH_MASK_NAME)
+    assert [h["step"] for h in in_ckpt.meta["refresh"]["history"]] == [2]  # the mask in force at step 3
+    second = fish()
+    resumed = train(tmp_path / "resumed", [second], steps=8, resume=str(tmp_path / "cut" / "checkpoint-3"))
+    assert second.mask.fingerprint() == full_cb.mask.fingerprint()
+    a, b = snapshot(full.model), snapshot(resumed.model)
+    assert all(torch.equal(a[n], b[n]) for n in a), "resumed run differs from the uninterrupted one"

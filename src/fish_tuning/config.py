@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from .checks import is_int, positive_int, unit_interval
 from .mask import _patterns
+from .refresh import RefreshSchedule
 from .scores import SCORES
 from .selection import ALLOCATIONS, DEFAULT_ALPHA, STRATEGIES, check_keep_budget
 
@@ -35,6 +36,13 @@ class FishConfig:
     warmup_steps: int = field(default=0, metadata={
         "help": "Train the adapter densely for this many steps, score there, then rewind it to its init and "
                 "train masked with a fresh optimizer state (0: score at init, the paper)."})
+    refresh_every: int = field(default=0, metadata={
+        "help": "Move the mask every this many optimizer steps (0: a fixed mask, the paper): drop the kept entries "
+                "that moved least, regrow the unkept ones with the most consistent gradient; exactly k always."})
+    refresh_fraction: float = field(default=0.2, metadata={
+        "help": "Share of each tensor's kept entries replaced at the first refresh, decaying linearly to 0."})
+    refresh_until: int | None = field(default=None, metadata={
+        "help": "Last step of the refresh schedule (default: 10 x refresh_every)."})
     alpha: float = field(default=DEFAULT_ALPHA, metadata={
         "help": "allocation=mass (and fish_balanced) only: per-tensor budget ~ (score mass)^alpha, in [0, 1]."})
     num_samples: int = field(default=128, metadata={
@@ -64,6 +72,9 @@ class FishConfig:
                                                 ("fish_rank1", "mass")):
             raise ValueError(f"strategy={self.strategy!r} fixes its own allocation; use strategy='fish' with "
                              f"allocation={self.allocation!r}, or leave allocation at 'global'")
+        if not is_int(self.refresh_every) or self.refresh_every < 0:
+            raise ValueError(f"refresh_every must be an integer >= 0 (0: no refresh), got {self.refresh_every!r}")
+        self.refresh()  # checks the refresh fields
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
         if not is_int(self.warmup_steps) or self.warmup_steps < 0:
@@ -77,6 +88,13 @@ class FishConfig:
             raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
         self.exclude = _patterns(self.exclude, "exclude") or None
         self.always_train = _patterns(self.always_train, "always_train") or None
+
+    def refresh(self) -> RefreshSchedule | None:
+        """The refresh schedule these settings ask for (None: a fixed mask)."""
+        if not self.refresh_every:
+            return None
+        return RefreshSchedule(every=self.refresh_every, fraction=self.refresh_fraction, until=self.refresh_until,
+                               window=min(5, self.refresh_every))
 
     def require_budget(self) -> None:
         """Raise unless exactly one of keep / budget is set (needed whenever a mask is selected)."""

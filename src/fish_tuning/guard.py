@@ -178,6 +178,9 @@ class MaskGuard:
             # each rank masks its own copy or shard: masks that differ per rank (selected separately) would make
             # DDP replicas or shards silently diverge, so every rank builds its guard and checks here (1 all-reduce)
             check_same_mask(mask.fingerprint(), (sharded or list(self.kept))[0].device)
+        # the gradient hooks read the kept indices through these cells, so a refresh can change them in place
+        self._cells: dict[Tensor, list[Tensor]] = {p: [idx] for p, idx in self.kept.items()}
+        self._tap: list = [None]  # f(param, grad) called before masking (a refresh's gradient window), or None
         self._zero3 = [p for p in self.kept if is_zero3(p)]
         self._parts: MasterPartitions | None = None  # ZeRO-3: where the fp32 masters live (set by attach)
         self._local: dict[Tensor, Tensor] = {}  # ZeRO-3: kept positions within this rank's master slice
@@ -212,10 +215,10 @@ class MaskGuard:
             optimizer, stepped = zero, self._parts.torch_optimizers()
         self._check_free()
         _ensure_global_hook()
-        for p, idx in self.kept.items():
+        for p in self.kept:
             # ZeRO-3: before ZeRO's reduce-scatter hook, so the reduced partitions and the clipping norm see Eq. 6
             register = prepend_grad_hook if p in self._local else type(p).register_post_accumulate_grad_hook
-            self._handles.append(register(p, _keep_only(idx)))
+            self._handles.append(register(p, _keep_only(self._cells[p], self._tap)))
             _ACTIVE[p] = self
         _GENERATION[0] += 1
         self.attached = True
@@ -331,7 +334,7 @@ class MaskGuard:
                 if grad is not None:
                     grad.masked_fill_(self._frozen(p), 0)
             elif p.grad is not None:
-                _keep_only(idx)(p)
+                _keep_only([idx], [None])(p)
             if self.restore:
                 target = self._target(p)
                 buf = self._backup.get(p)
@@ -351,6 +354,22 @@ class MaskGuard:
             shard = self._target(p)
             torch.where(self._frozen(p), self._backup[p], shard, out=shard)
 
+    # ------------------------------------------------------------------ a mask that moves (fish_tuning.refresh)
+    def set_kept(self, p: Tensor, idx: Tensor, mask: FishMask) -> None:
+        """Train ``idx`` (sorted flat indices) of ``p`` from the next backward on; ``mask`` is the mask in force."""
+        if self._local or is_dtensor(p):
+            raise NotImplementedError("a mask that moves is supported on one process and DDP; under FSDP2 or "
+                                      "DeepSpeed ZeRO train with a fixed mask (no refresh)")
+        idx = idx.to(device=p.device, dtype=index_dtype(p.device))
+        self.kept[p] = idx
+        self._cells[p][0] = idx
+        self._dense.pop(p, None)
+        self.mask = mask
+
+    def set_tap(self, tap) -> None:
+        """``tap(param, grad)`` sees every guarded gradient before its masked entries are zeroed (None: off)."""
+        self._tap[0] = tap
+
     def state_bytes(self) -> int:
         """Bytes this guard keeps beside the model: kept indices, dense masks and step backups."""
         tensors = [*self.kept.values(), *self._dense.values(), *self._backup.values()]
@@ -363,12 +382,16 @@ class MaskGuard:
         return f"MaskGuard(k={self.mask.num_selected:,}, {len(self.kept)} tensors, {state}{by}, id {id(self):#x})"
 
 
-def _keep_only(idx: Tensor):
-    """Zero every gradient entry except the kept ones without a dense mask: gather k, zero, scatter k back."""
+def _keep_only(cell: list[Tensor], tap: list):
+    """Zero every gradient entry except the kept ones (``cell[0]``) without a dense mask: gather k, zero, scatter k
+    back. ``tap[0]``, when set, sees the whole gradient first."""
 
     def hook(p: Tensor) -> None:
         if p.grad is None:
             return
+        if tap[0] is not None:
+            tap[0](p, p.grad)
+        idx = cell[0]
         if is_dtensor(p.grad):  # FSDP2: this rank's shard of the reduce-scattered gradient; idx is local
             grad = local(p.grad)
             if not grad.is_contiguous():

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .guard import MaskGuard
 from .mask import FishMask
+from .refresh import MaskRefresher, RefreshSchedule
 from .sharded import local
 
 
@@ -33,7 +34,8 @@ class MaskedOptimizer(torch.optim.Optimizer):
     state saved with another mask or by another kind of optimizer.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, mask: FishMask, model: nn.Module):
+    def __init__(self, optimizer: torch.optim.Optimizer, mask: FishMask, model: nn.Module,
+                 refresh: RefreshSchedule | None = None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"MaskedOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
@@ -50,6 +52,8 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self._hooked = bool(getattr(type(optimizer).step, "hooked", False))
         if self._hooked:
             self._guard.hook_steps(optimizer)
+        # a mask that moves (fish_tuning.refresh); self.mask stays the mask it was built with, .refresher.mask moves
+        self.refresher = MaskRefresher(self._guard, self, refresh) if refresh is not None else None
 
     # Delegation: the wrapped optimizer owns all state.
     @property
@@ -186,7 +190,7 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def __init__(self, params: nn.Module | Iterable, mask: FishMask, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 mask_grads: bool = True, model: nn.Module | None = None):
+                 mask_grads: bool = True, model: nn.Module | None = None, refresh: RefreshSchedule | None = None):
         _check_hyper({"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         if isinstance(params, nn.Module):  # SparseAdamW(model, mask): every trainable parameter, one group
             model, groups = params, None
@@ -237,10 +241,11 @@ class SparseAdamW(torch.optim.Optimizer):
         self._dense_ids = frozenset(id(p) for p in dense)
         super().__init__(groups, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         self._built = True
-        if mask_grads:
+        if mask_grads or refresh is not None:  # a refresh sees the gradients through the guard's hooks
             self._guard: MaskGuard | None = guard.attach(self, step_hooks=False)
         else:
             self._guard = None
+        self.refresher = MaskRefresher(guard, self, refresh) if refresh is not None else None
 
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "_built", False):  # torch.optim.Optimizer.__init__ adds the constructor's groups here
@@ -376,14 +381,14 @@ def _check_hyper(group: dict) -> None:
 
 def make_optimizer(model: nn.Module, mask: FishMask, lr: float = 1e-3, weight_decay: float = 1e-2,
                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                   sparse: bool = True) -> torch.optim.Optimizer:
+                   sparse: bool = True, refresh: RefreshSchedule | None = None) -> torch.optim.Optimizer:
     """The default optimizer for masked training: ``SparseAdamW`` (compact state).
 
     ``sparse=False`` gives the generic path, ``MaskedOptimizer(torch.optim.AdamW(...))``, with the same updates
-    but dense moments and a dense backup.
+    but dense moments and a dense backup. ``refresh``: a mask that moves during training (:mod:`fish_tuning.refresh`).
     """
     if sparse:
-        return SparseAdamW(model, mask, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        return SparseAdamW(model, mask, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, refresh=refresh)
     params = [p for p in model.parameters() if p.requires_grad]
     inner = torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    return MaskedOptimizer(inner, mask, model)
+    return MaskedOptimizer(inner, mask, model, refresh=refresh)

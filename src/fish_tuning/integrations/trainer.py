@@ -22,6 +22,7 @@ from ..loglik import per_sample_log_likelihood
 from ..mask import FishMask
 from ..methods import peft_candidates
 from ..per_sample import LogLikFn
+from ..refresh import MaskRefresher
 from ..scores import score as score_of
 from ..selection import DEFAULT_ALPHA, select_mask
 from ..sharded import is_sharded
@@ -76,6 +77,10 @@ class FishCallback(TrainerCallback):
         score: what is ranked: ``fisher``, ``normalized``, ``consistency`` or ``snr`` (:mod:`fish_tuning.scores`).
         warmup_steps: dense training steps before scoring; the adapter is then rewound to its init and the
             optimizer state cleared (the steps count in ``max_steps`` and the LR schedule).
+        refresh_every / refresh_fraction / refresh_until: a mask that moves (:mod:`fish_tuning.refresh`): every
+            ``refresh_every`` optimizer steps the least-moved kept entries are swapped for the unkept ones with the
+            most consistent gradient, exactly k always; ``self.mask`` and every checkpoint's mask file are the
+            mask in force, its ``meta["refresh"]`` the history. Logs ``fish/refresh_changed`` and ``fish/ever_kept``.
         seed: subset and ``rand`` seed; default ``args.seed``. ``batch_size``: default per-device train size.
         loglik_fn: ``f(logits, labels) -> [B]`` for the Fisher pass (see ``compute_fisher``); the default reads the
             label alignment from the model. Not part of ``config`` (a function is not saved with the mask).
@@ -102,15 +107,20 @@ class FishCallback(TrainerCallback):
         allocation: str | FishMask = "global",
         score: str = "fisher",
         warmup_steps: int = 0,
+        refresh_every: int = 0,
+        refresh_fraction: float = 0.2,
+        refresh_until: int | None = None,
     ):
         self.allocation_mask = allocation if isinstance(allocation, FishMask) else None
         named = "global" if self.allocation_mask is not None else allocation
         if config is None:
             config = FishConfig(keep=keep, budget=budget, strategy=strategy, alpha=alpha, num_samples=num_samples,
                                 fisher_kind=kind, fisher_method=method, exclude=exclude, always_train=always_train,
-                                seed=seed, allocation=named, score=score, warmup_steps=warmup_steps)
-        elif any(v is not None for v in (keep, budget, exclude, always_train, seed)) or (
-                named, score, warmup_steps) != ("global", "fisher", 0):
+                                seed=seed, allocation=named, score=score, warmup_steps=warmup_steps,
+                                refresh_every=refresh_every, refresh_fraction=refresh_fraction,
+                                refresh_until=refresh_until)
+        elif any(v is not None for v in (keep, budget, exclude, always_train, seed, refresh_until)) or (
+                named, score, warmup_steps, refresh_every, refresh_fraction) != ("global", "fisher", 0, 0, 0.2):
             raise ValueError("FishCallback: give the FISH settings either as config= or as keywords, not both")
         if mask is not None and (config.keep is not None or config.budget is not None):
             raise ValueError("FishCallback: give either mask= or keep=/budget=, not both")
@@ -133,6 +143,7 @@ class FishCallback(TrainerCallback):
         self.stats: dict[str, float] = {}
         self._trained: weakref.ref[nn.Module] | None = None  # the model self.mask was taken for
         self._warm: WarmUp | None = None  # set while the dense warm-up runs
+        self.refresher: MaskRefresher | None = None  # set while a mask that moves trains
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
@@ -177,6 +188,12 @@ class FishCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
                     optimizer=None, train_dataloader=None, lr_scheduler=None, **kwargs):
+        if self.refresher is not None and self.refresher.mask is not self.mask:  # the mask moved in this step
+            self.mask = self.refresher.mask
+            self._publish(args, state, innermost_optimizer(optimizer), lr_scheduler)
+            last = self.refresher.history[-1]
+            self.stats.update({"fish/refresh_changed": last["regrown"], "fish/ever_kept": self.refresher.ever_kept()})
+            state.log_history.append({**self.stats, "step": state.global_step})
         if self._warm is None or not self._warm.due(state.global_step):
             return
         mask = self._select(args, state, model, train_dataloader)  # scored at the warmed-up weights
@@ -190,6 +207,26 @@ class FishCallback(TrainerCallback):
         self.mask = without_digests(self.mask)  # digests of the folder it was read from describe only that folder
         if self.source != "given":
             self._trained = weakref.ref(model)
+        self._publish(args, state, inner, lr_scheduler)
+        if zero is not None:  # ZeRO swaps flat fp32 masters into its groups; the module parameters are these
+            params = zero_params(zero)
+        else:
+            params = [p for group in inner.param_groups for p in group["params"]]
+        guard = MaskGuard(self.mask, model, params)  # refuses a kept candidate that does not require grad
+        _check_kept_in_optimizer(self.mask, guard)
+        self.guard = guard.attach(zero if zero is not None else inner)
+        schedule = self.config.refresh()
+        if schedule is not None:
+            if zero is not None:
+                raise NotImplementedError("FishCallback(refresh_every=...) moves the mask on one process or DDP; "
+                                          "under DeepSpeed ZeRO train with a fixed mask (refresh_every=0)")
+            self.refresher = MaskRefresher(self.guard, inner, schedule)  # a resumed run continues its schedule
+            self.mask = self.refresher.mask
+            self._publish(args, state, inner, lr_scheduler)
+        self._log(state, model)
+
+    def _publish(self, args, state, inner, lr_scheduler) -> None:
+        """Make the mask in force travel with every checkpoint."""
         record(args, state, self.mask)  # its fingerprint goes into every checkpoint's trainer_state.json
         # The mask travels in the optimizer's first param group (as schedulers keep "initial_lr" there), so every
         # checkpoint's optimizer.pt carries it and resuming from any folder restores exactly this mask. FSDP2
@@ -198,14 +235,6 @@ class FishCallback(TrainerCallback):
         inner.param_groups[0][MASK_GROUP_KEY] = self.mask.to_state()
         if hasattr(lr_scheduler, "state_dict") and hasattr(lr_scheduler, "__dict__"):
             setattr(lr_scheduler, MASK_GROUP_KEY, inner.param_groups[0][MASK_GROUP_KEY])
-        if zero is not None:  # ZeRO swaps flat fp32 masters into its groups; the module parameters are these
-            params = zero_params(zero)
-        else:
-            params = [p for group in inner.param_groups for p in group["params"]]
-        guard = MaskGuard(self.mask, model, params)  # refuses a kept candidate that does not require grad
-        _check_kept_in_optimizer(self.mask, guard)
-        self.guard = guard.attach(zero if zero is not None else inner)
-        self._log(state, model)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self.mask is None or not args.should_save:
@@ -229,6 +258,9 @@ class FishCallback(TrainerCallback):
 
     def remove(self) -> None:
         """Detach the gradient and step hooks (done automatically at train end). Idempotent."""
+        if self.refresher is not None:
+            self.refresher.close()
+            self.refresher = None
         if self.guard is not None:
             self.guard.close()
             self.guard = None
