@@ -87,7 +87,8 @@ def test_warmup_resume_inside_is_refused_and_short_runs_warn(tmp_path):
 
 
 def test_refresh_in_the_trainer_moves_the_mask_and_resumes_bit_identically(tmp_path):
-    from test_trainer_callback import StopAt as Stop, train
+    from test_trainer_callback import StopAt as Stop
+    from test_trainer_callback import train
 
     def fish():
         return ft.FishCallback(keep=0.1, num_samples=16, refresh_every=2, refresh_fraction=0.5, refresh_until=8)
