@@ -31,7 +31,11 @@ RATES = (0.003, 0.01, 0.03)
 SEEDS = (1, 2)
 CONFIRM_SEEDS = (0, 1, 2, 3, 4)
 CONTROLS = ("original", "rand", "shuffled", "fish")  # never "the best arm" themselves
-PARTS = {"a": ["sst2", "rte"], "b": ["stsb", "mrpc"]}  # about equal CPU time each
+# SST-2 and STS-B: the tasks with signal in this CPU-sized recipe (125 steps). MRPC and RTE ran at the first rate
+# (seed 0, every arm): MRPC gave the majority-class score (76.7) to 17 of 18 runs and RTE 51-57 (chance), so they
+# are left out of the screening to spend the two cores where arms can differ (their runs stay in the files).
+PARTS = {"a": ["sst2"], "b": ["stsb"]}
+TASKS = [t for tasks in PARTS.values() for t in tasks]
 sys.path.insert(0, str(ROOT / "src"))
 
 from fish_tuning.experiments.stats import fmt_paired, paired  # noqa: E402
@@ -78,12 +82,12 @@ def run() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     for lr in RATES:
         _both(lambda part, tasks, lr=lr: _compare(f"sweep_lr{lr:g}_{part}", tasks, f"train.lr={lr}", "seeds=[0]"))
-    rates = best_rates(records("sweep_*.jsonl"))
+    rates = best_rates([r for r in records("sweep_*.jsonl") if r["task"] in TASKS])
     flow = _flow(rates)
     print(f"stage 2 rates (best mean seed-0 held-out score): {flow}", flush=True)
     _both(lambda part, tasks: _compare(f"seeds_{part}", tasks, f"lr_by_arm={flow}",
                                        f"seeds=[{','.join(map(str, SEEDS))}]"))
-    best = best_arms(chosen(records("sweep_*.jsonl") + records("seeds_*.jsonl")))
+    best = best_arms(chosen([r for r in records("sweep_*.jsonl") + records("seeds_*.jsonl") if r["task"] in TASKS]))
     arms = [*CONTROLS, *best]
     flow = _flow({a: by for a, by in rates.items() if a in arms})
     print(f"confirmation arms: {arms}", flush=True)
@@ -117,7 +121,8 @@ def chosen(all_runs: list[dict]) -> list[dict]:
 
 
 def report() -> str:
-    sweep, seeds = records("sweep_*.jsonl"), records("seeds_*.jsonl")
+    sweep = [r for r in records("sweep_*.jsonl") if r["task"] in TASKS]
+    seeds = [r for r in records("seeds_*.jsonl") if r["task"] in TASKS]
     rates = best_rates(sweep)
     runs = chosen(sweep + seeds)
     by = {(r["task"], r["budget"], r["strategy"], r["seed"]): r for r in runs}

@@ -12,12 +12,13 @@ from test_compare import _config, workspace  # noqa: F401  (workspace is a pytes
 
 ARMS = {"shuffled": {"strategy": "rand", "allocation": "fish"},
         "uniform_consistency": {"allocation": "uniform", "score": "consistency"},
-        "warm_uniform": {"allocation": "uniform", "warmup_steps": 2}}
+        "warm_uniform": {"allocation": "uniform", "warmup_steps": 2},
+        "moving": {"allocation": "uniform", "refresh_every": 2, "refresh_fraction": 0.5, "refresh_until": 6}}
 
 
 def _raw(root, out, **extra):
     raw = _config(root, out_dir=str(out), mode="fixed_proportion", rank=1, fish_rank=4, fish_layers=2, budgets=[2],
-                  strategies=["fish", "shuffled", "uniform_consistency", "warm_uniform"], arms=ARMS,
+                  strategies=["fish", "shuffled", "uniform_consistency", "warm_uniform", "moving"], arms=ARMS,
                   lr_by_arm={"shuffled": 0.03, "warm_uniform": {2: 0.02}}, **extra)
     raw["train"].update(epochs=1)
     return raw
@@ -31,7 +32,10 @@ def test_arms_run_with_their_own_counts_rates_and_overlap(workspace, tmp_path): 
     assert 0 < by["shuffled"]["jaccard_fish"] < 1  # ... at other positions
     assert len(set(layers["uniform_consistency"])) == 1  # uniform: the same count in each (same-sized) layer
     assert {s: r["lr"] for s, r in by.items()} == {"fish": 0.01, "shuffled": 0.03, "uniform_consistency": 0.01,
-                                                   "warm_uniform": 0.02}
+                                                   "warm_uniform": 0.02, "moving": 0.01}
+    moving = by["moving"]["refresh"]  # the mask moved twice in the 6 steps, exactly k throughout
+    assert [h["step"] for h in moving["history"]] == [2, 4] and all(h["regrown"] > 0 for h in moving["history"])
+    assert "refresh" not in by["uniform_consistency"]
     assert by["shuffled"]["arm"] == {"strategy": "rand", "allocation": "fish", "score": "fisher", "warmup_steps": 0}
     assert "arm" not in by["fish"] and "jaccard_fish" not in by["fish"]
     # warm-up arm: scored later (its own Fisher pass), compared with the paper mask at init

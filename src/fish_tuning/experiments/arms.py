@@ -6,12 +6,14 @@ A study's ``strategies`` may name the built-in strategies (``fish``, ``rand``, .
       shuffled: {strategy: rand, allocation: fish}          # FISH's per-tensor counts, random positions
       uniform_norm: {allocation: uniform, score: normalized}
       warm_uniform_norm: {allocation: uniform, score: normalized, warmup_steps: 50}
+      uniform_norm_refresh: {allocation: uniform, score: normalized, refresh_every: 20, refresh_fraction: 0.3}
 
 ``allocation: fish`` means the per-tensor counts of the paper's global top-k Fisher mask of the same run (the
 shuffled control when the strategy is ``rand``). ``warmup_steps: W`` trains the whole adapter densely for W steps
 (AdamW at the run's rate), scores there, then rewinds every trainable tensor to its init and trains the masked
 run from scratch with a fresh optimizer (lottery-ticket late rewinding, as LT-SFT does); the W warm-up steps are
-extra compute, reported in the run's record.
+extra compute, reported in the run's record. ``refresh_every: N`` (with ``refresh_fraction``, ``refresh_until``)
+moves the mask during training (:mod:`fish_tuning.refresh`); the run's record gets the refresh history.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import torch
 
 from ..fisher import GradientMoments
 from ..mask import FishMask
+from ..refresh import RefreshSchedule
 from ..scores import SCORES, score
 from ..selection import ALLOCATIONS, STRATEGIES, select_mask
 
 ARM_ALLOCATIONS = (*ALLOCATIONS, "fish")
-ARM_FIELDS = ("strategy", "allocation", "score", "warmup_steps", "alpha")
+ARM_FIELDS = ("strategy", "allocation", "score", "warmup_steps", "alpha", "refresh_every", "refresh_fraction",
+              "refresh_until")
 
 
 @dataclass(frozen=True)
@@ -36,9 +40,22 @@ class Arm:
     score: str = "fisher"
     warmup_steps: int = 0
     alpha: float | None = None
+    refresh_every: int = 0  # > 0: the mask moves during training (fish_tuning.refresh)
+    refresh_fraction: float = 0.2
+    refresh_until: int | None = None
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        out = {k: v for k, v in asdict(self).items() if v is not None}
+        if not self.refresh_every:  # records of arms without refresh read as before refresh existed
+            for key in ("refresh_every", "refresh_fraction", "refresh_until"):
+                out.pop(key, None)
+        return out
+
+    def refresh(self) -> RefreshSchedule | None:
+        if not self.refresh_every:
+            return None
+        return RefreshSchedule(every=self.refresh_every, fraction=self.refresh_fraction, until=self.refresh_until,
+                               window=min(5, self.refresh_every))
 
 
 def parse_arm(name: str, raw: object) -> Arm:
@@ -64,6 +81,10 @@ def parse_arm(name: str, raw: object) -> Arm:
         raise ValueError(f"{field('score')} must be one of {SCORES}, got {arm.score!r}")
     if isinstance(arm.warmup_steps, bool) or not isinstance(arm.warmup_steps, int) or arm.warmup_steps < 0:
         raise ValueError(f"{field('warmup_steps')} must be an integer >= 0, got {arm.warmup_steps!r}")
+    try:
+        arm.refresh()
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
     return arm
 
 

@@ -98,9 +98,9 @@ def results_path(cfg: CompareConfig) -> Path:
 
 
 def optimizer_for_run(model: torch.nn.Module, mask: FishMask | None, cfg: CompareConfig,
-                   lr: float | None = None) -> torch.optim.Optimizer:
+                      lr: float | None = None, refresh=None) -> torch.optim.Optimizer:
     """The one place that picks the optimizer: masked runs get SparseAdamW (moments for the k kept entries only).
-    ``lr``: this run's learning rate (default ``train.lr``)."""
+    ``lr``: this run's learning rate (default ``train.lr``); ``refresh``: a RefreshSchedule (a mask that moves)."""
     t = cfg.train
     lr = t.lr if lr is None else lr
     if t.optimizer == "adafish":
@@ -108,7 +108,8 @@ def optimizer_for_run(model: torch.nn.Module, mask: FishMask | None, cfg: Compar
 
         return make_adafish(model, mask=mask, lr=lr, weight_decay=t.weight_decay, **t.optimizer_kwargs)
     if mask is not None:
-        return masked_optimizer(model, mask, lr=lr, weight_decay=t.weight_decay, **t.optimizer_kwargs)
+        return masked_optimizer(model, mask, lr=lr, weight_decay=t.weight_decay, refresh=refresh,
+                                **t.optimizer_kwargs)
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay, **t.optimizer_kwargs)
 
@@ -285,7 +286,8 @@ class Study:
             paper = paper if arm.warmup_steps else warm_paper
             if cfg.show_masks and run.strategy == "fish":
                 self.log(mask.summary())
-        opt = optimizer_for_run(model, mask, cfg, cfg.lr_for(run.budget, run.strategy))
+        opt = optimizer_for_run(model, mask, cfg, cfg.lr_for(run.budget, run.strategy),
+                                arm.refresh() if arm is not None else None)
         epochs = []
 
         def on_epoch_end(epoch: int, loss: float) -> None:
@@ -305,6 +307,7 @@ class Study:
             **({"arm": arm.to_dict()} if run.strategy in self.arms else {}),
             "mask": mask_record(mask) if mask is not None else None,
             **({"jaccard_fish": jaccard(mask, paper)} if paper is not None and run.strategy != "fish" else {}),
+            **({"refresh": opt.refresher.history_record()} if getattr(opt, "refresher", None) else {}),
             "trainable": {"peft": peft_trainable, "candidates": n_cand, "always_train": head_numel,
                           "base_params": base_numel, "proportion": peft_trainable / max(1, base_numel)},
             "epochs": epochs, "score": epochs[-1]["dev_score"], "before": before,
