@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fish_tuning as ft  # noqa: E402
-from fish_tuning.integrations.trainer import innermost_optimizer  # noqa: E402
+from fish_tuning.integrations.trainer_checks import innermost_optimizer  # noqa: E402
 from fish_tuning.sharded import local, local_indices  # noqa: E402
 from fish_tuning.zero3 import MasterPartitions, gathered, zero3_optimizer, zero_optimizer  # noqa: E402
 from sharded_trainer import FISHER_SAMPLES, KEEP, ROOT, make_trainer, train_rows  # noqa: E402

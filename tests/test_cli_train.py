@@ -399,3 +399,16 @@ def test_allocation_score_and_warmup_flags_reach_the_mask(tiny, tmp_path, capsys
     assert main(["train", "--model_name_or_path", str(tiny["bert"]), "--train_file", str(tiny["csv"]),
                  "--budget", "64", "--allocation", "erk", "--output_dir", str(tmp_path / "bad"), *FAST]) == 2
     assert "allocation must be one of" in capsys.readouterr().err
+
+
+def test_refresh_flags_move_the_mask_and_the_saved_mask_is_the_one_in_force(tiny, tmp_path):
+    out_dir = tmp_path / "moving"
+    fast = [a for a in FAST]
+    fast[fast.index("--max_steps") + 1] = "6"
+    assert main(["train", "--model_name_or_path", str(tiny["bert"]), "--train_file", str(tiny["csv"]),
+                 "--budget", "64", "--refresh_every", "2", "--refresh_fraction", "0.5", "--output_dir", str(out_dir),
+                 *fast]) == 0
+    mask = ft.FishMask.load(out_dir / ft.FISH_MASK_NAME)
+    history = mask.meta["refresh"]["history"]
+    assert mask.num_selected == 64 and [h["step"] for h in history] == [2, 4, 6]
+    assert all(h["dropped"] == h["regrown"] > 0 for h in history)

@@ -11,7 +11,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 import fish_tuning as ft
 from conftest import cls_batches, lora, tiny_bert
-from fish_tuning.integrations.trainer import _check_supported
+from fish_tuning.integrations.trainer_checks import check_supported as _check_supported
 from helpers import ListDataset, assert_only_kept_moved, snapshot
 
 

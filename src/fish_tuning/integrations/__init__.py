@@ -2,7 +2,8 @@
 
 from .adapter import FISH_MASK_NAME, load_adapter, save_adapter
 from .distributed import calibration_indices, calibration_loader
-from .trainer import FishCallback, innermost_optimizer
+from .trainer import FishCallback
+from .trainer_checks import innermost_optimizer
 
 __all__ = [
     "FISH_MASK_NAME",

@@ -6,7 +6,6 @@ import dataclasses
 import logging
 import os
 import re
-import tempfile
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -26,10 +25,11 @@ from ..refresh import MaskRefresher
 from ..scores import score as score_of
 from ..selection import DEFAULT_ALPHA, select_mask
 from ..sharded import is_sharded
-from ..zero3 import full_numel, zero_optimizer, zero_params
+from ..zero3 import full_numel, zero_params
 from .adapter import save_mask_before_adapter, save_mask_beside_adapter, without_digests
 from .distributed import calibration_loader
 from .resume import MASK_GROUP_KEY, check_given, load_resumed, record
+from .trainer_checks import check_kept_in_optimizer, check_supported, check_writable, innermost_optimizer
 from .warmup import WarmUp
 
 logger = logging.getLogger("fish_tuning")
@@ -148,10 +148,10 @@ class FishCallback(TrainerCallback):
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
                        optimizer=None, train_dataloader=None, lr_scheduler=None, **kwargs):
-        zero = _check_supported(args, model, optimizer)
+        zero = check_supported(args, model, optimizer)
         self.remove()
         if args.should_save and (self.save_final_mask or args.save_strategy != "no"):
-            _check_writable(args.output_dir)
+            check_writable(args.output_dir)
         # ZeRO: the torch optimizer that ZeRO wraps holds the param groups (and steps the fp32 masters)
         inner = zero.optimizer if zero is not None else innermost_optimizer(optimizer)
         if self.given_mask is not None:
@@ -213,7 +213,7 @@ class FishCallback(TrainerCallback):
         else:
             params = [p for group in inner.param_groups for p in group["params"]]
         guard = MaskGuard(self.mask, model, params)  # refuses a kept candidate that does not require grad
-        _check_kept_in_optimizer(self.mask, guard)
+        check_kept_in_optimizer(self.mask, guard)
         self.guard = guard.attach(zero if zero is not None else inner)
         schedule = self.config.refresh()
         if schedule is not None:
@@ -360,85 +360,3 @@ class _LogBridge(TrainerCallback):
         if self.pending and logs is not None and self.fish.stats:
             logs.update(self.fish.stats)
             self.pending = False
-
-
-def innermost_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The torch optimizer that really steps, below accelerate's ``AcceleratedOptimizer`` and similar wrappers."""
-    if optimizer is None:
-        raise ValueError("FishCallback got no optimizer from the Trainer (on_train_begin is called after it is built)")
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"FishCallback needs a torch.optim optimizer to hook, got {type(optimizer).__name__}")
-    return optimizer
-
-
-def _check_supported(args: TrainingArguments, model: nn.Module | None, optimizer=None):
-    """Refuse set-ups the mask cannot be kept under; returns the ZeRO optimizer under DeepSpeed, else None."""
-    optim = str(getattr(getattr(args, "optim", None), "value", getattr(args, "optim", "")) or "")
-    if optim in ("lomo", "adalomo"):
-        raise NotImplementedError(
-            f"FishCallback cannot mask optim={optim!r}: LOMO updates each parameter inside backward and never calls "
-            "an optimizer step, so the step hooks that keep masked entries fixed would never run. Use adamw_torch "
-            "(or any optimizer with a step).")
-    backend = _accelerate_backend()
-    if getattr(args, "deepspeed", None) or backend == "DEEPSPEED":
-        zero = zero_optimizer(optimizer)
-        if zero is None:
-            raise NotImplementedError(
-                "FishCallback supports DeepSpeed with ZeRO stages 1-3 (\"zero_optimization\": {\"stage\": 1, 2 or "
-                "3}): without ZeRO, DeepSpeed's fp16/bf16 optimizer keeps flat fp32 masters FISH does not map, so weight "
-                "decay there would move masked entries. Use a ZeRO stage (configs/ds_zero3_offload.json) or DDP."
-            )
-        if model is None:
-            raise ValueError("FishCallback got no model from the Trainer")
-        return zero
-    if backend == "FSDP" and not (model is not None and is_sharded(model)):
-        raise NotImplementedError(
-            "FishCallback supports FSDP version 2 only (fsdp_config={'fsdp_version': 2}, or fsdp_version: 2 in the "
-            "accelerate config): FSDP1 flattens parameters into FlatParameters, which the per-tensor mask does not "
-            "line up with. FSDP2 (DTensor shards) and DDP work."
-        )
-    if getattr(args, "fsdp", None) and backend != "FSDP" and model is not None and not is_sharded(model):
-        warnings.warn("FishCallback: TrainingArguments ask for FSDP but accelerate did not shard the model (accelerate "
-                      "turns FSDP on only on GPUs and similar devices; on a CPU it runs DDP); FISH trains it as DDP",
-                      stacklevel=3)
-    if model is None:
-        raise ValueError("FishCallback got no model from the Trainer")
-
-
-def _check_kept_in_optimizer(mask: FishMask, guard: MaskGuard) -> None:
-    """The Trainer steps one optimizer: a candidate with kept entries outside it (so outside the guard built on its
-    tensors) would silently never train."""
-    guarded = set(guard.names.values())
-    for name in mask.names:
-        if mask.indices[name].numel() and name not in guarded:
-            raise ValueError(
-                f"FishCallback: mask candidate '{name}' keeps {mask.indices[name].numel()} entries but is not in the "
-                "Trainer's optimizer, so they would never train. Put every candidate in the optimizer (e.g. "
-                "optimizers=(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), None)), or select "
-                "the mask without it (FishCallback(exclude=...))."
-            )
-
-
-def _check_writable(folder: str) -> None:
-    """Fail at train begin, before any work, when the mask could not be written at train end."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".fish_write_check."):
-            pass
-    except OSError as err:
-        raise PermissionError(f"FishCallback: output_dir {folder!r} is not writable ({err.strerror}); the mask and "
-                              "checkpoints could not be saved. Choose a writable output_dir (or "
-                              "save_strategy='no' and FishCallback(save_final_mask=False)).") from None
-
-
-def _accelerate_backend() -> str | None:
-    """accelerate's distributed type name (e.g. set by ``accelerate launch --use_fsdp``), if it is initialised."""
-    try:
-        from accelerate.state import AcceleratorState
-    except ImportError:  # pragma: no cover - transformers' Trainer requires accelerate
-        return None
-    if not AcceleratorState._shared_state:
-        return None
-    return getattr(AcceleratorState().distributed_type, "name", None)
