@@ -160,11 +160,11 @@ def test_clear_errors(tmp_path):
         with pytest.raises(NotImplementedError, match="LOMO"):
             _check_supported(SimpleNamespace(optim=optim, deepspeed=None, fsdp=None), tiny_bert())
     with pytest.MonkeyPatch.context() as mp:  # accelerate ran FSDP, but the parameters are not FSDP2 DTensors
-        mp.setattr("fish_tuning.integrations.trainer._accelerate_backend", lambda: "FSDP")
+        mp.setattr("fish_tuning.integrations.trainer_checks._accelerate_backend", lambda: "FSDP")
         with pytest.raises(NotImplementedError, match="FSDP version 2 only"):
             cb.on_train_begin(SimpleNamespace(deepspeed=None, fsdp="full_shard"), state, control, model=tiny_bert())
     with pytest.MonkeyPatch.context() as mp:  # FSDP asked for, but accelerate ran DDP (CPU): a warning, then DDP
-        mp.setattr("fish_tuning.integrations.trainer._accelerate_backend", lambda: "MULTI_CPU")
+        mp.setattr("fish_tuning.integrations.trainer_checks._accelerate_backend", lambda: "MULTI_CPU")
         with pytest.warns(UserWarning, match="did not shard the model"):
             assert _check_supported(SimpleNamespace(deepspeed=None, fsdp="full_shard"), tiny_bert()) is None
     # a trainable parameter outside candidates and always_train is named
