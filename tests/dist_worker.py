@@ -3,6 +3,7 @@
 1. plain ``compute_fisher``: each rank scores its DistributedSampler-style shard (rows r, r + W, ...).
 2. ``FishCallback`` in a DDP ``Trainer``: mask, and LoRA weights before/after a few masked steps.
 3. a mask selected separately on each rank: every rank's optimizer must refuse it.
+4. ``FishCallback(refresh_every=...)`` in a DDP ``Trainer``: the mask in force and the weights after it moved.
 """
 
 import datetime
@@ -79,6 +80,18 @@ def main(out: str) -> None:
         refused = str(err)
     with open(os.path.join(out, f"own_mask_rank{rank}.txt"), "w") as f:
         f.write(refused)
+    dist.barrier()
+
+    # 4. a mask that moves (refresh) in a DDP Trainer: every rank must refresh identically
+    model = lora(tiny_bert(), modules_to_save=["classifier"])
+    cb = ft.FishCallback(keep=0.1, num_samples=TRAIN_SAMPLES, refresh_every=2, refresh_fraction=0.5)
+    args = TrainingArguments(output_dir=os.path.join(out, "moving"), max_steps=6, per_device_train_batch_size=4,
+                             learning_rate=1e-2, weight_decay=0.1, save_strategy="no", report_to=[], use_cpu=True,
+                             seed=0, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=train_rows(), callbacks=[cb]).train()
+    cb.mask.save(os.path.join(out, f"moving_mask_rank{rank}.safetensors"))
+    save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+              os.path.join(out, f"moving_weights_rank{rank}.safetensors"))
     dist.barrier()
     dist.destroy_process_group()
 

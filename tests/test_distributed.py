@@ -87,6 +87,16 @@ def test_callback_under_ddp_same_mask_as_single_process(torchrun_out):
     assert moved > 0.9 * single.num_selected
 
 
+@pytest.mark.slow
+def test_refresh_under_ddp_moves_the_mask_identically_on_every_rank(torchrun_out):
+    masks = [ft.FishMask.load(torchrun_out / f"moving_mask_rank{r}.safetensors") for r in range(2)]
+    assert masks[0].fingerprint() == masks[1].fingerprint()
+    assert [h["step"] for h in masks[0].meta["refresh"]["history"]] == [2, 4, 6]
+    assert all(h["regrown"] > 0 for h in masks[0].meta["refresh"]["history"])
+    weights = [load_file(torchrun_out / f"moving_weights_rank{r}.safetensors") for r in range(2)]
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0]), "DDP ranks diverged"
+
+
 def test_masks_that_differ_between_ddp_ranks_are_refused_on_every_rank(torchrun_out):
     for r in range(2):  # replicas would otherwise zero and restore different entries, and silently diverge
         assert "differs between ranks" in (torchrun_out / f"own_mask_rank{r}.txt").read_text()
