@@ -4,8 +4,8 @@
     python benchmarks/selection_study.py report   # the tables of BENCHMARKS.md "Selection that beats chance"
 
 Screening, on held-out train only (configs/selection_screen.yaml): stage 1 runs every arm at each rate of RATES
-on seed 0, as two processes over disjoint task pairs (2 cores); stage 2 picks, per arm and budget, the rate with
-the best mean held-out score over the tasks, and runs SEEDS at that rate.
+on seed 0, one process per task (2 cores); stage 2 picks, per task, arm and budget, the rate with the best seed-0
+held-out score, and runs SEEDS at that rate.
 Confirmation, on the dev sets (the same recipe, holdout off): stage 3 runs the two best screened arms (mean
 held-out score over tasks, seeds and both budgets; the controls and the paper's fish are not candidates) against
 rand, the shuffled control, the paper's fish and the Originals, CONFIRM_SEEDS seeds, every arm at its screened
@@ -48,9 +48,25 @@ def _compare(name: str, tasks: list[str], *overrides: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, cwd=ROOT)
 
 
-def _both(make) -> None:
-    procs = [make(part, tasks) for part, tasks in PARTS.items()]
-    codes = [p.wait() for p in procs]
+def _both(make, stages: int = 1) -> None:
+    """Run ``make(part, tasks, stage)`` for stage 0..stages-1 on every part: the parts in parallel (one core each),
+    each part's stages one after the other, so a part that finishes a stage early goes on without waiting."""
+    import threading
+
+    codes: list[int] = []
+
+    def chain(part: str, tasks: list[str]) -> None:
+        for stage in range(stages):
+            code = make(part, tasks, stage).wait()
+            codes.append(code)
+            if code:
+                return
+
+    threads = [threading.Thread(target=chain, args=item) for item in PARTS.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     if any(codes):
         raise SystemExit(f"a compare process failed (exit codes {codes}); see the log above")
 
@@ -62,41 +78,52 @@ def records(pattern: str) -> list[dict]:
     return out
 
 
-def best_rates(sweep: list[dict]) -> dict[str, dict[float, float]]:
-    """arm -> budget -> the rate with the best mean seed-0 held-out score over the tasks."""
-    acc: dict[tuple, list[float]] = defaultdict(list)
+def best_rates(sweep: list[dict]) -> dict[str, dict[str, dict[float, float]]]:
+    """task -> arm -> budget -> the rate with the best seed-0 held-out score (each task its own rates, as a user
+    tuning on their own data would; a rate counts once every rate of RATES has finished)."""
+    acc: dict[tuple, dict[float, float]] = defaultdict(dict)
     for r in sweep:
-        acc[(r["strategy"], r["budget"], r["lr"])].append(r["score"])
-    best: dict[str, dict[float, tuple[float, float]]] = defaultdict(dict)
-    n_tasks = max(len(v) for v in acc.values())
-    for (arm, budget, lr), scores in sorted(acc.items()):
-        if len(scores) < n_tasks:
-            continue  # a rate not finished on every task is not a candidate yet
-        mean = sum(scores) / len(scores)
-        if budget not in best[arm] or mean > best[arm][budget][1]:
-            best[arm][budget] = (lr, mean)
-    return {arm: {b: lr for b, (lr, _) in by.items()} for arm, by in best.items()}
+        if r["seed"] == 0:
+            acc[(r["task"], r["strategy"], r["budget"])][r["lr"]] = r["score"]
+    out: dict[str, dict[str, dict[float, float]]] = defaultdict(lambda: defaultdict(dict))
+    for (task, arm, budget), by_lr in sorted(acc.items()):
+        if len(by_lr) == len(RATES):
+            out[task][arm][budget] = max(sorted(by_lr), key=lambda lr: by_lr[lr])  # ties: the smaller rate
+    return out
+
+
+def _task_records(pattern: str) -> list[dict]:
+    return [r for r in records(pattern) if r["task"] in TASKS]
 
 
 def run() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    for lr in RATES:
-        _both(lambda part, tasks, lr=lr: _compare(f"sweep_lr{lr:g}_{part}", tasks, f"train.lr={lr}", "seeds=[0]"))
-    rates = best_rates([r for r in records("sweep_*.jsonl") if r["task"] in TASKS])
-    flow = _flow(rates)
-    print(f"stage 2 rates (best mean seed-0 held-out score): {flow}", flush=True)
-    _both(lambda part, tasks: _compare(f"seeds_{part}", tasks, f"lr_by_arm={flow}",
-                                       f"seeds=[{','.join(map(str, SEEDS))}]"))
-    best = best_arms(chosen([r for r in records("sweep_*.jsonl") + records("seeds_*.jsonl") if r["task"] in TASKS]))
+    n_rates = len(RATES)
+
+    def screen(part: str, tasks: list[str], i: int) -> subprocess.Popen:
+        if i < n_rates:  # stage 1: the rate sweep on seed 0
+            return _compare(f"sweep_lr{RATES[i]:g}_{part}", tasks, f"train.lr={RATES[i]}", "seeds=[0]")
+        rates = best_rates(_task_records("sweep_*.jsonl"))[tasks[0]]  # stage 2: this task's chosen rates
+        print(f"{tasks[0]}: stage 2 rates {_flow(rates)}", flush=True)
+        return _compare(f"seeds_{part}", tasks, f"lr_by_arm={_flow(rates)}", f"seeds=[{','.join(map(str, SEEDS))}]")
+
+    _both(screen, n_rates + 1)
+    best = best_arms(chosen(_task_records("sweep_*.jsonl") + _task_records("seeds_*.jsonl")))
     arms = [*CONTROLS, *best]
-    flow = _flow({a: by for a, by in rates.items() if a in arms})
+    rates = best_rates(_task_records("sweep_*.jsonl"))
     print(f"confirmation arms: {arms}", flush=True)
-    common = ("train.holdout_examples=null", f"strategies=[{','.join(arms)}]", f"lr_by_arm={flow}")
-    _both(lambda part, tasks: _compare(f"confirm_{part}", tasks, *common,
-                                       f"seeds=[{','.join(map(str, CONFIRM_SEEDS))}]"))
-    dora = _flow({a: {6: by[6]} for a, by in rates.items() if a in arms})
-    _both(lambda part, tasks: _compare(f"confirm_dora_{part}", tasks, *common[:2], f"lr_by_arm={dora}",
-                                       "methods=[dora]", "budgets=[6]", "seeds=[0,1,2]"))
+
+    def confirm(part: str, tasks: list[str], i: int) -> subprocess.Popen:
+        mine = {a: by for a, by in rates[tasks[0]].items() if a in arms}
+        common = ("train.holdout_examples=null", f"strategies=[{','.join(arms)}]")
+        if i == 0:
+            return _compare(f"confirm_{part}", tasks, *common, f"lr_by_arm={_flow(mine)}",
+                            f"seeds=[{','.join(map(str, CONFIRM_SEEDS))}]")
+        dora = _flow({a: {6: by[6]} for a, by in mine.items()})
+        return _compare(f"confirm_dora_{part}", tasks, *common, f"lr_by_arm={dora}", "methods=[dora]",
+                        "budgets=[6]", "seeds=[0,1,2]")
+
+    _both(confirm, 2)
 
 
 def _flow(rates: dict[str, dict[float, float]]) -> str:
@@ -115,9 +142,10 @@ def best_arms(runs: list[dict], n: int = 2) -> list[str]:
 
 
 def chosen(all_runs: list[dict]) -> list[dict]:
-    """Seed 0 at each arm's chosen rate (from the sweep) plus the stage-2 seeds."""
-    rates = best_rates([r for r in all_runs if r["seed"] == 0])
-    return [r for r in all_runs if r["seed"] != 0 or rates.get(r["strategy"], {}).get(r["budget"]) == r["lr"]]
+    """Seed 0 at each arm's chosen rate for its task (from the sweep) plus the stage-2 seeds."""
+    rates = best_rates(all_runs)
+    return [r for r in all_runs
+            if r["seed"] != 0 or rates.get(r["task"], {}).get(r["strategy"], {}).get(r["budget"]) == r["lr"]]
 
 
 def report() -> str:
@@ -130,8 +158,9 @@ def report() -> str:
     arms = list(dict.fromkeys(r["strategy"] for r in sweep))
     budgets = sorted({r["budget"] for r in runs})
     n_seeds = sorted({r["seed"] for r in runs})
-    lines = [f"Held-out train score x100 (500 examples per task), seeds {n_seeds}; each arm at its own rate "
-             f"(best mean seed-0 held-out score over {', '.join(map(str, RATES))}).", ""]
+    lines = [f"Held-out train score x100 (500 examples per task), seeds {n_seeds}; each arm at its own rate per "
+             f"task (best seed-0 held-out score of {', '.join(map(str, RATES))}; rate column: {'/'.join(tasks)}).",
+             ""]
     for budget in budgets:
         k = next((r["trainable"]["peft"] for r in runs if r["budget"] == budget), 0)
         lines += [f"**Budget {budget:g} ({k:,} entries)**", "",
@@ -151,8 +180,9 @@ def report() -> str:
             mine = [r for r in runs if r["budget"] == budget and r["strategy"] == arm]
             mean = sum(100 * r["score"] for r in mine) / max(1, len(mine))
             share, conc, jac = _mask_cells(mine)
-            lr = rates.get(arm, {}).get(budget)
-            lines.append(f"| {arm} | {'–' if lr is None else f'{lr:g}'} | " + " | ".join(cells) + f" | {mean:.1f} | "
+            lr = "/".join(f"{rates[t][arm][budget]:g}" if budget in rates.get(t, {}).get(arm, {}) else "–"
+                          for t in tasks)
+            lines.append(f"| {arm} | {lr} | " + " | ".join(cells) + f" | {mean:.1f} | "
                          + " | ".join(fmt_paired(paired(d)) if len(d) > 1 else "–" for d in diffs.values())
                          + f" | {share} | {conc} | {jac} |")
         lines.append("")
