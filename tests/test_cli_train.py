@@ -401,7 +401,7 @@ def test_allocation_score_and_warmup_flags_reach_the_mask(tiny, tmp_path, capsys
     assert "allocation must be one of" in capsys.readouterr().err
 
 
-def test_refresh_flags_move_the_mask_and_the_saved_mask_is_the_one_in_force(tiny, tmp_path):
+def test_refresh_flags_move_the_mask_and_the_saved_mask_is_the_one_in_force(tiny, tmp_path, capsys):
     out_dir = tmp_path / "moving"
     fast = [a for a in FAST]
     fast[fast.index("--max_steps") + 1] = "6"
@@ -412,3 +412,13 @@ def test_refresh_flags_move_the_mask_and_the_saved_mask_is_the_one_in_force(tiny
     history = mask.meta["refresh"]["history"]
     assert mask.num_selected == 64 and [h["step"] for h in history] == [2, 4, 6]
     assert all(h["dropped"] == h["regrown"] > 0 for h in history)
+    # fish-tune mask --show draws how the mask moved: per layer x module, the kept entries not kept at first
+    capsys.readouterr()
+    assert main(["mask", "--show", str(out_dir / ft.FISH_MASK_NAME), "--summary_json", str(tmp_path / "s.json"),
+                 "--png", str(tmp_path / "m.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "the mask moved during training: 3 refreshes" in printed
+    summary = json.loads((tmp_path / "s.json").read_text())
+    moved = sum(sum(row) for row in summary["moved_grid"]["kept"])
+    assert 0 < moved <= 64 and moved == sum(mask.meta["refresh"]["moved"])
+    assert (tmp_path / "m_moved.png").is_file()

@@ -89,6 +89,7 @@ class MaskRefresher:
         self.step, self.history = 0, []
         self.selected = {n: p.detach().reshape(-1)[guard.kept[p].long()].clone() for n, p in self.by_name.items()}
         self.ever = {n: self._flags(n) for n in self.by_name}
+        self.first = {n: guard.kept[p].long().cpu().clone() for n, p in self.by_name.items()}  # the selection
         self._buf: dict[str, Tensor] = {}  # this step's gradient (masked entries), during a window
         self._sums: dict[str, tuple[Tensor, Tensor]] = {}  # Σ g and Σ g² over the window's steps
         self._handles = [optimizer.register_step_post_hook(lambda *_: self.after_step()),
@@ -217,9 +218,15 @@ class MaskRefresher:
         total = sum(f.numel() for f in self.ever.values())
         return sum(int(f.sum()) for f in self.ever.values()) / max(total, 1)
 
+    def moved(self) -> list[int]:
+        """Per candidate (in the mask's order): kept entries now that were not kept at the first selection."""
+        now = self.guard.mask.indices
+        return [int((~torch.isin(now[n].long().cpu(), self.first[n])).sum()) if n in self.first else 0
+                for n in self.guard.mask.names]
+
     def history_record(self) -> dict:
         return {"schedule": dataclasses.asdict(self.schedule), "history": list(self.history),
-                "ever_kept": self.ever_kept()}
+                "ever_kept": self.ever_kept(), "moved": self.moved()}
 
     @property
     def mask(self) -> FishMask:
@@ -230,6 +237,7 @@ class MaskRefresher:
         return {"step": self.step, "history": list(self.history), "mask": self.guard.mask.to_state(),
                 "selected": {n: t.cpu().clone() for n, t in self.selected.items()},
                 "ever": {n: f.clone() for n, f in self.ever.items()},
+                "first": {n: t.clone() for n, t in self.first.items()},
                 "sums": {n: [s.cpu().clone(), s2.cpu().clone()] for n, (s, s2) in self._sums.items()},
                 "schedule": dataclasses.asdict(self.schedule)}
 
@@ -246,6 +254,7 @@ class MaskRefresher:
         self.step, self.history = int(state["step"]), list(state["history"])
         self.selected = {n: t.to(self.by_name[n].device) for n, t in state["selected"].items()}
         self.ever = {n: f.clone() for n, f in state["ever"].items()}
+        self.first = {n: t.clone() for n, t in state["first"].items()}
         self._sums = {n: (s.to(self.by_name[n].device), s2.to(self.by_name[n].device))
                       for n, (s, s2) in state["sums"].items()}
         self._arm_tap()

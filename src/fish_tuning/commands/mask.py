@@ -82,11 +82,23 @@ def _show(mask, out: OutputArguments, mask_path: str, model=None, flag: str = "-
     print(mask.summary(per_tensor=out.per_tensor))
     print("\nkept entries per layer x module (% of that cell's entries):")
     print(grid_table(data["grid"]))
+    moved = data["moved_grid"]
+    if moved is not None:
+        refresh = mask.meta["refresh"]
+        steps = [h["step"] for h in refresh["history"]]
+        print(f"\nthe mask moved during training: {len(steps)} refreshes (steps {steps[:3]}{'...' if len(steps) > 3 else ''}), "
+              f"{100 * refresh['ever_kept']:.2f}% of the candidates ever kept; kept entries now that were not kept at "
+              "the first selection (% of the cell's kept entries):")
+        print(grid_table(moved))
     print(f"\nsummary: {json_path}")
     if png:
         draw_heatmap(data["grid"], png, title=f"FISH mask ({mask.strategy}): {mask.num_selected:,} of "
                                               f"{mask.num_candidates:,} entries")
         print(f"heat map: {png}")
+        if moved is not None:
+            moved_png = os.path.splitext(png)[0] + "_moved.png"
+            draw_heatmap(moved, moved_png, title="kept entries that moved since the first selection (% of kept)")
+            print(f"moved since the first selection: {moved_png}")
 
 
 def show(argv: list[str]) -> int:

@@ -11,6 +11,8 @@ import json
 import os
 from typing import Any
 
+import torch
+
 from ..mask import FishMask, atomic_write, layer_of
 
 
@@ -39,6 +41,19 @@ def grid(mask: FishMask) -> dict[str, Any]:
     return {"layers": ["-" if lay is None else lay for lay in layers], "kinds": kinds, "kept": kept, "total": total}
 
 
+def moved_grid(mask: FishMask) -> dict[str, Any] | None:
+    """For a mask that moved during training (``meta["refresh"]``): the grid of :func:`grid` with ``kept`` = kept
+    entries not kept at the first selection and ``total`` = kept entries (so a cell's % is the share that moved);
+    None for a mask that never moved."""
+    moved = (mask.meta.get("refresh") or {}).get("moved")
+    if moved is None or len(moved) != len(mask.names):
+        return None
+    counts = dict(zip(mask.names, moved))
+    shifted = FishMask(shapes=mask.shapes, indices={n: torch.zeros(counts[n]) for n in mask.names})
+    base, now = grid(mask), grid(shifted)
+    return {**base, "kept": now["kept"], "total": base["kept"]}
+
+
 def summary_dict(mask: FishMask, model: Any = None) -> dict[str, Any]:
     """JSON-ready counts: totals, per layer, per kind, the grid, and the recorded FISH settings / Fisher totals."""
     k, n = mask.num_selected, mask.num_candidates
@@ -49,6 +64,7 @@ def summary_dict(mask: FishMask, model: Any = None) -> dict[str, Any]:
         "per_kind": {kind: [kept, total] for kind, (kept, total) in mask.per_kind().items()},
         "grid": grid(mask), "always_train": list(mask.always_train), "frozen": list(mask.frozen),
         "fish_config": mask.meta.get("fish_config"), "fisher": mask.meta.get("fisher"),
+        "refresh": mask.meta.get("refresh"), "moved_grid": moved_grid(mask),
     }
 
 
