@@ -93,8 +93,7 @@ class FishConfig:
         """The refresh schedule these settings ask for (None: a fixed mask)."""
         if not self.refresh_every:
             return None
-        return RefreshSchedule(every=self.refresh_every, fraction=self.refresh_fraction, until=self.refresh_until,
-                               window=min(5, self.refresh_every))
+        return RefreshSchedule(every=self.refresh_every, fraction=self.refresh_fraction, until=self.refresh_until)
 
     def require_budget(self) -> None:
         """Raise unless exactly one of keep / budget is set (needed whenever a mask is selected)."""

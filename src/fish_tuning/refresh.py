@@ -39,12 +39,12 @@ REFRESH_KEY = "fish_tuning_refresh"  # the refresher's state in the optimizer's 
 
 @dataclass(frozen=True)
 class RefreshSchedule:
-    """When and how much the mask moves. ``until`` defaults to ``every * 10``."""
+    """When and how much the mask moves. ``until`` defaults to ``every * 10``, ``window`` to ``min(5, every)``."""
 
     every: int
     fraction: float = 0.2
     until: int | None = None
-    window: int = 5
+    window: int | None = None  # default: min(5, every)
     score: str = "consistency"
     regrow_state: str = "zero"
     z: float = 1.65
@@ -58,6 +58,8 @@ class RefreshSchedule:
             object.__setattr__(self, "until", self.every * 10)
         if not is_int(self.until) or self.until < self.every:
             raise ValueError(f"refresh_until must be an integer >= refresh_every ({self.every}), got {self.until!r}")
+        if self.window is None:
+            object.__setattr__(self, "window", min(5, self.every))
         if not is_int(self.window) or not 1 <= self.window <= self.every:
             raise ValueError(f"refresh_window must be an integer in [1, refresh_every={self.every}], got "
                              f"{self.window!r}")

@@ -54,8 +54,7 @@ class Arm:
     def refresh(self) -> RefreshSchedule | None:
         if not self.refresh_every:
             return None
-        return RefreshSchedule(every=self.refresh_every, fraction=self.refresh_fraction, until=self.refresh_until,
-                               window=min(5, self.refresh_every))
+        return RefreshSchedule(every=self.refresh_every, fraction=self.refresh_fraction, until=self.refresh_until)
 
 
 def parse_arm(name: str, raw: object) -> Arm:
