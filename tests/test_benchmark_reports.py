@@ -88,3 +88,21 @@ def test_equal_budget_tables_in_benchmarks_are_what_the_saved_results_give(resul
     doc = set((ROOT / "BENCHMARKS.md").read_text().splitlines())
     missing = [r for r in scores + paired if r not in doc]
     assert len(scores) > 4 and len(paired) > 3 and not missing, f"{results}: rows not in BENCHMARKS.md: {missing}"
+
+
+def test_selection_study_report_is_in_benchmarks_and_the_demo_uses_the_screened_rates():
+    """The screening table of BENCHMARKS.md is what `benchmarks/selection_study.py report` prints from the saved
+    files, and `make demo` runs every arm at the rate SST-2's held-out screening chose for it (never dev)."""
+    import yaml
+
+    module = load("selection_study")
+    out = module.report()
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) >= 10, out
+    doc = (ROOT / "BENCHMARKS.md").read_text().splitlines()
+    missing = [r for r in rows if r not in doc]
+    assert not missing, f"rows of `benchmarks/selection_study.py report` not in BENCHMARKS.md: {missing}"
+    rates = module.best_rates(module._task_records("sweep_*.jsonl"))["sst2"]
+    demo = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
+    for arm, by_budget in demo["lr_by_arm"].items():
+        assert by_budget == {b: rates[arm][b] for b in by_budget}, arm
