@@ -115,3 +115,13 @@ def test_wall_time_is_split_by_machine_when_a_study_mixes_them(tmp_path, capsys)
     text = (tmp_path / "study.md").read_text()
     assert "by machine: NVIDIA H200 18.0 min over 18 runs, cpu 36.0 min over 9 runs." in text
     capsys.readouterr()
+
+
+def test_report_never_writes_over_its_results_file(tmp_path, capsys):
+    path = _study(tmp_path)
+    named_md = tmp_path / "runs.md"  # a results file whose report table would be runs.md itself
+    named_md.write_bytes(path.read_bytes())
+    before = named_md.read_bytes()
+    assert main(["report", str(named_md)]) == 2
+    assert "would overwrite the results file" in capsys.readouterr().err
+    assert named_md.read_bytes() == before
