@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -110,3 +111,17 @@ def test_report_draws_the_per_layer_mask_summary_of_each_run(tmp_path):
     assert paths["mask_plot"] == tmp_path / "study_mask_layers.png"
     assert paths["mask_plot"].read_bytes()[:8] == PNG_MAGIC
     assert main(["report", str(results)]) == 0
+
+
+def test_mask_outputs_never_overwrite_the_training_data(tiny, tmp_path, capsys):  # noqa: F811
+    data = tmp_path / "train.csv"
+    data.write_bytes(Path(tiny["csv"]).read_bytes())
+    before = data.read_bytes()
+    for extra in (["--output", str(data)], ["--output", str(tmp_path / "m.safetensors"), "--summary_json", str(data)]):
+        argv = ["mask", "--model_name_or_path", str(tiny["bert"]), "--train_file", str(data), "--keep", "0.1",
+                "--num_samples", "8", *extra]
+        assert main(argv) == 2
+        assert "would overwrite the data file" in capsys.readouterr().err
+        assert data.read_bytes() == before
+    assert main(_mask_args(tiny, tmp_path / "w.safetensors", "--keep", "0.1", "--fish_warmup_steps", "2")) == 2
+    assert "use fish-tune train" in capsys.readouterr().err

@@ -120,10 +120,19 @@ def compute(argv: list[str]) -> int:
         "fish-tune mask", __doc__.split("\n\n")[0],
         [ModelArguments, DataArguments, PeftArguments, FishArguments, OutputArguments]).parse(argv)
     config = fish_config(fish_args)
+    if config.warmup_steps or config.refresh_every:
+        raise CommandError("--fish_warmup_steps and --refresh_every act during training; fish-tune mask selects at "
+                           "the initial weights only: use fish-tune train with them")
     check_peft_args(peft_args)
     check_data_args(data_args)
     check_output_dir(os.path.dirname(os.path.abspath(out.output)))
-    if _paths(out, out.output)[1]:  # also refuses outputs that are one file, before anything is written
+    json_path, png = _paths(out, out.output)
+    for flag, given in (("--train_file", data_args.train_file), ("--validation_file", data_args.validation_file)):
+        for what, path in (("mask", out.output), ("summary", json_path), ("picture", png)):
+            if given and path and os.path.exists(given) and _same_file(path, given):
+                raise CommandError(f"the {what} would overwrite the data file {given} ({flag}); write it elsewhere "
+                                   "(--output / --summary_json / --png)")
+    if png:  # _paths also refused outputs that are one file, before anything is written
         from .maskview import check_png_support
 
         check_png_support()
