@@ -357,6 +357,7 @@ def test_minilm_package_from_a_local_csv(tiny, tmp_path, capsys):
     ("train", [{"sentence": None, "score": 1.0}], "text column 'sentence' has 1 empty value(s) in the train data"),
     ("validation", [{"sentence": None, "score": 1.0}], "empty value(s) in the validation data"),
     ("validation", [{"sentence": "the film", "score": float("nan")}], "NaN / inf value(s) in the validation data"),
+    ("train", [{"sentence": "the film was good", "score": 1e300}], "1 value(s) beyond float32's range"),
 ])
 def test_non_finite_labels_and_empty_text_are_refused_before_any_model_loads(tiny, tmp_path, monkeypatch, capsys,
                                                                               split, rows, message):

@@ -293,6 +293,13 @@ def check_values(ds, info: dict, split: str) -> None:
     if bad:
         raise CommandError(f"label column {label!r} has {bad} NaN / inf value(s) in the {split} data; fill or drop "
                            "those rows")
+    huge = sum(abs(v) > _FLOAT32_MAX for v in numbers)  # finite in float64, inf once the model reads them (float32)
+    if huge:
+        raise CommandError(f"label column {label!r} has {huge} value(s) beyond float32's range (|x| > 3.4e38) in the "
+                           f"{split} data; rescale the labels")
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _is_float(values) -> bool:
