@@ -423,3 +423,27 @@ def test_refresh_flags_move_the_mask_and_the_saved_mask_is_the_one_in_force(tiny
     moved = sum(sum(row) for row in summary["moved_grid"]["kept"])
     assert 0 < moved <= 64 and moved == sum(mask.meta["refresh"]["moved"])
     assert (tmp_path / "m_moved.png").is_file()
+
+
+def test_an_output_dir_in_use_by_a_running_process_is_refused(tiny, tmp_path, capsys):
+    import subprocess
+    import sys as _sys
+
+    out_dir = tmp_path / "busy"
+    out_dir.mkdir()
+    holder = subprocess.Popen([_sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out_dir / ".fish-tune.lock").write_text(str(holder.pid))
+        argv = ["train", "--model_name_or_path", str(tiny["bert"]), "--train_file", str(tiny["csv"]), "--keep", "0.1",
+                "--output_dir", str(out_dir), *FAST]
+        assert main(argv) == 2
+        assert f"in use by another fish-tune process (pid {holder.pid})" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(argv) == 0  # a lock whose process is gone is taken over, and released at the end
+    assert not (out_dir / ".fish-tune.lock").exists()
+    fast = list(FAST)
+    fast[fast.index("--max_steps") + 1] = "2"
+    assert main([*argv[:-len(FAST)], *fast, "--fish_warmup_steps", "2"]) == 2
+    assert "ends inside --fish_warmup_steps" in capsys.readouterr().err

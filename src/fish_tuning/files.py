@@ -1,10 +1,12 @@
-"""Atomic file writes: a reader never sees a half-written file, whatever interrupts the writer."""
+"""Atomic file writes (a reader never sees a half-written file, whatever interrupts the writer) and a folder lock
+(two runs never write into one output folder at once)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object], mode: int | None = 0o644) -> str:
@@ -33,3 +35,50 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> str:
             f.write(text)
 
     return atomic_write(path, write)
+
+
+@contextmanager
+def exclusive_folder(folder: str | os.PathLike, what: str = "output_dir"):
+    """Hold ``<folder>/.fish-tune.lock`` (this process's pid) for the block: a second process writing to the same
+    folder at the same time is refused (``FileExistsError`` naming the holder) instead of silently overwriting the
+    first one's results. A lock left by a process that no longer runs is taken over. Under torchrun only rank 0
+    holds it (every rank of one run writes to the same folder)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, ".fish-tune.lock")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                pid = int(open(path, encoding="utf-8").read().strip() or "0")
+            except (OSError, ValueError):
+                pid = 0
+            if pid > 0 and _alive(pid):
+                raise FileExistsError(f"{what} {folder} is in use by another fish-tune process (pid {pid}); wait for "
+                                      f"it to finish or choose another {what}") from None
+            os.remove(path)  # stale: its process is gone
+    else:  # pragma: no cover - another process won the race twice
+        raise FileExistsError(f"{what} {folder} is in use by another fish-tune process; choose another {what}")
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 
+from ..files import exclusive_folder
 from .common import (
     CommandError,
     DataArguments,
@@ -65,6 +66,11 @@ def run(argv: list[str]) -> int:
     check_peft_args(peft_args)
     check_data_args(data_args)
     check_output_dir(targs.output_dir)
+    if config.warmup_steps and 0 < targs.max_steps <= config.warmup_steps:
+        raise CommandError(f"--max_steps {targs.max_steps} ends inside --fish_warmup_steps {config.warmup_steps}: "
+                           "no mask would ever train; lower the warm-up or train longer")
+    with exclusive_folder(targs.output_dir):  # before any model loads: a folder in use is refused at once
+        pass
     path = resolve_model_path(model_args.model_name_or_path)
     data = load_data(data_args)
     info = infer_task(model_args, data_args, data["train"])
@@ -85,15 +91,19 @@ def run(argv: list[str]) -> int:
           f"({'keep ' + str(config.keep) if config.keep is not None else 'budget ' + str(config.budget)}) "
           f"on {len(trainer.train_dataset):,} examples", flush=True)
     resume = targs.resume_from_checkpoint  # a checkpoint folder, or true: the last one in output_dir
-    trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
-    trainer.save_model(targs.output_dir)  # the peft adapter
-    if trainer.args.should_save:  # FishCallback's train-end mask predates it: write it again, naming this adapter
-        save_mask_beside_adapter(targs.output_dir, fish.mask, trainer.model)
-    summary = write_summary(fish.mask, os.path.join(targs.output_dir, "fish_mask.json"), trainer.model)
-    metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
-    if metrics:
-        trainer.save_metrics("eval", metrics)
-        print("eval: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+    with exclusive_folder(targs.output_dir):  # a second run into this folder now is refused, not overwritten
+        trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
+        trainer.save_model(targs.output_dir)  # the peft adapter
+        if fish.mask is None:  # the run ended inside --fish_warmup_steps: FishCallback warned; no mask trained it
+            print(f"adapter (trained densely: the run ended inside the warm-up, no mask): {targs.output_dir}")
+            return 0
+        if trainer.args.should_save:  # FishCallback's train-end mask predates it: write it again, naming the adapter
+            save_mask_beside_adapter(targs.output_dir, fish.mask, trainer.model)
+        summary = write_summary(fish.mask, os.path.join(targs.output_dir, "fish_mask.json"), trainer.model)
+        metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
+        if metrics:
+            trainer.save_metrics("eval", metrics)
+            print("eval: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
     print(f"adapter, fish_mask.safetensors and fish_mask.json ({summary['num_selected']:,} kept entries): "
           f"{targs.output_dir}")
     return 0
