@@ -167,10 +167,11 @@ def report() -> str:
                   "| arm | rate | " + " | ".join(tasks) + " | mean | − rand | − shuffled | layer share (0→5) | top-8 | "
                   "Jaccard vs fish |", "|" + "---|" * (len(tasks) + 8)]
         for arm in arms:
-            cells, diffs = [], {"rand": [], "shuffled": []}
+            cells, diffs, task_means = [], {"rand": [], "shuffled": []}, []
             for task in tasks:
                 vals = [100 * by[(task, budget, arm, s)]["score"] for s in n_seeds if (task, budget, arm, s) in by]
                 cells.append(f"{sum(vals) / len(vals):.1f}" if vals else "–")
+                task_means += [sum(vals) / len(vals)] if vals else []
             for ctrl in diffs:
                 for task in tasks:
                     for s in n_seeds:
@@ -178,7 +179,7 @@ def report() -> str:
                         if a and c and arm != ctrl:
                             diffs[ctrl].append(100 * (a["score"] - c["score"]))
             mine = [r for r in runs if r["budget"] == budget and r["strategy"] == arm]
-            mean = sum(100 * r["score"] for r in mine) / max(1, len(mine))
+            mean = sum(task_means) / max(1, len(task_means))  # each task counts once, whatever its seed count
             share, conc, jac = _mask_cells(mine)
             lr = "/".join(f"{rates[t][arm][budget]:g}" if budget in rates.get(t, {}).get(arm, {}) else "–"
                           for t in tasks)
