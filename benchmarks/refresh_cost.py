@@ -1,6 +1,7 @@
 """What a mask that moves costs per training step (issue 24: target <= 1.05x averaged over a run).
 
     python benchmarks/refresh_cost.py            # writes benchmarks/results/refresh_cost.json
+    python benchmarks/refresh_cost.py --report   # BENCHMARKS.md's table from that file
 
 MiniLM + LoRA r8 (PiSSA) on q/k/v, SparseAdamW at 1/8 of the LoRA entries, batches of 16 x 64 synthetic tokens.
 Two copies of the model train side by side in one process: a fixed mask, and the same mask with
@@ -30,6 +31,8 @@ from fish_tuning.files import atomic_write  # noqa: E402
 from fish_tuning.models import load_model  # noqa: E402
 from fish_tuning.refresh import RefreshSchedule  # noqa: E402
 
+RESULTS = HERE / "results/refresh_cost.json"
+
 
 def build(seed: int = 0):
     from peft import LoraConfig, get_peft_model
@@ -55,12 +58,28 @@ def step(model, opt, batch) -> None:
     opt.zero_grad(set_to_none=True)
 
 
+def markdown_report(path: str) -> str:
+    """BENCHMARKS.md's table from the saved results."""
+    data = json.loads(Path(path).read_text())
+    lines = [f"{data['machine']}, {data['date']}; k = {data['k']:,} of {data['candidates']:,} LoRA entries",
+             "", "| refresh every | window | steps timed (each arm) | refreshes | step, fixed mask | step, moving mask "
+             "| ratio over the run | median round |", "|---|---|---|---|---|---|---|---|"]
+    for r in data["results"]:
+        lines.append(f"| {r['every']} | {r['window']} | {r['steps']} | {r['refreshes']} | {r['fixed_step_ms']:.0f} ms "
+                     f"| {r['moving_step_ms']:.0f} ms | **{r['ratio_total']:.3f}x** | {r['ratio_median_round']:.3f}x |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--every", type=int, nargs="+", default=[100, 20])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default=str(HERE / "results/refresh_cost.json"))
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--report", action="store_true", help="print the markdown table of the saved results and exit")
     args = ap.parse_args()
+    if args.report:
+        print(markdown_report(args.out))
+        return
     torch.set_num_threads(1)
     base = build()
     names = ft.peft_candidates(base)
