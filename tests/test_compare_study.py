@@ -162,8 +162,8 @@ def test_new_mask_strategies_run_at_the_original_budget(workspace, tmp_path):  #
 def test_lr_by_budget(workspace, tmp_path, monkeypatch):  # noqa: F811
     seen = []
     real = runner.optimizer_for_run
-    monkeypatch.setattr(runner, "optimizer_for_run", lambda model, mask, cfg, lr=None: seen.append(lr) or real(
-        model, mask, cfg, lr))
+    monkeypatch.setattr(runner, "optimizer_for_run", lambda model, mask, cfg, lr=None, refresh=None: seen.append(
+        lr) or real(model, mask, cfg, lr, refresh))
     raw = _equal_budget(workspace, tmp_path, lr_by_budget={1: 0.05})
     raw.update(seeds=[0], strategies=["original", "fish"])
     cfg = load_config(raw=raw)

@@ -53,13 +53,7 @@ def exclusive_folder(folder: str | os.PathLike, what: str = "output_dir"):
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
         except FileExistsError:
-            try:
-                pid = int(open(path, encoding="utf-8").read().strip() or "0")
-            except (OSError, ValueError):
-                pid = 0
-            if pid > 0 and _alive(pid):
-                raise FileExistsError(f"{what} {folder} is in use by another fish-tune process (pid {pid}); wait for "
-                                      f"it to finish or choose another {what}") from None
+            check_folder_free(folder, what)
             os.remove(path)  # stale: its process is gone
     else:  # pragma: no cover - another process won the race twice
         raise FileExistsError(f"{what} {folder} is in use by another fish-tune process; choose another {what}")
@@ -72,6 +66,24 @@ def exclusive_folder(folder: str | os.PathLike, what: str = "output_dir"):
             os.remove(path)
         except FileNotFoundError:
             pass
+
+
+def check_folder_free(folder: str | os.PathLike, what: str = "output_dir") -> None:
+    """Raise ``FileExistsError`` if a running process holds ``folder``'s lock (creates nothing)."""
+    holder = _holder(os.path.join(folder, ".fish-tune.lock"))
+    if holder:
+        raise FileExistsError(f"{what} {folder} is in use by another fish-tune process (pid {holder}); wait for it "
+                              f"to finish or choose another {what}")
+
+
+def _holder(path: str) -> int:
+    """The pid of a live process holding the lock file at ``path``, else 0."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            pid = int(f.read().strip() or "0")
+    except (OSError, ValueError):
+        return 0
+    return pid if pid > 0 and _alive(pid) else 0
 
 
 def _alive(pid: int) -> bool:

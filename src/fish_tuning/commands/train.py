@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-from ..files import exclusive_folder
+from ..files import check_folder_free, exclusive_folder
 from .common import (
     CommandError,
     DataArguments,
@@ -69,8 +69,7 @@ def run(argv: list[str]) -> int:
     if config.warmup_steps and 0 < targs.max_steps <= config.warmup_steps:
         raise CommandError(f"--max_steps {targs.max_steps} ends inside --fish_warmup_steps {config.warmup_steps}: "
                            "no mask would ever train; lower the warm-up or train longer")
-    with exclusive_folder(targs.output_dir):  # before any model loads: a folder in use is refused at once
-        pass
+    check_folder_free(targs.output_dir)  # before any model loads: a folder in use is refused at once
     path = resolve_model_path(model_args.model_name_or_path)
     data = load_data(data_args)
     info = infer_task(model_args, data_args, data["train"])
