@@ -358,6 +358,7 @@ def test_minilm_package_from_a_local_csv(tiny, tmp_path, capsys):
     ("validation", [{"sentence": None, "score": 1.0}], "empty value(s) in the validation data"),
     ("validation", [{"sentence": "the film", "score": float("nan")}], "NaN / inf value(s) in the validation data"),
     ("train", [{"sentence": "the film was good", "score": 1e300}], "1 value(s) beyond float32's range"),
+    ("max_length", [], "--max_length must be a positive number of tokens, got 0"),
 ])
 def test_non_finite_labels_and_empty_text_are_refused_before_any_model_loads(tiny, tmp_path, monkeypatch, capsys,
                                                                               split, rows, message):
@@ -380,6 +381,8 @@ def test_non_finite_labels_and_empty_text_are_refused_before_any_model_loads(tin
             "--output_dir", str(tmp_path / "o"), "--keep", "0.1", *FAST]
     if "validation" in files:
         argv += ["--validation_file", str(files["validation"])]
+    if split == "max_length":
+        argv += ["--max_length", "0"]
     rc = main(argv)
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("fish-tune: error: ") and "\n" not in err, err

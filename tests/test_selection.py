@@ -160,3 +160,11 @@ def test_normalized_fisher_flattens_an_outer_product_and_keeps_the_excess():
     assert torch.equal(sc.normalized({"z": torch.zeros(2, 3)})["z"], torch.zeros(2, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="score must be one of"):
         sc.score(None, "taylor")
+
+
+def test_numpy_scores_select_the_same_mask():
+    scores = _scores(3)
+    as_numpy = {n: s.numpy() for n, s in scores.items()}
+    for allocation in ("global", "uniform"):
+        a = ft.select_mask(scores, budget=30, allocation=allocation)
+        assert ft.select_mask(as_numpy, budget=30, allocation=allocation).fingerprint() == a.fingerprint()

@@ -69,6 +69,7 @@ def select_mask(
     if strategy == "fish_rank1" and allocation != "global":
         raise ValueError("strategy='fish_rank1' keeps whole rank-1 components over all tensors; it needs "
                          f"allocation='global', got {_label(allocation)!r}")
+    scores = {n: s if isinstance(s, Tensor) else torch.as_tensor(s) for n, s in scores.items()}  # numpy works too
     excl, always = _patterns(exclude, "exclude"), _patterns(always_train, "always_train")
     always_names = [n for n in scores if _matches(n, always)]
     excluded = [n for n in scores if _matches(n, excl) and n not in always_names]

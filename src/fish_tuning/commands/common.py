@@ -169,6 +169,11 @@ def read_yaml(path: str, parser: argparse.ArgumentParser) -> dict:
 
 
 # --------------------------------------------------------------------------- data
+def check_model_args(model: ModelArguments) -> None:
+    if model.max_length < 1:
+        raise CommandError(f"--max_length must be a positive number of tokens, got {model.max_length}")
+
+
 def check_data_args(data: DataArguments) -> None:
     """File names, formats and the one-of rules, before anything is read."""
     if (data.dataset_name is None) == (data.train_file is None):

@@ -25,6 +25,7 @@ from .common import (
     Parser,
     PeftArguments,
     check_data_args,
+    check_model_args,
     check_output_dir,
     check_peft_args,
     fish_config,
@@ -124,6 +125,7 @@ def compute(argv: list[str]) -> int:
         raise CommandError("--fish_warmup_steps and --refresh_every act during training; fish-tune mask selects at "
                            "the initial weights only: use fish-tune train with them")
     check_peft_args(peft_args)
+    check_model_args(model_args)
     check_data_args(data_args)
     check_output_dir(os.path.dirname(os.path.abspath(out.output)))
     json_path, png = _paths(out, out.output)

@@ -24,6 +24,7 @@ from .common import (
     Parser,
     PeftArguments,
     check_data_args,
+    check_model_args,
     check_output_dir,
     check_peft_args,
     fish_config,
@@ -64,6 +65,7 @@ def run(argv: list[str]) -> int:
     model_args, data_args, peft_args, fish_args, targs = parser().parse(argv)
     config = fish_config(fish_args)
     check_peft_args(peft_args)
+    check_model_args(model_args)
     check_data_args(data_args)
     check_output_dir(targs.output_dir)
     if config.warmup_steps and 0 < targs.max_steps <= config.warmup_steps:
