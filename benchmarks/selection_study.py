@@ -1,7 +1,8 @@
 """Issue 23's screening study: every selection arm at its own best rate, against rand and the shuffled control.
 
     python benchmarks/selection_study.py run      # resumable: screening (stages 1-2), then confirmation (3-4)
-    python benchmarks/selection_study.py report   # the tables of BENCHMARKS.md "Selection that beats chance"
+    python benchmarks/selection_study.py report   # the screening table of BENCHMARKS.md "Selection that beats chance"
+    python benchmarks/selection_study.py confirm  # the confirmation tables (dev, 5 seeds; DoRA 3 seeds)
 
 Screening, on held-out train only (configs/selection_screen.yaml): stage 1 runs every arm at each rate of RATES
 on seed 0, one process per task (2 cores); stage 2 picks, per task, arm and budget, the rate with the best seed-0
@@ -191,6 +192,51 @@ def report() -> str:
     return "\n".join(lines)
 
 
+def confirm_report(pattern: str = "confirm_[ab].jsonl") -> str:
+    """The confirmation on dev: per arm and budget the mean per task and over tasks, then every candidate arm
+    against each control, paired by seed on the task-averaged score (and per task)."""
+    runs = _task_records(pattern)
+    if not runs:
+        return "no confirmation runs yet"
+    by = {(r["task"], r["budget"], r["strategy"], r["seed"]): 100 * r["score"] for r in runs}
+    tasks = [t for t in TASKS if any(r["task"] == t for r in runs)]
+    arms = list(dict.fromkeys(r["strategy"] for r in runs))
+    seeds = sorted({r["seed"] for r in runs})
+    method = runs[0]["method"]
+    lines = [f"{method.upper()}, dev sets, seeds {seeds}, each arm at its screened rate; score x100 "
+             f"(mean over seeds), paired differences by seed of the mean over {' and '.join(tasks)}.", ""]
+    for budget in sorted({r["budget"] for r in runs}):
+        k = next(r["trainable"]["peft"] for r in runs if r["budget"] == budget)
+        lines += [f"**Budget {budget:g} ({k:,} entries)**", "", "| arm | " + " | ".join(tasks) + " | mean | "
+                  + " | ".join(f"− {c}" for c in CONTROLS) + " |", "|" + "---|" * (len(tasks) + 2 + len(CONTROLS))]
+        for arm in arms:
+            cells = []
+            for t in tasks:
+                vals = [by[(t, budget, arm, s)] for s in seeds if (t, budget, arm, s) in by]
+                cells.append(f"{sum(vals) / len(vals):.1f} (n={len(vals)})" if vals else "–")
+            avg = _seed_means(by, tasks, budget, arm, seeds)
+            diffs = []
+            for c in CONTROLS:
+                other = _seed_means(by, tasks, budget, c, seeds)
+                common = [s for s in avg if s in other]
+                diffs.append("–" if arm == c or len(common) < 2 else
+                             fmt_paired(paired([avg[s] - other[s] for s in common])))
+            mean = f"{sum(avg.values()) / len(avg):.1f}" if avg else "–"
+            lines.append(f"| {arm} | " + " | ".join(cells) + f" | {mean} | " + " | ".join(diffs) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _seed_means(by: dict, tasks: list[str], budget, arm: str, seeds: list[int]) -> dict[int, float]:
+    """seed -> the arm's score averaged over the tasks (only seeds with every task)."""
+    out = {}
+    for s in seeds:
+        vals = [by.get((t, budget, arm, s)) for t in tasks]
+        if all(v is not None for v in vals):
+            out[s] = sum(vals) / len(vals)
+    return out
+
+
 def _mask_cells(runs: list[dict]) -> tuple[str, str, str]:
     masks = [r["mask"] for r in runs if r.get("mask")]
     if not masks:
@@ -208,9 +254,12 @@ def _mask_cells(runs: list[dict]) -> tuple[str, str, str]:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=["run", "report"])
+    ap.add_argument("stage", choices=["run", "report", "confirm"])
     args = ap.parse_args()
     if args.stage == "run":
         run()
-    else:
+    elif args.stage == "report":
         print(report())
+    else:
+        print(confirm_report())
+        print(confirm_report("confirm_dora_*.jsonl"))
