@@ -126,6 +126,34 @@ def run() -> None:
                         "budgets=[6]", "seeds=[0,1,2]")
 
     _both(confirm, 2)
+    regrow()
+
+
+def regrow() -> None:
+    """Issue 24: regrown entries' moments from zero (uniform_norm_refresh) or from the window's statistics
+    (uniform_norm_refresh_stats), on the screening's held-out splits and seeds, at the zero arm's rates."""
+    rates = best_rates(_task_records("sweep_*.jsonl"))
+
+    def make(part: str, tasks: list[str], _: int) -> subprocess.Popen:
+        lr = _flow({"uniform_norm_refresh_stats": rates[tasks[0]]["uniform_norm_refresh"]})
+        return _compare(f"regrow_{part}", tasks, "strategies=[uniform_norm_refresh_stats]", f"lr_by_arm={lr}",
+                        f"seeds=[0,{','.join(map(str, SEEDS))}]")
+
+    _both(make)
+
+
+def regrow_report() -> str:
+    """uniform_norm_refresh_stats − uniform_norm_refresh, paired by (task, seed), per budget."""
+    stats = {(r["task"], r["budget"], r["seed"]): 100 * r["score"] for r in _task_records("regrow_*.jsonl")}
+    zero = {(r["task"], r["budget"], r["seed"]): 100 * r["score"]
+            for r in chosen(_task_records("sweep_*.jsonl") + _task_records("seeds_*.jsonl"))
+            if r["strategy"] == "uniform_norm_refresh"}
+    lines = ["| budget | pairs | regrown moments from the window's statistics − from zero |", "|---|---|---|"]
+    for budget in sorted({k[1] for k in stats}):
+        keys = sorted(k for k in stats if k[1] == budget and k in zero)
+        if keys:
+            lines.append(f"| {budget:g} | {len(keys)} | {fmt_paired(paired([stats[k] - zero[k] for k in keys]))} |")
+    return "\n".join(lines)
 
 
 def _flow(rates: dict[str, dict[float, float]]) -> str:
@@ -254,12 +282,14 @@ def _mask_cells(runs: list[dict]) -> tuple[str, str, str]:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=["run", "report", "confirm"])
+    ap.add_argument("stage", choices=["run", "report", "confirm", "regrow"])
     args = ap.parse_args()
     if args.stage == "run":
         run()
     elif args.stage == "report":
         print(report())
-    else:
+    elif args.stage == "confirm":
         print(confirm_report())
         print(confirm_report("confirm_dora_*.jsonl"))
+    else:
+        print(regrow_report())

@@ -164,3 +164,27 @@ def test_schedule_checks_and_refusals():
     assert [t for t in range(1, 14) if s.observes(t)] == [3, 4, 7, 8]  # no refresh at 12 (fraction 0 there)
     with pytest.raises(ValueError, match="refresh_every"):
         ft.FishConfig(keep=0.1, refresh_every=-1)
+
+
+def test_regrown_moments_from_the_window_statistics():
+    model, mask = _setup(3)
+    full: dict[str, list[torch.Tensor]] = {n: [] for n in mask.names}
+    for n in mask.names:
+        model.get_parameter(n).register_post_accumulate_grad_hook(
+            lambda p, n=n: full[n].append(p.grad.detach().clone()))
+    opt = _optimizer("sparse", model, mask, RefreshSchedule(every=3, fraction=0.5, until=12, window=2,
+                                                            regrow_state="stats"))
+    before = {n: set(mask.indices[n].tolist()) for n in mask.names}
+    for batch in cls_batches(3, 8, seed=7):
+        _step(model, opt, batch)
+    checked = 0
+    for n in mask.names:
+        g = torch.stack([x.reshape(-1) for x in full[n][1:3]])  # the window: steps 2 and 3
+        new = opt.refresher.mask.indices[n].tolist()
+        state = opt.state[model.get_parameter(n)]
+        for pos, j in enumerate(new):
+            if j not in before[n]:  # regrown: moments from the window, not zero
+                torch.testing.assert_close(state["exp_avg"][pos], g[:, j].mean(), rtol=1e-5, atol=1e-12)
+                torch.testing.assert_close(state["exp_avg_sq"][pos], g[:, j].square().mean(), rtol=1e-5, atol=1e-15)
+                checked += 1
+    assert checked > 0

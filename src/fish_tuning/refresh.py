@@ -33,6 +33,7 @@ from torch import Tensor
 from .checks import is_int
 from .guard import MaskGuard
 from .mask import FishMask
+from .sharded import is_dtensor
 
 REFRESH_KEY = "fish_tuning_refresh"  # the refresher's state in the optimizer's first param group
 
@@ -86,6 +87,9 @@ class MaskRefresher:
     def __init__(self, guard: MaskGuard, optimizer: torch.optim.Optimizer, schedule: RefreshSchedule):
         if not guard.attached:
             raise ValueError("MaskRefresher needs an attached MaskGuard (its gradient hooks see the gradients)")
+        if guard._local or any(is_dtensor(p) for p in guard.kept):
+            raise NotImplementedError("a mask that moves is supported on one process and DDP; under FSDP2 or "
+                                      "DeepSpeed ZeRO train with a fixed mask (no refresh)")
         self.guard, self.optimizer, self.schedule = guard, optimizer, schedule
         self.by_name = {guard.names[p]: p for p in guard.kept if guard.names[p] in guard.mask.shapes}
         self.step, self.history = 0, []

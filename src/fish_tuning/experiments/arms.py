@@ -30,7 +30,7 @@ from ..selection import ALLOCATIONS, STRATEGIES, select_mask
 
 ARM_ALLOCATIONS = (*ALLOCATIONS, "fish")
 ARM_FIELDS = ("strategy", "allocation", "score", "warmup_steps", "alpha", "refresh_every", "refresh_fraction",
-              "refresh_until")
+              "refresh_until", "regrow_state")
 
 
 @dataclass(frozen=True)
@@ -43,18 +43,21 @@ class Arm:
     refresh_every: int = 0  # > 0: the mask moves during training (fish_tuning.refresh)
     refresh_fraction: float = 0.2
     refresh_until: int | None = None
+    regrow_state: str | None = None  # None: the schedule's default ("zero"); "stats": the window's statistics
 
     def to_dict(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if v is not None}
         if not self.refresh_every:  # records of arms without refresh read as before refresh existed
-            for key in ("refresh_every", "refresh_fraction", "refresh_until"):
+            for key in ("refresh_every", "refresh_fraction", "refresh_until", "regrow_state"):
                 out.pop(key, None)
         return out
 
     def refresh(self) -> RefreshSchedule | None:
         if not self.refresh_every:
             return None
-        return RefreshSchedule(every=self.refresh_every, fraction=self.refresh_fraction, until=self.refresh_until)
+        extra = {} if self.regrow_state is None else {"regrow_state": self.regrow_state}
+        return RefreshSchedule(every=self.refresh_every, fraction=self.refresh_fraction, until=self.refresh_until,
+                               **extra)
 
 
 def parse_arm(name: str, raw: object) -> Arm:
