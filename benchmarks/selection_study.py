@@ -235,8 +235,9 @@ def confirm_report(pattern: str = "confirm_[ab].jsonl") -> str:
              f"(mean over seeds), paired differences by seed of the mean over {' and '.join(tasks)}.", ""]
     for budget in sorted({r["budget"] for r in runs}):
         k = next(r["trainable"]["peft"] for r in runs if r["budget"] == budget)
+        against = [*CONTROLS, *(a for a in arms if a not in CONTROLS)]  # the two candidates also against each other
         lines += [f"**Budget {budget:g} ({k:,} entries)**", "", "| arm | " + " | ".join(tasks) + " | mean | "
-                  + " | ".join(f"− {c}" for c in CONTROLS) + " |", "|" + "---|" * (len(tasks) + 2 + len(CONTROLS))]
+                  + " | ".join(f"− {c}" for c in against) + " |", "|" + "---|" * (len(tasks) + 2 + len(against))]
         for arm in arms:
             cells = []
             for t in tasks:
@@ -244,7 +245,7 @@ def confirm_report(pattern: str = "confirm_[ab].jsonl") -> str:
                 cells.append(f"{sum(vals) / len(vals):.1f} (n={len(vals)})" if vals else "–")
             avg = _seed_means(by, tasks, budget, arm, seeds)
             diffs = []
-            for c in CONTROLS:
+            for c in against:
                 other = _seed_means(by, tasks, budget, c, seeds)
                 common = [s for s in avg if s in other]
                 diffs.append("–" if arm == c or len(common) < 2 else
