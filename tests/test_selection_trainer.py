@@ -117,3 +117,24 @@ def test_refresh_in_the_trainer_moves_the_mask_and_resumes_bit_identically(tmp_p
     assert second.mask.fingerprint() == full_cb.mask.fingerprint()
     a, b = snapshot(full.model), snapshot(resumed.model)
     assert all(torch.equal(a[n], b[n]) for n in a), "resumed run differs from the uninterrupted one"
+
+
+def test_a_given_mask_moves_under_refresh_and_a_dropped_optimizer_takes_the_refresh_along(tmp_path):
+    import gc
+
+    given = _reference_mask(tmp_path, 0, keep=0.1, score="fisher", allocation="global", always_train="classifier")
+    cb = ft.FishCallback(mask=given, refresh_every=2, refresh_fraction=0.5)
+    trainer = Trainer(model=_model(), args=make_args(tmp_path / "g", 4), train_dataset=bert_rows(), callbacks=[cb])
+    trainer.train()
+    assert cb.source == "given" and cb.mask.fingerprint() != given.fingerprint()
+    assert {n: i.numel() for n, i in cb.mask.indices.items()} == {n: i.numel() for n, i in given.indices.items()}
+    # plain loop: dropping the optimizer drops its refresher's hooks with its guard
+    model, mask = _model(), given
+    cands = [model.get_parameter(n) for n in mask.names]
+    opt = ft.SparseAdamW(cands, mask, lr=1e-2, model=model, refresh=ft.refresh.RefreshSchedule(every=2))
+    guard = opt.refresher.guard
+    del opt
+    gc.collect()
+    assert not guard.attached or not guard._handles
+    again = ft.MaskedOptimizer(torch.optim.AdamW(cands), mask, model)  # the tensors are free for a new optimizer
+    assert again.refresher is None
