@@ -56,7 +56,7 @@ def guard_of(param: Tensor) -> MaskGuard | None:
     return _ACTIVE.get(param)
 
 
-def _chain(optimizer) -> list:
+def optimizer_chain(optimizer) -> list:
     """The optimizer and every optimizer it wraps (``.optimizer`` attributes: accelerate, MaskedOptimizer)."""
     out = []
     while optimizer is not None and optimizer not in out:
@@ -287,7 +287,7 @@ class MaskGuard:
             return True  # gradient hooks only (no owner): any optimizer may step
         if owner is None:
             return True  # owner gone; its finalizer is about to close this guard
-        return owner in _chain(optimizer) or optimizer in _chain(owner)
+        return owner in optimizer_chain(optimizer) or optimizer in optimizer_chain(owner)
 
     # ------------------------------------------------------------------ the step
     def _target(self, p: Tensor) -> Tensor:

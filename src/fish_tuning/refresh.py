@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .checks import is_int
-from .guard import MaskGuard
+from .guard import MaskGuard, optimizer_chain
 from .mask import FishMask
 from .sharded import is_dtensor
 
@@ -195,7 +195,7 @@ class MaskRefresher:
         if stats:
             s, s2 = self._sums[name]
             mean_g, sq_g = s / self.schedule.window, s2 / self.schedule.window
-        for opt in _chain(self.optimizer):
+        for opt in optimizer_chain(self.optimizer):
             state = getattr(opt, "state", {}).get(p)
             if not state:
                 continue
@@ -278,14 +278,6 @@ class MaskRefresher:
         for handle in self._handles:
             handle.remove()
         self.guard.set_tap(None)
-
-
-def _chain(optimizer) -> list:
-    out = []
-    while optimizer is not None and optimizer not in out:
-        out.append(optimizer)
-        optimizer = getattr(optimizer, "optimizer", None)
-    return out
 
 
 def _world() -> int:
