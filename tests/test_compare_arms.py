@@ -78,7 +78,7 @@ def test_warm_up_rewinds_exactly_and_leaves_the_training_rng_alone():
     init = arms_mod.warm_up(wrapped, batches, steps=3, lr=0.1, weight_decay=0.01)
     after_warm = torch.rand(1)
     assert any(not torch.equal(p, before[n]) for n, p in wrapped.named_parameters())
-    arms_mod.rewind(wrapped, init)
+    init.rewind(wrapped)
     assert all(torch.equal(p, before[n]) for n, p in wrapped.named_parameters())
     torch.manual_seed(5)
     assert torch.equal(torch.rand(1), after_warm)  # the warm-up's dropout draws came from a forked RNG

@@ -178,8 +178,6 @@ class MaskGuard:
             # each rank masks its own copy or shard: masks that differ per rank (selected separately) would make
             # DDP replicas or shards silently diverge, so every rank builds its guard and checks here (1 all-reduce)
             check_same_mask(mask.fingerprint(), (sharded or list(self.kept))[0].device)
-        # the gradient hooks read the kept indices through these cells, so a refresh can change them in place
-        self._cells: dict[Tensor, list[Tensor]] = {p: [idx] for p, idx in self.kept.items()}
         self._tap: list = [None]  # f(param, grad) called before masking (a refresh's gradient window), or None
         self._zero3 = [p for p in self.kept if is_zero3(p)]
         self._parts: MasterPartitions | None = None  # ZeRO-3: where the fp32 masters live (set by attach)
@@ -218,7 +216,8 @@ class MaskGuard:
         for p in self.kept:
             # ZeRO-3: before ZeRO's reduce-scatter hook, so the reduced partitions and the clipping norm see Eq. 6
             register = prepend_grad_hook if p in self._local else type(p).register_post_accumulate_grad_hook
-            self._handles.append(register(p, _keep_only(self._cells[p], self._tap)))
+            # the hook reads self.kept at each call, so a refresh (set_kept) changes what it keeps in place
+            self._handles.append(register(p, _keep_only(self.kept, self._tap)))
             _ACTIVE[p] = self
         _GENERATION[0] += 1
         self.attached = True
@@ -328,13 +327,13 @@ class MaskGuard:
             self.after_step()
         if optimizer is not None:
             self._check_params(optimizer)
-        for p, idx in self.kept.items():
+        for p in self.kept:
             if p in self._local:  # ZeRO-3: the reduced fp32 gradient slice (already masked in backward)
                 grad = self._parts.grad(p)
                 if grad is not None:
                     grad.masked_fill_(self._frozen(p), 0)
             elif p.grad is not None:
-                _keep_only([idx], [None])(p)
+                _keep_only(self.kept, [None])(p)
             if self.restore:
                 target = self._target(p)
                 buf = self._backup.get(p)
@@ -355,16 +354,16 @@ class MaskGuard:
             torch.where(self._frozen(p), self._backup[p], shard, out=shard)
 
     # ------------------------------------------------------------------ a mask that moves (fish_tuning.refresh)
-    def set_kept(self, p: Tensor, idx: Tensor, mask: FishMask) -> None:
-        """Train ``idx`` (sorted flat indices) of ``p`` from the next backward on; ``mask`` is the mask in force."""
-        if self._local or is_dtensor(p):
+    def check_movable(self) -> None:
+        """Refuse a mask that moves where kept indices are per-shard or per-partition (FSDP2, ZeRO)."""
+        if self._local or any(is_dtensor(p) for p in self.kept):
             raise NotImplementedError("a mask that moves is supported on one process and DDP; under FSDP2 or "
                                       "DeepSpeed ZeRO train with a fixed mask (no refresh)")
-        idx = idx.to(device=p.device, dtype=index_dtype(p.device))
-        self.kept[p] = idx
-        self._cells[p][0] = idx
+
+    def set_kept(self, p: Tensor, idx: Tensor) -> None:
+        """Train ``idx`` (sorted flat indices) of ``p`` from the next backward on (the caller sets ``self.mask``)."""
+        self.kept[p] = idx.to(device=p.device, dtype=index_dtype(p.device))
         self._dense.pop(p, None)
-        self.mask = mask
 
     def set_tap(self, tap) -> None:
         """``tap(param, grad)`` sees every guarded gradient before its masked entries are zeroed (None: off)."""
@@ -382,8 +381,8 @@ class MaskGuard:
         return f"MaskGuard(k={self.mask.num_selected:,}, {len(self.kept)} tensors, {state}{by}, id {id(self):#x})"
 
 
-def _keep_only(cell: list[Tensor], tap: list):
-    """Zero every gradient entry except the kept ones (``cell[0]``) without a dense mask: gather k, zero, scatter k
+def _keep_only(kept: dict[Tensor, Tensor], tap: list):
+    """Zero every gradient entry except the kept ones (``kept[p]``) without a dense mask: gather k, zero, scatter k
     back. ``tap[0]``, when set, sees the whole gradient first."""
 
     def hook(p: Tensor) -> None:
@@ -391,7 +390,7 @@ def _keep_only(cell: list[Tensor], tap: list):
             return
         if tap[0] is not None:
             tap[0](p, p.grad)
-        idx = cell[0]
+        idx = kept[p]
         if is_dtensor(p.grad):  # FSDP2: this rank's shard of the reduce-scattered gradient; idx is local
             grad = local(p.grad)
             if not grad.is_contiguous():
@@ -403,8 +402,8 @@ def _keep_only(cell: list[Tensor], tap: list):
             grad = p.grad
         flat = grad.view(-1)
         index = idx if idx.device == flat.device else idx.to(flat.device)
-        kept = flat.index_select(0, index)
+        values = flat.index_select(0, index)
         flat.zero_()
-        flat.index_put_((index,), kept)
+        flat.index_put_((index,), values)
 
     return hook

@@ -33,7 +33,6 @@ from torch import Tensor
 from .checks import is_int
 from .guard import MaskGuard, optimizer_chain
 from .mask import FishMask
-from .sharded import is_dtensor
 
 REFRESH_KEY = "fish_tuning_refresh"  # the refresher's state in the optimizer's first param group
 
@@ -87,9 +86,7 @@ class MaskRefresher:
     def __init__(self, guard: MaskGuard, optimizer: torch.optim.Optimizer, schedule: RefreshSchedule):
         if not guard.attached:
             raise ValueError("MaskRefresher needs an attached MaskGuard (its gradient hooks see the gradients)")
-        if guard._local or any(is_dtensor(p) for p in guard.kept):
-            raise NotImplementedError("a mask that moves is supported on one process and DDP; under FSDP2 or "
-                                      "DeepSpeed ZeRO train with a fixed mask (no refresh)")
+        guard.check_movable()
         self.guard, self.optimizer, self.schedule = guard, optimizer, schedule
         self.by_name = {guard.names[p]: p for p in guard.kept if guard.names[p] in guard.mask.shapes}
         self.step, self.history = 0, []
@@ -141,8 +138,11 @@ class MaskRefresher:
                 self._buf[n].copy_(part)
         for n in names:
             g = self._buf.pop(n)
-            s, s2 = self._sums.get(n, (torch.zeros_like(g), torch.zeros_like(g)))
-            self._sums[n] = (s.add_(g), s2.addcmul_(g, g))
+            if n not in self._sums:
+                self._sums[n] = (torch.zeros_like(g), torch.zeros_like(g))
+            s, s2 = self._sums[n]
+            s.add_(g)
+            s2.addcmul_(g, g)
 
     def _regrow_score(self, name: str) -> Tensor:
         s, s2 = self._sums[name]
@@ -167,11 +167,11 @@ class MaskRefresher:
             drop_pos = torch.sort(change, stable=True).indices[:n]
             stay = torch.ones(count, dtype=torch.bool, device=idx.device)
             stay[drop_pos] = False
-            score = self._regrow_score(name).clone()
+            score = self._regrow_score(name)  # a new tensor: the sums stay as they are
             score[idx] = -math.inf  # kept entries (those just dropped included) are not regrown now
             grow = torch.sort(score, descending=True, stable=True).indices[:n]
             new = torch.sort(torch.cat([idx[stay], grow.to(idx.device)])).values
-            self._migrate(p, idx, new, idx[~stay], grow, name)
+            self._migrate(p, idx, new, stay, grow, name)
             selected = torch.empty(new.numel(), dtype=self.selected[name].dtype, device=flat.device)
             selected[torch.searchsorted(new, idx[stay])] = self.selected[name][stay]
             selected[torch.searchsorted(new, grow.to(new.device))] = flat[grow.to(flat.device)]
@@ -182,14 +182,16 @@ class MaskRefresher:
             dropped_total, regrown_total = dropped_total + n, regrown_total + n
         self.history.append({"step": self.step, "fraction": frac, "dropped": dropped_total, "regrown": regrown_total})
         mask = dataclasses.replace(self.guard.mask, indices=indices,
-                                   meta={**self.guard.mask.meta, "refresh": self.history_record()})
+                                   meta={**self.guard.mask.meta, "refresh": self.history_record(indices)})
         for name in changed:
-            self.guard.set_kept(self.by_name[name], indices[name], mask)
+            self.guard.set_kept(self.by_name[name], indices[name])
         self.guard.mask = mask
         self._sums.clear()
 
-    def _migrate(self, p: Tensor, old: Tensor, new: Tensor, dropped: Tensor, grown: Tensor, name: str) -> None:
-        """Carry the optimizer state of ``p`` over to its new kept entries (see the module docstring)."""
+    def _migrate(self, p: Tensor, old: Tensor, new: Tensor, stay: Tensor, grown: Tensor, name: str) -> None:
+        """Carry the optimizer state of ``p`` over to its new kept entries (see the module docstring); ``stay``:
+        which of the ``old`` kept entries remain kept."""
+        dropped = old[~stay]
         stats = self.schedule.regrow_state == "stats"
         mean_g = sq_g = None
         if stats:
@@ -205,7 +207,6 @@ class MaskRefresher:
                     continue
                 if compact and t.numel() == old.numel():  # SparseAdamW: moments aligned with the kept indices
                     out = torch.zeros(new.numel(), dtype=t.dtype, device=t.device)
-                    stay = ~torch.isin(old, dropped)
                     out[torch.searchsorted(new, old[stay])] = t[stay.to(t.device)]
                     if stats and key in ("exp_avg", "exp_avg_sq"):
                         src = mean_g if key == "exp_avg" else sq_g
@@ -224,15 +225,16 @@ class MaskRefresher:
         total = sum(f.numel() for f in self.ever.values())
         return sum(int(f.sum()) for f in self.ever.values()) / max(total, 1)
 
-    def moved(self) -> list[int]:
-        """Per candidate (in the mask's order): kept entries now that were not kept at the first selection."""
-        now = self.guard.mask.indices
+    def moved(self, indices: dict[str, Tensor] | None = None) -> list[int]:
+        """Per candidate (in the mask's order): entries kept in ``indices`` (default: the mask in force) that were
+        not kept at the first selection."""
+        now = self.guard.mask.indices if indices is None else indices
         return [int((~torch.isin(now[n].long().cpu(), self.first[n])).sum()) if n in self.first else 0
                 for n in self.guard.mask.names]
 
-    def history_record(self) -> dict:
+    def history_record(self, indices: dict[str, Tensor] | None = None) -> dict:
         return {"schedule": dataclasses.asdict(self.schedule), "history": list(self.history),
-                "ever_kept": self.ever_kept(), "moved": self.moved()}
+                "ever_kept": self.ever_kept(), "moved": self.moved(indices)}
 
     @property
     def mask(self) -> FishMask:
@@ -248,7 +250,7 @@ class MaskRefresher:
                 "schedule": dataclasses.asdict(self.schedule)}
 
     def load(self, state: dict) -> None:
-        """Continue from :meth:`state` (the guard must already hold the mask in force then)."""
+        """Continue from :meth:`state`: its mask in force goes back into the guard, then the schedule resumes."""
         if state.get("schedule") != dataclasses.asdict(self.schedule):
             raise ValueError(f"this run's refresh schedule {dataclasses.asdict(self.schedule)} differs from the "
                              f"checkpoint's {state.get('schedule')}; resume with the same refresh settings")
@@ -256,7 +258,8 @@ class MaskRefresher:
         if set(mask.shapes) != set(self.by_name):
             raise ValueError("the saved refresh state is for other candidate tensors; resume with the same model")
         for name, p in self.by_name.items():
-            self.guard.set_kept(p, mask.indices[name], mask)
+            self.guard.set_kept(p, mask.indices[name])
+        self.guard.mask = mask
         self.step, self.history = int(state["step"]), list(state["history"])
         self.selected = {n: t.to(self.by_name[n].device) for n, t in state["selected"].items()}
         self.ever = {n: f.clone() for n, f in state["ever"].items()}

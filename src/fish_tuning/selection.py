@@ -152,9 +152,9 @@ def _flat_scores(cand: Mapping[str, Tensor]) -> Tensor:
     dtype = torch.float32
     for t in cand.values():
         dtype = torch.promote_types(dtype, t.dtype if t.is_floating_point() else torch.float64)
-    flat = torch.cat([torch.as_tensor(t).detach().reshape(-1).to(device="cpu", dtype=dtype) for t in cand.values()])
+    flat = torch.cat([t.detach().reshape(-1).to(device="cpu", dtype=dtype) for t in cand.values()])
     if not bool(torch.isfinite(flat).all()):
-        bad = next(n for n, t in cand.items() if not bool(torch.isfinite(torch.as_tensor(t)).all()))
+        bad = next(n for n, t in cand.items() if not bool(torch.isfinite(t).all()))
         raise ValueError(f"scores of '{bad}' contain NaN/inf; recompute them")
     return flat
 

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..fisher import GradientMoments
+from ..integrations.warmup import WarmUp
 from ..mask import FishMask
 from ..refresh import RefreshSchedule
 from ..scores import SCORES, score
@@ -144,27 +145,19 @@ def jaccard(a: FishMask, b: FishMask) -> float:
     return inter / union if union else 1.0
 
 
-def warm_up(model: torch.nn.Module, batches: list[dict], steps: int, lr: float, weight_decay: float) -> dict:
-    """Train every trainable tensor densely for ``steps`` batches; returns the init snapshot to rewind to."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    init = {n: p.detach().clone() for n, p in params.items()}
-    opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=weight_decay)
+def warm_up(model: torch.nn.Module, batches: list[dict], steps: int, lr: float, weight_decay: float) -> WarmUp:
+    """Train every trainable tensor densely for ``steps`` batches; returns the init snapshot (``.rewind(model)``)."""
+    snapshot = WarmUp(model, steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     was_training = model.training
     model.train()
     with torch.random.fork_rng(devices=[]):  # the masked run then sees the dropout draws of a run without warm-up
         for i in range(steps):
             loss = model(**batches[i % len(batches)]).loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
     model.train(was_training)
-    return init
-
-
-@torch.no_grad()
-def rewind(model: torch.nn.Module, init: dict) -> None:
-    """Put every tensor of ``init`` back (the warm-up leaves no trace in the weights)."""
-    for n, p in model.named_parameters():
-        if n in init:
-            p.copy_(init[n])
+    return snapshot

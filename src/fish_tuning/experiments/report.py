@@ -219,12 +219,12 @@ def write_report(results: str | os.PathLike, out_dir: str | os.PathLike | None =
     out = Path(out_dir) if out_dir else results.parent
     out.mkdir(parents=True, exist_ok=True)
     paths = {"table": out / f"{results.stem}.md", "proportion_plot": out / f"{results.stem}_score_vs_proportion.png",
-             "epoch_plot": out / f"{results.stem}_epochs.png", "mask_plot": out / f"{results.stem}_mask_layers.png"}
-    for what, path in paths.items():  # never write the report over the runs it is made from
+             "epoch_plot": out / f"{results.stem}_epochs.png"}
+    mask_plot = out / f"{results.stem}_mask_layers.png"
+    for path in (*paths.values(), mask_plot):  # never write the report over the runs it is made from
         if path.exists() and path.resolve() == results.resolve():
-            raise ValueError(f"the report's {what.replace('_', ' ')} would overwrite the results file {results}; "
-                             "name the results file *.jsonl or pass --out-dir another folder")
-    del paths["mask_plot"]
+            raise ValueError(f"the report's {path.name} would overwrite the results file {results}; name the results "
+                             "file *.jsonl or pass --out-dir another folder")
     cfg = records[-1].get("config", {})
     train = cfg.get("train", {})
     seeds = sorted({r["seed"] for r in records})
@@ -257,5 +257,5 @@ def write_report(results: str | os.PathLike, out_dir: str | os.PathLike | None =
     from ..commands.maskview import draw_run_layers  # each run's recorded per-layer mask summary
 
     if draw_run_layers(records, out / f"{results.stem}_mask_layers.png"):
-        paths["mask_plot"] = out / f"{results.stem}_mask_layers.png"
+        paths["mask_plot"] = mask_plot
     return paths

@@ -31,7 +31,7 @@ from ..fisher import GradientMoments, gradient_moments
 from ..models import load_model
 from ..optim import make_optimizer as masked_optimizer
 from .analysis import mask_record, trivial_baseline
-from .arms import Arm, arm_of, jaccard, parse_arm, rewind, select_for_arm, warm_up
+from .arms import Arm, arm_of, jaccard, parse_arm, select_for_arm, warm_up
 from .builders import METHODS, PeftSpec, default_targets, layer_indices
 from .config import CompareConfig
 from .results import append_record, check_writable, read_results
@@ -332,7 +332,7 @@ class Study:
             moments = gradient_moments(model, data.fisher_batches(run.seed), data.fisher_n, params=names,
                                        seed=run.seed, progress=self.cfg.progress)
             if init is not None:
-                rewind(model, init)
+                init.rewind(model)
             self._moments[key] = (moments, time.time() - t0)
         return self._moments[key]
 

@@ -221,8 +221,9 @@ class FishCallback(TrainerCallback):
                 raise NotImplementedError("FishCallback(refresh_every=...) moves the mask on one process or DDP; "
                                           "under DeepSpeed ZeRO train with a fixed mask (refresh_every=0)")
             self.refresher = MaskRefresher(self.guard, inner, schedule)  # a resumed run continues its schedule
-            self.mask = self.refresher.mask
-            self._publish(args, state, inner, lr_scheduler)
+            if self.refresher.mask is not self.mask:  # resumed: the checkpoint's refresher state holds the mask
+                self.mask = self.refresher.mask
+                self._publish(args, state, inner, lr_scheduler)
         self._log(state, model)
 
     def _publish(self, args, state, inner, lr_scheduler) -> None:

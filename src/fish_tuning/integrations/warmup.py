@@ -23,9 +23,10 @@ class WarmUp:
         return step >= self.steps
 
     @torch.no_grad()
-    def rewind(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Every snapshotted tensor back to its init, and no optimizer state left (moments, step counts)."""
+    def rewind(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Every snapshotted tensor back to its init, and no state left in ``optimizer`` (moments, step counts)."""
         for n, p in model.named_parameters():
             if n in self.init:
                 p.copy_(self.init[n].to(device=p.device, dtype=p.dtype))
-        optimizer.state.clear()
+        if optimizer is not None:
+            optimizer.state.clear()
