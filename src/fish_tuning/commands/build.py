@@ -9,10 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import numpy as np
-
 from ..methods import prefix_tuning_compat
 from .common import CommandError, DataArguments, ModelArguments, PeftArguments, check_values, peft_config
+from .metrics import TaskMetrics
 
 
 def check_task_requirements(task: str) -> None:
@@ -90,9 +89,10 @@ def _cls_trainer(model_args, peft_args, info, path, tokenizer, train, val, targs
     model = get_peft_model(model, peft_config(peft_args, "SEQ_CLS"))
     if peft_args.peft == "prefix":
         prefix_tuning_compat(model)
+    metrics = TaskMetrics(info["task"], train_ds["labels"], len(labels or [None]), info.get("glue"))
     return Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=val_ds,
                    data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
-                   compute_metrics=regression_metrics if regression else accuracy, callbacks=callbacks)
+                   compute_metrics=metrics, callbacks=callbacks)
 
 
 def _sft_trainer(model_args, data_args, peft_args, info, path, tokenizer, train, val, targs, callbacks):
@@ -127,18 +127,6 @@ def _sft_trainer(model_args, data_args, peft_args, info, path, tokenizer, train,
     model = get_peft_model(model, peft_config(peft_args, "CAUSAL_LM"))
     return SFTTrainer(model=model, args=sft_args, train_dataset=prepare(train), eval_dataset=prepare(val),
                       processing_class=tokenizer, callbacks=callbacks)
-
-
-def accuracy(pred) -> dict:
-    logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-    return {"accuracy": float((np.argmax(logits, axis=-1) == pred.label_ids).mean())}
-
-
-def regression_metrics(pred) -> dict:
-    out = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-    y, p = np.asarray(pred.label_ids, dtype=float), np.asarray(out, dtype=float).reshape(-1)
-    corr = float(np.corrcoef(y, p)[0, 1]) if len(y) > 1 and y.std() > 0 and p.std() > 0 else float("nan")
-    return {"mse": float(((y - p) ** 2).mean()), "pearson": corr}
 
 
 def trainable_line(mask, model) -> str:

@@ -250,7 +250,10 @@ def infer_task(model: ModelArguments, data: DataArguments, train) -> dict:
         else:
             raise CommandError(f"cannot tell the task from the columns ({', '.join(cols)}): give --label_column for "
                                "classification / regression, or prompt + completion or messages columns for SFT")
-    out = {"task": task, "text": text, "pair": pair, "label": label, "label_list": None}
+    from .metrics import glue_task
+
+    glue = glue_task(data.dataset_name, data.dataset_config_name, data.train_file) if task != "causal-lm" else None
+    out = {"task": task, "text": text, "pair": pair, "label": label, "label_list": None, "glue": glue}
     if task == "causal-lm":
         if not (chat or prompt or text):
             raise CommandError(f"causal-lm needs prompt + completion, messages or a text column; columns: "

@@ -10,10 +10,10 @@ data. Every user error is one ``fish-tune: error:`` line given before any model 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
+import time
 
 from ..files import check_folder_free, exclusive_folder
 from .common import (
@@ -32,6 +32,8 @@ from .common import (
     load_data,
     resolve_model_path,
 )
+from .metrics import TaskMetrics
+from .outputs import eval_line, final_evaluation, train_metrics
 
 # transformers' 5e-5 leaves a 5%-FISH LoRA at chance for a hundred steps (issue 12); the compare harness uses 5e-4
 DEFAULT_LR = 5e-4
@@ -84,7 +86,7 @@ def run(argv: list[str]) -> int:
     from .logs import attach_log_bridge
     from .maskview import write_summary
 
-    fish = FishCallback(config=config)
+    fish = _timed(FishCallback)(config=config)
     trainer = build_trainer(model_args, data_args, peft_args, info, path, data, targs,
                             [fish, _report_callback(fish)])
     attach_log_bridge(trainer, fish)  # fish/* figures reach --report_to reporters
@@ -92,22 +94,50 @@ def run(argv: list[str]) -> int:
           f"({'keep ' + str(config.keep) if config.keep is not None else 'budget ' + str(config.budget)}) "
           f"on {len(trainer.train_dataset):,} examples", flush=True)
     resume = targs.resume_from_checkpoint  # a checkpoint folder, or true: the last one in output_dir
-    with exclusive_folder(targs.output_dir):  # a second run into this folder now is refused, not overwritten
-        trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
-        trainer.save_model(targs.output_dir)  # the peft adapter
-        if fish.mask is None:  # the run ended inside --fish_warmup_steps: FishCallback warned; no mask trained it
-            print(f"adapter (trained densely: the run ended inside the warm-up, no mask): {targs.output_dir}")
-            return 0
-        if trainer.args.should_save:  # FishCallback's train-end mask predates it: write it again, naming the adapter
-            save_mask_beside_adapter(targs.output_dir, fish.mask, trainer.model)
-        summary = write_summary(fish.mask, os.path.join(targs.output_dir, "fish_mask.json"), trainer.model)
-        metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    out = targs.output_dir
+    with exclusive_folder(out):  # a second run into this folder now is refused, not overwritten
+        result = trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
+        trainer.save_model(out)  # the peft adapter
+        trainer.save_metrics("train", train_metrics(result.metrics, fish.fisher_runtime))
+        metrics = final_evaluation(trainer) if trainer.eval_dataset is not None else {}
         if metrics:
             trainer.save_metrics("eval", metrics)
-            print("eval: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
-    print(f"adapter, fish_mask.safetensors and fish_mask.json ({summary['num_selected']:,} kept entries): "
-          f"{targs.output_dir}")
+            print(eval_line(metrics, *_baseline(trainer, info)), flush=True)
+        trainer.save_state()  # trainer_state.json at the root: the loss history, also with --save_strategy no
+        if fish.mask is None:  # the run ended inside --fish_warmup_steps: FishCallback warned; no mask trained it
+            print(f"adapter (trained densely: the run ended inside the warm-up, no mask): {out}")
+            return 0
+        if trainer.args.should_save:  # FishCallback's train-end mask predates it: write it again, naming the adapter
+            save_mask_beside_adapter(out, fish.mask, trainer.model)
+        summary = write_summary(fish.mask, os.path.join(out, "fish_mask.json"), trainer.model)
+    print(f"adapter, fish_mask.safetensors and fish_mask.json ({summary['num_selected']:,} kept entries): {out}")
     return 0
+
+
+def _timed(cls):
+    """FishCallback that adds up the time of its Fisher passes (reported as fisher_runtime, apart from training)."""
+
+    class Timed(cls):
+        fisher_runtime = 0.0
+
+        def _select(self, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return super()._select(*args, **kwargs)
+            finally:
+                self.fisher_runtime += time.perf_counter() - start
+
+    return Timed
+
+
+def _baseline(trainer, info: dict) -> tuple[str | None, str | None]:
+    """The headline metric's name and the trivial predictor in words, for the eval line."""
+    metrics = trainer.compute_metrics
+    if not isinstance(metrics, TaskMetrics):
+        return None, None
+    if info["task"] == "regression":
+        return metrics.describe(), f"always the train mean {metrics.constant:.4g}"
+    return metrics.describe(), f"always {str(info['label_list'][metrics.constant])!r}"
 
 
 def main(argv: list[str]) -> int:
