@@ -231,11 +231,65 @@ def _pick(columns: list[str], given: str | None, flag: str, names: tuple[str, ..
     return next((n for n in names if n in columns), None)
 
 
-def infer_task(model: ModelArguments, data: DataArguments, train) -> dict:
-    """Task and columns from the data (and --task): a dict with task, text, pair, label, label_list."""
+PAIR_NAMES = (("sentence1", "sentence2"), ("question", "sentence"), ("question1", "question2"),
+              ("premise", "hypothesis"), ("question", "passage"))
+ID_NAMES = ("idx", "id", "index", "guid")
+
+
+def _is_text(train, column: str) -> bool:
+    feature = train.features.get(column)
+    return getattr(feature, "dtype", None) in ("string", "large_string")
+
+
+def _check_text_column(train, column: str, flag: str) -> None:
+    """A text column must hold strings: a JSONL cell with a list (["a", "b"]) is not a sentence pair."""
+    feature = train.features.get(column)
+    if feature is not None and not _is_text(train, column) and getattr(feature, "dtype", None) != "null":
+        kind = "lists" if type(feature).__name__ in ("List", "Sequence", "LargeList") else (
+            f"{getattr(feature, 'dtype', type(feature).__name__)} values")
+        fix = ("put a sentence pair in two columns and give --text_column A --text_pair_column B" if kind == "lists"
+               else "give the text column with --text_column")
+        raise CommandError(f"text column {column!r} ({flag}) holds {kind}, not text; {fix}")
+
+
+def infer_columns(train, data: DataArguments, label: str | None) -> tuple[str | None, str | None]:
+    """(text, pair) as transformers' run_glue.py finds them: the given flags; else a known pair (sentence1 /
+    sentence2, question / sentence, ...); else the text columns other than the label: one -> single texts, two ->
+    a pair in column order; more than two is ambiguous and refused, naming the flags that settle it."""
     cols = list(train.column_names)
-    text = _pick(cols, data.text_column, "--text_column", TEXT_NAMES)
+    text = _pick(cols, data.text_column, "--text_column", ())
     pair = _pick(cols, data.text_pair_column, "--text_pair_column", ())
+    for column, flag in ((text, "--text_column"), (pair, "--text_pair_column")):
+        if column is not None:
+            _check_text_column(train, column, flag)
+    if text is not None:
+        return text, pair
+    if pair is None:
+        known = next((p for p in PAIR_NAMES if p[0] in cols and p[1] in cols and p[0] != label and p[1] != label),
+                     None)
+        if known is not None:
+            for column in known:
+                _check_text_column(train, column, "a sentence-pair column")
+            return known
+    taken = {label, pair, data.prompt_column, data.messages_column}
+    named = [c for c in cols if c not in taken and c.lower() in TEXT_NAMES]
+    for column in named:
+        _check_text_column(train, column, "the text column")
+    texts = [c for c in cols if c not in taken and c.lower() not in ID_NAMES and _is_text(train, c)]
+    if pair is not None:
+        if len(texts) != 1 and not named:
+            raise CommandError(f"--text_pair_column {pair} given but not which column is the first text "
+                               f"(candidates: {', '.join(texts) or 'none'}): give --text_column")
+        return (named or texts)[0], pair
+    if len(texts) <= 2:
+        return (texts[0] if texts else None), (texts[1] if len(texts) == 2 else None)
+    raise CommandError(f"{len(texts)} text columns ({', '.join(texts)}) and no known pair: say which with "
+                       f"--text_column {texts[0]} (and --text_pair_column {texts[1]} for sentence pairs)")
+
+
+def infer_task(model: ModelArguments, data: DataArguments, train) -> dict:
+    """Task and columns from the data (and --task): a dict with task, text, pair, label, label_list, glue."""
+    cols = list(train.column_names)
     label = _pick(cols, data.label_column, "--label_column", LABEL_NAMES)
     chat = data.messages_column in cols
     prompt = data.prompt_column in cols and data.completion_column in cols
@@ -250,22 +304,25 @@ def infer_task(model: ModelArguments, data: DataArguments, train) -> dict:
         else:
             raise CommandError(f"cannot tell the task from the columns ({', '.join(cols)}): give --label_column for "
                                "classification / regression, or prompt + completion or messages columns for SFT")
-    from .metrics import glue_task
-
-    glue = glue_task(data.dataset_name, data.dataset_config_name, data.train_file) if task != "causal-lm" else None
-    out = {"task": task, "text": text, "pair": pair, "label": label, "label_list": None, "glue": glue}
     if task == "causal-lm":
+        text = _pick(cols, data.text_column, "--text_column", TEXT_NAMES)
+        out = {"task": task, "text": text, "pair": None, "label": label, "label_list": None, "glue": None}
         if not (chat or prompt or text):
             raise CommandError(f"causal-lm needs prompt + completion, messages or a text column; columns: "
                                f"{', '.join(cols)}")
         out["sft_format"] = "messages" if chat else "prompt-completion" if prompt else "text"
         return out
+    from .metrics import glue_task
+
     if label is None:
         raise CommandError(f"{task} needs a label column; none of {', '.join(LABEL_NAMES)} is in the data "
                            f"({', '.join(cols)}): give --label_column")
+    text, pair = infer_columns(train, data, label)
     if text is None:
-        raise CommandError(f"{task} needs a text column; none of {', '.join(TEXT_NAMES)} is in the data "
+        raise CommandError(f"{task} needs a text column; no column other than the label holds text "
                            f"({', '.join(cols)}): give --text_column")
+    glue = glue_task(data.dataset_name, data.dataset_config_name, data.train_file)
+    out = {"task": task, "text": text, "pair": pair, "label": label, "label_list": None, "glue": glue}
     check_values(train, out, "train")
     values = train[label]
     if task != "regression":
@@ -273,6 +330,28 @@ def infer_task(model: ModelArguments, data: DataArguments, train) -> dict:
         if len(out["label_list"]) < 2:
             raise CommandError(f"label column {label!r} has a single value; classification needs two or more")
     return out
+
+
+def describe_task(info: dict, data: DataArguments, prog: str = "fish-tune train") -> str:
+    """The start-up line: what the data was read as (so a dropped column or a wrong task shows at once)."""
+    from .metrics import TaskMetrics
+
+    task = info["task"]
+    if task == "causal-lm":
+        fmt = info["sft_format"]
+        cols = {"messages": data.messages_column, "prompt-completion": f"{data.prompt_column} + "
+                f"{data.completion_column}", "text": info["text"]}[fmt]
+        return f"{prog}: task causal-lm | {fmt}: {cols} | metric: eval_loss"
+    texts = f"{info['text']} + {info['pair']} (pair)" if info["pair"] else info["text"]
+    if task == "regression":
+        labels = "numbers"
+        metric = TaskMetrics(task, [0.0], 1, info.get("glue")).describe()
+    else:
+        names = [str(v) for v in info["label_list"]]
+        labels = ", ".join(repr(n) for n in names[:10]) + (f", ... ({len(names)} classes)" if len(names) > 10 else "")
+        metric = TaskMetrics(task, [0], len(names), info.get("glue")).describe()
+    return (f"{prog}: task {task} | text: {texts} | label: {info['label']} ({labels}) | "
+            f"metric: {metric}")
 
 
 def check_values(ds, info: dict, split: str) -> None:

@@ -27,6 +27,7 @@ from .common import (
     check_model_args,
     check_output_dir,
     check_peft_args,
+    describe_task,
     fish_config,
     infer_task,
     load_data,
@@ -77,6 +78,7 @@ def run(argv: list[str]) -> int:
     path = resolve_model_path(model_args.model_name_or_path)
     data = load_data(data_args)
     info = infer_task(model_args, data_args, data["train"])
+    print(describe_task(info, data_args), flush=True)
     from .build import build_trainer, check_task_requirements
 
     check_task_requirements(info["task"])
