@@ -40,7 +40,9 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, peft_arg
     val = limit(data["validation"], data_args.max_eval_samples)
     if info["task"] == "causal-lm":
         return _sft_trainer(model_args, data_args, peft_args, info, path, tokenizer, train, val, targs, callbacks)
-    return _cls_trainer(model_args, peft_args, info, path, tokenizer, train, val, targs, callbacks)
+    trainer = _cls_trainer(model_args, peft_args, info, path, tokenizer, train, val, targs, callbacks)
+    trainer.fish_test_dataset = _test_set(data.get("test"), info, tokenizer, model_args.max_length)
+    return trainer
 
 
 def _cls_trainer(model_args, peft_args, info, path, tokenizer, train, val, targs, callbacks):
@@ -49,21 +51,8 @@ def _cls_trainer(model_args, peft_args, info, path, tokenizer, train, val, targs
 
     regression = info["task"] == "regression"
     labels = info["label_list"]
-    index = {v: i for i, v in enumerate(labels or [])}
     text, pair, label = info["text"], info["pair"], info["label"]
-
-    def encode(batch: dict) -> dict:
-        enc = tokenizer(batch[text], batch[pair] if pair else None, truncation=True,
-                        max_length=model_args.max_length)
-        if regression:
-            enc["labels"] = [float(v) for v in batch[label]]
-        else:
-            unseen = [v for v in batch[label] if v not in index]
-            if unseen:
-                raise CommandError(f"validation label {unseen[0]!r} does not occur in the train data "
-                                   f"(train labels: {labels})")
-            enc["labels"] = [index[v] for v in batch[label]]
-        return enc
+    encode = _encoder(info, tokenizer, model_args.max_length, "validation", with_labels=True)
 
     def prepare(ds, split: str):
         if ds is None:
@@ -93,6 +82,42 @@ def _cls_trainer(model_args, peft_args, info, path, tokenizer, train, val, targs
     return Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=val_ds,
                    data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
                    compute_metrics=metrics, callbacks=callbacks)
+
+
+def _test_set(ds, info: dict, tokenizer, max_length: int):
+    """The --test_file rows tokenised; labels kept only where the file has them (GLUE test files: none, or -1)."""
+    if ds is None:
+        return None
+    text, pair, label = info["text"], info["pair"], info["label"]
+    missing = [c for c in (text, pair) if c and c not in ds.column_names]
+    if missing:
+        raise CommandError(f"column {missing[0]!r} is in the train data but not in --test_file")
+    labelled = label in ds.column_names and not all(v is None or v == -1 for v in ds[label])
+    check_values(ds, {**info, "label": label if labelled else None}, "test")
+    encode = _encoder(info, tokenizer, max_length, "test", with_labels=labelled)
+    return ds.map(encode, batched=True, remove_columns=ds.column_names)
+
+
+def _encoder(info: dict, tokenizer, max_length: int, split: str, with_labels: bool):
+    """Batch -> token ids (+ label ids, or numbers for regression); a label the train data lacks is refused."""
+    text, pair, label = info["text"], info["pair"], info["label"]
+    index = {v: i for i, v in enumerate(info["label_list"] or [])}
+
+    def encode(batch: dict) -> dict:
+        enc = tokenizer(batch[text], batch[pair] if pair else None, truncation=True, max_length=max_length)
+        if not with_labels:
+            return enc
+        if info["task"] == "regression":
+            enc["labels"] = [float(v) for v in batch[label]]
+        else:
+            unseen = [v for v in batch[label] if v not in index]
+            if unseen:
+                raise CommandError(f"{split} label {unseen[0]!r} does not occur in the train data (train labels: "
+                                   f"{info['label_list']})")
+            enc["labels"] = [index[v] for v in batch[label]]
+        return enc
+
+    return encode
 
 
 def _sft_trainer(model_args, data_args, peft_args, info, path, tokenizer, train, val, targs, callbacks):

@@ -199,16 +199,11 @@ def load_data(data: DataArguments) -> dict:
         raise CommandError("reading data needs the datasets package: pip install 'fish-tuning[cli]'") from None
     datasets.disable_progress_bars()
     if data.train_file:
-        files = {"train": data.train_file, **({"validation": data.validation_file} if data.validation_file else {})}
         suffix = Path(data.train_file).suffix.lower()
         if data.validation_file and Path(data.validation_file).suffix.lower() != suffix:
             raise CommandError("--train_file and --validation_file must have the same format")
-        kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
-        try:
-            loaded = datasets.load_dataset(EXTENSIONS[suffix], data_files=files, **kwargs)
-        except Exception as err:  # datasets raises many types for malformed files
-            raise CommandError(f"could not read {data.train_file}: {str(err).splitlines()[0]}") from None
-        return {"train": loaded["train"], "validation": loaded.get("validation")}
+        return {"train": read_file("--train_file", data.train_file),
+                "validation": read_file("--validation_file", data.validation_file) if data.validation_file else None}
     try:
         loaded = datasets.load_dataset(data.dataset_name, data.dataset_config_name)
     except Exception as err:
@@ -220,6 +215,35 @@ def load_data(data: DataArguments) -> dict:
     if val is not None and val not in loaded:
         raise CommandError(f"--validation_split {val!r} is not in {data.dataset_name}; splits: {', '.join(loaded)}")
     return {"train": loaded[data.train_split], "validation": loaded[val] if val else None}
+
+
+def read_file(flag: str, path: str):
+    """One local data file as a Dataset; an unreadable one is named with its flag and the reader's reason."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    suffix = Path(path).suffix.lower()
+    if suffix not in EXTENSIONS:
+        raise CommandError(f"{flag} {path}: unsupported format; use one of {', '.join(EXTENSIONS)}")
+    if not Path(path).is_file():
+        raise CommandError(f"{flag} {path} not found")
+    kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    try:
+        return datasets.load_dataset(EXTENSIONS[suffix], data_files={"data": path}, **kwargs)["data"]
+    except Exception as err:  # datasets raises many types for malformed files; the cause is often chained
+        raise CommandError(f"could not read {flag} {path}: {_reason(err)}") from None
+
+
+def _reason(err: BaseException) -> str:
+    """The innermost cause's first line (datasets wraps the parser's error in a generic one)."""
+    seen = err
+    while seen.__cause__ is not None or seen.__context__ is not None:
+        seen = seen.__cause__ or seen.__context__
+    text = (str(seen).strip().splitlines() or [""])[0]
+    outer = (str(err).strip().splitlines() or [""])[0]
+    if seen is err or not text:
+        return outer or type(err).__name__
+    return f"{outer} ({type(seen).__name__}: {text})" if outer else f"{type(seen).__name__}: {text}"
 
 
 def _pick(columns: list[str], given: str | None, flag: str, names: tuple[str, ...]) -> str | None:

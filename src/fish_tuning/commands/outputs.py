@@ -60,3 +60,57 @@ def write_json(path, data: dict) -> None:
     from ..files import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# offline aliases -> the hub id of the same weights, so the saved adapter names a base anyone can load
+PORTABLE_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+LABEL_CONFIG = "label_config.json"
+
+
+def portable_base(name: str) -> str:
+    """The base model id to record: the hub id behind an alias, else what the user gave (not this machine's
+    site-packages path the alias resolved to)."""
+    return PORTABLE_IDS.get(name.lower(), name)
+
+
+def set_base_model(folder: str, base: str) -> None:
+    """Rewrite ``base_model_name_or_path`` in every adapter_config.json under ``folder`` (atomically)."""
+    import os
+
+    for root, _, files in os.walk(folder):
+        if "adapter_config.json" in files and not os.path.basename(root).startswith("checkpoint-"):
+            path = os.path.join(root, "adapter_config.json")
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+            config["base_model_name_or_path"] = base
+            write_json(path, config)
+
+
+def label_config(info: dict) -> dict | None:
+    """``from_pretrained`` keywords that rebuild the head with its label names (None for causal-LM).
+
+    Written as ``label_config.json`` and not as ``config.json``: a config.json makes transformers take the
+    folder for a full model and look for its weights there, so ``from_pretrained(output_dir)`` would fail.
+    """
+    if info["task"] == "regression":
+        return {"num_labels": 1, "problem_type": "regression"}
+    if info["task"] != "classification":
+        return None
+    names = [str(v) for v in info["label_list"]]
+    return {"num_labels": len(names), "problem_type": "single_label_classification",
+            "id2label": {str(i): n for i, n in enumerate(names)}, "label2id": {n: i for i, n in enumerate(names)}}
+
+
+def write_predictions(path: str, predictions, info: dict) -> int:
+    """``index<TAB>prediction`` per test row (label names for classification), as run_glue.py writes them."""
+    import numpy as np
+
+    out = predictions[0] if isinstance(predictions, tuple) else predictions
+    if info["task"] == "regression":
+        values = [f"{v:.6g}" for v in np.asarray(out, dtype=float).reshape(-1)]
+    else:
+        values = [str(info["label_list"][i]) for i in np.argmax(out, axis=-1)]
+    from ..files import atomic_write_text
+
+    atomic_write_text(path, "index\tprediction\n" + "".join(f"{i}\t{v}\n" for i, v in enumerate(values)))
+    return len(values)
