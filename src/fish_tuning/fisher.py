@@ -311,6 +311,8 @@ def _passes(batches: Iterable[Mapping[str, object]], quota: int, device: torch.d
     for batch in batches:
         if seen >= quota:
             break
+        if isinstance(batch, Mapping) and isinstance(batch.get("labels"), (list, tuple)):
+            batch = {**batch, "labels": torch.as_tensor(batch["labels"])}  # plain Python labels, as a collator's
         size = batch_size_of(batch)
         take, samples = _take(batch["labels"], size, quota - seen)
         chunk = (slice_batch(batch, 0, take, size, device), take, True, samples)

@@ -191,6 +191,7 @@ class SparseAdamW(torch.optim.Optimizer):
     def __init__(self, params: nn.Module | Iterable, mask: FishMask, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  mask_grads: bool = True, model: nn.Module | None = None, refresh: RefreshSchedule | None = None):
+        lr = float(lr) if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr  # read once, as torch's AdamW
         _check_hyper({"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         if isinstance(params, nn.Module):  # SparseAdamW(model, mask): every trainable parameter, one group
             model, groups = params, None
@@ -204,6 +205,9 @@ class SparseAdamW(torch.optim.Optimizer):
             if not isinstance(groups[0], dict):
                 groups = [{"params": groups}]
             groups = [{**g, "params": list(g["params"])} for g in groups]
+            for g in groups:
+                if isinstance(g.get("lr"), torch.Tensor) and g["lr"].numel() == 1:
+                    g["lr"] = float(g["lr"])
             for g in groups:
                 _check_hyper(g)
         self.mask = mask

@@ -148,7 +148,8 @@ def loss_for(model: nn.Module, batch: dict, kind: Kind, loglik_fn: LogLikFn, gen
         prepare = decoder_inputs_from_labels(model)
         if prepare is not None:
             batch["decoder_input_ids"] = prepare(labels=torch.as_tensor(labels))
-    logits = model(**batch).logits
+    out = model(**batch)
+    logits = out.logits if hasattr(out, "logits") else out[0]  # return_dict=False: a tuple, logits first
     if logits.dim() == 3 and labels.dim() == 2 and logits.shape[1] > labels.shape[1]:
         # Prompt learning (Prompt Tuning, P-Tuning, CPT) prepends virtual tokens to a decoder or tagger sequence:
         # they have no label, as in peft's own loss (labels padded on the left with -100).

@@ -178,6 +178,9 @@ def load_adapter(
     """
     from peft import PeftModel
 
+    if isinstance(base_model, PeftModel):
+        raise TypeError("load_adapter takes the base model, not a PeftModel (it adds the adapter itself): pass the "
+                        "plain transformers model, e.g. AutoModelForSequenceClassification.from_pretrained(base)")
     directory = _pair_folder(os.fspath(directory), adapter_name)
     path = os.path.join(directory, FISH_MASK_NAME)
     if not os.path.exists(path):
