@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -74,6 +75,8 @@ def resolve_model(name: str) -> str:
         return str(Path(name).expanduser())
     if name.count("/") == 1 and not name.startswith((".", "/")):
         return name  # hub id
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) and ".." not in name:
+        return name  # a hub id without an organisation (bert-base-uncased, gpt2)
     raise ValueError(f"unknown model {name!r}: use an alias {sorted(ALIASES)}, a local folder or a hub id 'org/name'")
 
 

@@ -23,6 +23,22 @@ def check_task_requirements(task: str) -> None:
             raise CommandError("causal-LM SFT needs TRL: pip install 'fish-tuning[cli]' (or trl)") from None
 
 
+def fit_max_length(max_length: int, path: str, tokenizer) -> int:
+    """``--max_length`` capped at the positions the model has (the tokenizer's model_max_length where it is set,
+    else the config's max_position_embeddings): a longer text would index past the position embeddings."""
+    from transformers import AutoConfig
+
+    limit = getattr(tokenizer, "model_max_length", None)
+    if not limit or limit > 1_000_000:  # unset: transformers' VERY_LARGE_INTEGER
+        config = AutoConfig.from_pretrained(path)
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit and max_length > limit:
+        print(f"fish-tune: --max_length {max_length} is above the model's {limit} positions: texts are cut at "
+              f"{limit} tokens", flush=True)
+        return int(limit)
+    return max_length
+
+
 def limit(ds, n: int | None):
     return ds if ds is None or n is None else ds.select(range(min(n, len(ds))))
 
@@ -36,6 +52,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, peft_arg
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    model_args = dataclasses.replace(model_args, max_length=fit_max_length(model_args.max_length, path, tokenizer))
     train = limit(data["train"], data_args.max_train_samples)
     val = limit(data["validation"], data_args.max_eval_samples)
     if info["task"] == "causal-lm":

@@ -228,10 +228,17 @@ def read_file(flag: str, path: str):
     if not Path(path).is_file():
         raise CommandError(f"{flag} {path} not found")
     kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    import logging
+
+    log = logging.getLogger("datasets")
+    level = log.level
+    log.setLevel(logging.CRITICAL)  # its reader logs the parser's traceback before raising; the one line says it
     try:
         return datasets.load_dataset(EXTENSIONS[suffix], data_files={"data": path}, **kwargs)["data"]
     except Exception as err:  # datasets raises many types for malformed files; the cause is often chained
         raise CommandError(f"could not read {flag} {path}: {_reason(err)}") from None
+    finally:
+        log.setLevel(level)
 
 
 def _reason(err: BaseException) -> str:
@@ -496,7 +503,8 @@ def resolve_model_path(name: str | None) -> str:
         path = resolve_model(name)
         AutoConfig.from_pretrained(path)
     except (OSError, ValueError, ImportError) as err:
-        raise CommandError(f"--model_name_or_path {name}: {str(err).splitlines()[0]}") from None
+        hint = "" if "/" in name else " (offline aliases: minilm, smollm2)"
+        raise CommandError(f"--model_name_or_path {name}: {str(err).splitlines()[0]}{hint}") from None
     return path
 
 

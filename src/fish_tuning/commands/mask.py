@@ -51,6 +51,19 @@ class OutputArguments:
                                                     "(as --seed of fish-tune train)."})
 
 
+def check_file_writable(flag: str, path: str) -> None:
+    """A file path that can be written (its folder exists or can be made, and is writable; not a folder itself),
+    checked before the model loads, so nothing fails after the Fisher pass with the mask half-reported."""
+    if os.path.isdir(path):
+        raise CommandError(f"{flag} {path} is a folder; give a file name")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise CommandError(f"{flag} {path} is not writable; choose another file")
+    try:
+        check_output_dir(os.path.dirname(os.path.abspath(path)))
+    except CommandError:
+        raise CommandError(f"{flag} {path}: its folder is not writable (or is a file); choose another path") from None
+
+
 def _same_file(a: str, b: str) -> bool:
     """True if two paths name one file (symlinks, ``./``, hard links of existing files)."""
     if os.path.realpath(a) == os.path.realpath(b):
@@ -130,6 +143,9 @@ def compute(argv: list[str]) -> int:
     check_data_args(data_args)
     check_output_dir(os.path.dirname(os.path.abspath(out.output)))
     json_path, png = _paths(out, out.output)
+    for flag, target in (("--output", out.output), ("--summary_json", json_path), ("--png", png)):
+        if target:
+            check_file_writable(flag, target)
     for flag, given in (("--train_file", data_args.train_file), ("--validation_file", data_args.validation_file)):
         for what, path in (("mask", out.output), ("summary", json_path), ("picture", png)):
             if given and path and os.path.exists(given) and _same_file(path, given):
@@ -144,8 +160,10 @@ def compute(argv: list[str]) -> int:
     info = infer_task(model_args, data_args, data["train"])
     print(describe_task(info, data_args, "fish-tune mask"), flush=True)
     from .build import build_trainer, check_task_requirements
+    from .preflight import check_budget
 
     check_task_requirements(info["task"])
+    check_budget(config, path, info, peft_args, len(info["label_list"] or [None]))
     # ---- nothing above loads model weights
     import torch
     from transformers import TrainerControl, TrainerState, TrainingArguments

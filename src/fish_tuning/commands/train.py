@@ -38,6 +38,7 @@ from .common import (
 )
 from .metrics import TaskMetrics
 from .outputs import eval_line, final_evaluation, train_metrics
+from .preflight import check_budget, check_push_to_hub, check_reporters, check_resume
 
 # transformers' 5e-5 leaves a 5%-FISH LoRA at chance for a hundred steps (issue 12); the compare harness uses 5e-4
 DEFAULT_LR = 5e-4
@@ -118,6 +119,10 @@ def run(argv: list[str]) -> int:
     from .build import build_trainer, check_task_requirements
 
     check_task_requirements(info["task"])
+    check_reporters(targs.report_to)
+    check_push_to_hub(targs)
+    check_resume(targs.resume_from_checkpoint, targs.output_dir, peft_args)
+    check_budget(config, path, info, peft_args, len(info["label_list"] or [None]))
     # ---- nothing above loads model weights; everything below may take a while
     from .. import FishCallback
 
