@@ -117,6 +117,12 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
     assert helptext.returncode == 0, helptext.stderr[-2000:]
     for flag in ("--model_name_or_path", "--train_file", "--keep", "--budget", "--learning_rate", "--peft"):
         assert flag in helptext.stdout
+    # the README's quick-start data comes with the wheel (fish-tune quickstart writes examples/data)
+    quick = subprocess.run([str(script), "quickstart"], capture_output=True, text=True, cwd=run_dir, env=env,
+                           timeout=120)
+    assert quick.returncode == 0, quick.stderr[-2000:]
+    for name in ("reviews.csv", "reviews_dev.csv", "sft.jsonl"):
+        assert (run_dir / "examples" / "data" / name).read_bytes() == (ROOT / "examples" / "data" / name).read_bytes()
 
 
 def test_study_commands_without_the_experiments_extra_say_which_extra(monkeypatch, capsys):
@@ -129,3 +135,29 @@ def test_study_commands_without_the_experiments_extra_say_which_extra(monkeypatc
         err = capsys.readouterr().err.strip()
         assert err == (f"fish-tune: error: fish-tune {argv[0]} needs the experiments extra (missing: sklearn): "
                        "pip install 'fish-tuning[experiments]'")
+
+
+def test_quickstart_writes_the_readme_data_and_never_overwrites(tmp_path, capsys):
+    from fish_tuning.cli import main
+
+    target = tmp_path / "examples" / "data"
+    assert main(["quickstart", "--dir", str(target)]) == 0
+    assert (target / "reviews.csv").read_bytes() == (ROOT / "examples" / "data" / "reviews.csv").read_bytes()
+    assert main(["quickstart", "--dir", str(target)]) == 0  # identical files: nothing to do
+    (target / "sft.jsonl").write_text("mine\n")
+    assert main(["quickstart", "--dir", str(target)]) == 2
+    assert "exists with other content" in capsys.readouterr().err
+    assert (target / "sft.jsonl").read_text() == "mine\n"
+
+
+def test_train_help_is_cached_and_then_needs_no_transformers(tmp_path):
+    """`fish-tune train --help` built the full HfArgumentParser (transformers + peft imports, 6-15 s); the text is
+    now cached per versions and flag sources, so a second call imports neither."""
+    env = {**os.environ, "FISH_CACHE": str(tmp_path), "PYTHONPATH": str(ROOT / "src")}
+    code = ("import sys; from fish_tuning.cli import main; main(['train', '--help']); "
+            "print('transformers' in sys.modules, file=sys.stderr)")
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == second.returncode == 0, second.stderr[-2000:]
+    assert first.stdout == second.stdout and "--learning_rate" in second.stdout and "--dense" in second.stdout
+    assert first.stderr.strip().splitlines()[-1] == "True" and second.stderr.strip().splitlines()[-1] == "False"

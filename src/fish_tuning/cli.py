@@ -102,6 +102,14 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quickstart(args: argparse.Namespace) -> int:
+    from .commands.quickstart import write
+
+    paths = write(args.dir)
+    print("quick-start data: " + "  ".join(str(p) for p in paths))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fish-tune", description="FISH-Tuning for peft / transformers")
     parser.add_argument("--version", action="version", version=f"fish-tune {__version__}")
@@ -124,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--no-report", action="store_true",
                       help="write only the results file (jobs that share a study: run fish-tune report once after)")
     cmp_.set_defaults(func=_compare)
+
+    quick = sub.add_parser("quickstart", help="write the README's quick-start data (reviews.csv, reviews_dev.csv, "
+                                              "sft.jsonl) into examples/data (or --dir)")
+    quick.add_argument("--dir", default="examples/data", help="folder to write them into")
+    quick.set_defaults(func=_quickstart)
 
     rep = sub.add_parser("report", help="rebuild the markdown table and plots from a results .jsonl file")
     rep.add_argument("results", help="results file written by fish-tune compare")
@@ -150,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in HF_COMMANDS:
         import importlib
+
+        if len(argv) == 2 and argv[1] in ("-h", "--help"):  # cached: the full parser imports transformers (seconds)
+            from .commands.helpcache import help_text
+
+            print(help_text(argv[0]), end="")
+            return 0
 
         return importlib.import_module(f".commands.{argv[0]}", __package__).main(argv[1:])
     args = parse_args(build_parser(), argv)

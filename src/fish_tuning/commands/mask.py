@@ -116,6 +116,11 @@ def _show(mask, out: OutputArguments, mask_path: str, model=None, flag: str = "-
             print(f"moved since the first selection: {moved_png}")
 
 
+def parser() -> Parser:
+    return Parser("fish-tune mask", __doc__.split("\n\n")[0],
+                  [ModelArguments, DataArguments, PeftArguments, FishArguments, OutputArguments])
+
+
 def show(argv: list[str]) -> int:
     from ..mask import FishMask
     from .maskview import check_png_support
@@ -131,9 +136,7 @@ def show(argv: list[str]) -> int:
 
 
 def compute(argv: list[str]) -> int:
-    model_args, data_args, peft_args, fish_args, out = Parser(
-        "fish-tune mask", __doc__.split("\n\n")[0],
-        [ModelArguments, DataArguments, PeftArguments, FishArguments, OutputArguments]).parse(argv)
+    model_args, data_args, peft_args, fish_args, out = parser().parse(argv)
     config = fish_config(fish_args)
     if config.warmup_steps or config.refresh_every:
         raise CommandError("--fish_warmup_steps and --refresh_every act during training; fish-tune mask selects at "
