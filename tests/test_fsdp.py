@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import fish_tuning as ft
 from conftest import lm_batches, lora, tiny_llama
+from helpers import HANG_GUARD_S
 
 FISHER_SAMPLES = 13  # odd on purpose: rank 0 scores 7 samples in 2 batches, rank 1 scores 6
 KEEP = 0.1
@@ -68,7 +69,7 @@ def run_torchrun(out: Path, mode: str, timeout: float) -> tuple[int | None, str,
 @pytest.fixture(scope="module")
 def fsdp_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    code, log, _ = run_torchrun(out, "train", timeout=500)
+    code, log, _ = run_torchrun(out, "train", timeout=HANG_GUARD_S)
     if code is None:
         pytest.fail(f"torchrun timed out (process group killed):\n{log[-5000:]}")
     assert code == 0, f"torchrun failed:\n{log[-8000:]}"
@@ -173,9 +174,9 @@ def test_fsdp_sparse_state_is_this_ranks_share(fsdp_out):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["die", "hang"])
 def test_fsdp_dead_worker_fails_in_bounded_time(tmp_path, mode):
-    code, log, seconds = run_torchrun(tmp_path, mode, timeout=90 if mode == "die" else 20)
+    # hang: the test's timeout is what ends the run (the kill of the whole tree is under test); die: a hang guard
+    code, log, _ = run_torchrun(tmp_path, mode, timeout=HANG_GUARD_S if mode == "die" else 20)
     assert code != 0, f"a run whose rank 1 {mode}s must fail:\n{log[-3000:]}"
-    assert seconds < 150, f"took {seconds:.0f} s"
     if mode == "die":
         assert code is not None, "torchrun should notice the dead worker before the test's timeout"
     left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]

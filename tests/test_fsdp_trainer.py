@@ -6,12 +6,13 @@ would (see ``emulate_gpu_launch`` in tests/sharded_trainer_worker.py); from ther
 import psutil
 import pytest
 
+from helpers import HANG_GUARD_S
 from sharded_trainer import check_against_single, check_resume, run_torchrun, single_reference, trained_out
 
 
 @pytest.fixture(scope="module")
 def fsdp2_out(tmp_path_factory):
-    return trained_out(tmp_path_factory, "fsdp2", timeout=500)
+    return trained_out(tmp_path_factory, "fsdp2", timeout=HANG_GUARD_S)
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +35,7 @@ def test_fsdp2_trainer_resume_from_checkpoint_equals_uninterrupted(fsdp2_out, si
 
 @pytest.mark.slow
 def test_fsdp2_trainer_dead_worker_fails_in_bounded_time(tmp_path):
-    code, log, seconds = run_torchrun("fsdp2", tmp_path, "die", timeout=240)
+    code, log, _ = run_torchrun("fsdp2", tmp_path, "die", timeout=HANG_GUARD_S)
     assert code is not None and code != 0, f"a run whose rank 1 dies must fail, not hang:\n{log[-3000:]}"
-    assert seconds < 240, f"took {seconds:.0f} s"
     left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
     assert not left, f"worker processes survived: {left}"

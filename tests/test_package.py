@@ -14,13 +14,14 @@ import pytest
 import fish_tuning as ft
 from fish_tuning.cli import main
 from fish_tuning.commands.presets import list_presets, resolve_config
+from helpers import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ["transformers", "peft", "matplotlib", "sklearn", "scipy", "yaml", "datasets", "trl"]
 
 
 def _run(code: str, python: str = sys.executable, **kw) -> str:
-    out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=300, **kw)
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S, **kw)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
 
@@ -56,7 +57,7 @@ def test_version_matches_pyproject_from_python_m_and_cli(capsys):
     version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
     assert ft.__version__ == version
     out = subprocess.run([sys.executable, "-m", "fish_tuning", "--version"], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=HANG_GUARD_S)
     assert out.returncode == 0 and out.stdout.strip() == f"fish-tune {version}"
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
@@ -99,7 +100,7 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
     deps = [p for p in sys.path if p.endswith("site-packages")]
     (site / "zz_test_deps.pth").write_text("\n".join(deps) + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", str(wheel)],
-                   check=True, capture_output=True, timeout=300)
+                   check=True, capture_output=True, timeout=HANG_GUARD_S)
     run_dir = tmp_path / "elsewhere"
     run_dir.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -110,16 +111,16 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
     assert where[2] == "False"
     script = env_dir / "bin" / "fish-tune"
     version = subprocess.run([str(script), "--version"], capture_output=True, text=True, cwd=run_dir, env=env,
-                             timeout=120)
+                             timeout=HANG_GUARD_S)
     assert version.returncode == 0 and version.stdout.strip() == f"fish-tune {ft.__version__}"
     helptext = subprocess.run([str(script), "train", "--help"], capture_output=True, text=True, cwd=run_dir,
-                              env=env, timeout=300)
+                              env=env, timeout=HANG_GUARD_S)
     assert helptext.returncode == 0, helptext.stderr[-2000:]
     for flag in ("--model_name_or_path", "--train_file", "--keep", "--budget", "--learning_rate", "--peft"):
         assert flag in helptext.stdout
     # the README's quick-start data comes with the wheel (fish-tune quickstart writes examples/data)
     quick = subprocess.run([str(script), "quickstart"], capture_output=True, text=True, cwd=run_dir, env=env,
-                           timeout=120)
+                           timeout=HANG_GUARD_S)
     assert quick.returncode == 0, quick.stderr[-2000:]
     for name in ("reviews.csv", "reviews_dev.csv", "sft.jsonl"):
         assert (run_dir / "examples" / "data" / name).read_bytes() == (ROOT / "examples" / "data" / name).read_bytes()
@@ -156,8 +157,8 @@ def test_train_help_is_cached_and_then_needs_no_transformers(tmp_path):
     env = {**os.environ, "FISH_CACHE": str(tmp_path), "PYTHONPATH": str(ROOT / "src")}
     code = ("import sys; from fish_tuning.cli import main; main(['train', '--help']); "
             "print('transformers' in sys.modules, file=sys.stderr)")
-    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
+    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
     assert first.returncode == second.returncode == 0, second.stderr[-2000:]
     assert first.stdout == second.stdout and "--learning_rate" in second.stdout and "--dense" in second.stdout
     assert first.stderr.strip().splitlines()[-1] == "True" and second.stderr.strip().splitlines()[-1] == "False"

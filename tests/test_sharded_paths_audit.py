@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import default_data_collator
 
 import fish_tuning as ft
+from helpers import HANG_GUARD_S
 from sharded_audit_worker import audit_model, trainer_for
 from sharded_trainer import WEIGHT_ATOL, launch, train_rows
 
@@ -36,7 +37,7 @@ def given(tmp_path_factory):
     return {"mask": mask, "init": init, "after": {n: p.detach().clone() for n, p in trainer.model.named_parameters()}}
 
 
-def run(engine: str, out, given, mode: str = "train", nproc: int = 2, timeout: float = 300):
+def run(engine: str, out, given, mode: str = "train", nproc: int = 2, timeout: float = HANG_GUARD_S):
     given["mask"].save(out / "given_mask.safetensors")
     return launch("sharded_audit_worker.py", engine, str(out), mode, timeout=timeout, nproc=nproc)[:2]
 
