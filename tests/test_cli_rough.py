@@ -167,3 +167,21 @@ def test_a_hub_id_without_an_organisation_is_a_hub_id():
     assert resolve_model("gpt2") == "gpt2"
     with pytest.raises(ValueError, match="unknown model"):
         resolve_model("../not a model")
+
+
+def test_tsv_with_bare_quotes_reads_as_glue_does(tiny, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """GLUE's TSVs (RTE, MRPC, STS-B) hold bare quotes inside sentences; read as CSV-quoted they merged rows or
+    failed ('Expected 5 fields')."""
+    _no_model(monkeypatch)
+    path = tmp_path / "pairs.tsv"
+    rows = ["index\tsentence1\tsentence2\tlabel"]
+    rows += [f'{i}\tthe "movie\twas {POS[i % 4]}\t{"entailment" if i % 2 else "not_entailment"}' for i in range(10)]
+    path.write_text("\n".join(rows) + "\n")
+    from fish_tuning.commands.common import read_file
+
+    ds = read_file("--train_file", str(path))
+    assert len(ds) == 10 and ds[0]["sentence1"] == 'the "movie'
+    with pytest.raises(AssertionError, match="a model was built"):
+        _train(tiny, tmp_path, "--keep", "0.1", data=path)
+    assert "text: sentence1 + sentence2 (pair) | label: label ('entailment', 'not_entailment')" in \
+        capsys.readouterr().out

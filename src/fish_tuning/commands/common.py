@@ -227,7 +227,8 @@ def read_file(flag: str, path: str):
         raise CommandError(f"{flag} {path}: unsupported format; use one of {', '.join(EXTENSIONS)}")
     if not Path(path).is_file():
         raise CommandError(f"{flag} {path} not found")
-    kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    # TSV has no quoting convention (GLUE's files hold bare quotes inside sentences): read with QUOTE_NONE
+    kwargs = {"delimiter": "\t", "quoting": 3} if suffix == ".tsv" else {}
     import logging
 
     log = logging.getLogger("datasets")
