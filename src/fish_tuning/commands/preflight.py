@@ -123,8 +123,10 @@ def check_resume(resume: str | None, output_dir: str, peft: Any) -> None:
             raise CommandError(f"--resume_from_checkpoint {resume}: no such folder")
     problem = _damage(folder)
     if problem is not None:
-        siblings = [p for p in checkpoints(str(folder.parent)) if p != folder
-                    and int(p.name.split("-")[1]) < int(folder.name.split("-")[1] if "-" in folder.name else 0)]
+        match = _CHECKPOINT.match(folder.name)
+        step = int(match.group(1)) if match else None  # a folder named otherwise: any checkpoint beside it
+        siblings = [p for p in checkpoints(str(folder.parent))
+                    if p != folder and (step is None or int(p.name.split("-")[1]) < step)]
         good = next((p for p in reversed(siblings) if _damage(p) is None), None)
         fix = (f"resume from the previous whole one: --resume_from_checkpoint {good}" if good is not None
                else "no earlier whole checkpoint exists: start again")
