@@ -6,6 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 
+def _alias_of(base: str) -> str | None:
+    from .outputs import PORTABLE_IDS
+
+    return next((alias for alias, hub in PORTABLE_IDS.items() if hub == base), None)
+
+
 def _pct(a: float, b: float) -> str:
     return f"{100 * a / b:.1f} %" if b else "-"
 
@@ -75,5 +81,7 @@ def model_card(*, base: str, info: dict, peft: Any, summary: dict | None, train:
               f"from transformers import {head}", "", "out = 'path/to/this/folder'", *labels,
               f"base = {head}.from_pretrained('{base}'{'' if task == 'causal-lm' else ', **labels'})",
               "model, mask = ft.load_adapter(base, out)  # checks the mask belongs to these adapter weights",
+              *([f"# offline: fish_tuning.models.resolve_model('{alias}') is the local copy of {base}"]
+                if (alias := _alias_of(base)) else []),
               "```", "", "Trained with [fish-tuning](https://arxiv.org/abs/2504.04050) (`fish-tune train`).", ""]
     return "\n".join(lines)
