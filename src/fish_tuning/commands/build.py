@@ -10,7 +10,8 @@ import dataclasses
 from typing import Any
 
 from ..methods import prefix_tuning_compat
-from .common import CommandError, DataArguments, ModelArguments, PeftArguments, check_values, peft_config
+from .columns import check_values
+from .common import CommandError, DataArguments, ModelArguments, PeftArguments, peft_config
 from .metrics import TaskMetrics
 
 

@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .columns import describe_task, infer_task
 from .common import (
     CommandError,
     DataArguments,
@@ -28,9 +29,7 @@ from .common import (
     check_model_args,
     check_output_dir,
     check_peft_args,
-    describe_task,
     fish_config,
-    infer_task,
     load_data,
     resolve_model_path,
 )

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..files import check_folder_free, exclusive_folder
+from .columns import describe_task, infer_task
 from .common import (
     CommandError,
     DataArguments,
@@ -29,9 +30,7 @@ from .common import (
     check_model_args,
     check_output_dir,
     check_peft_args,
-    describe_task,
     fish_config,
-    infer_task,
     load_data,
     read_file,
     resolve_model_path,
