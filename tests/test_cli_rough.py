@@ -185,3 +185,23 @@ def test_tsv_with_bare_quotes_reads_as_glue_does(tiny, tmp_path, monkeypatch, ca
         _train(tiny, tmp_path, "--keep", "0.1", data=path)
     assert "text: sentence1 + sentence2 (pair) | label: label ('entailment', 'not_entailment')" in \
         capsys.readouterr().out
+
+
+def test_outputs_that_would_replace_inputs_are_refused(tiny, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """A run into the model's own folder replaced its README.md and tokenizer; a data file named like one of the
+    run's outputs (eval_results.json, predict_results.tsv) inside output_dir was overwritten."""
+    import shutil
+
+    _no_model(monkeypatch)
+    model = tmp_path / "model"
+    shutil.copytree(tiny["bert"], model)
+    assert main(["train", "--model_name_or_path", str(model), "--train_file", str(tiny["csv"]), "--keep", "0.1",
+                 "--output_dir", str(model)]) == 2
+    assert "is the model's own folder" in _one_line(capsys)
+    out = tmp_path / "run"
+    out.mkdir()
+    data = out / "eval_results.json"
+    data.write_text("".join(json.dumps({"sentence": "the movie was good", "label": i % 2}) + "\n" for i in range(8)))
+    assert main(["train", "--model_name_or_path", str(tiny["bert"]), "--train_file", str(data), "--keep", "0.1",
+                 "--output_dir", str(out)]) == 2
+    assert f"--train_file {data} would be overwritten by the run's own eval_results.json" in _one_line(capsys)

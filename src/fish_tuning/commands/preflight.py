@@ -203,3 +203,21 @@ def _candidate_count(path: str, info: dict, peft: Any, num_labels: int, exclude)
     patterns = list(exclude or [])
     return sum(params[n].numel() for n in names if not any(re.search(p, n) for p in patterns))
 
+
+
+# --------------------------------------------------------------------------- outputs that would replace inputs
+WRITTEN = ("README.md", "adapter_config.json", "adapter_model.safetensors", "fish_mask.safetensors", "fish_mask.json",
+           "train_results.json", "eval_results.json", "test_results.json", "all_results.json", "trainer_state.json",
+           "label_config.json", "predict_results.tsv", "training_args.bin")
+
+
+def check_outputs_spare_inputs(output_dir: str, model_path: str, data_files: dict[str, str | None]) -> None:
+    """``output_dir`` is not the model's own folder, and no data file is one of the files a run writes there."""
+    out = Path(output_dir).resolve()
+    if Path(model_path).is_dir() and Path(model_path).resolve() == out:
+        raise CommandError(f"--output_dir {output_dir} is the model's own folder: the run would replace its README.md "
+                           "and tokenizer files with the adapter's; choose another --output_dir")
+    for flag, path in data_files.items():
+        if path and Path(path).resolve().parent == out and Path(path).name in WRITTEN:
+            raise CommandError(f"{flag} {path} would be overwritten by the run's own {Path(path).name} in "
+                               "--output_dir; move the data or choose another --output_dir")

@@ -37,7 +37,13 @@ from .common import (
 )
 from .metrics import TaskMetrics
 from .outputs import eval_line, final_evaluation, train_metrics
-from .preflight import check_budget, check_push_to_hub, check_reporters, check_resume
+from .preflight import (
+    check_budget,
+    check_outputs_spare_inputs,
+    check_push_to_hub,
+    check_reporters,
+    check_resume,
+)
 
 # transformers' 5e-5 leaves a 5%-FISH LoRA at chance for a hundred steps (issue 12); the compare harness uses 5e-4
 DEFAULT_LR = 5e-4
@@ -118,6 +124,8 @@ def run(argv: list[str]) -> int:
     from .build import build_trainer, check_task_requirements
 
     check_task_requirements(info["task"])
+    check_outputs_spare_inputs(targs.output_dir, path, {"--train_file": data_args.train_file, "--validation_file":
+                               data_args.validation_file, "--test_file": run_args.test_file})
     check_reporters(targs.report_to)
     check_push_to_hub(targs)
     check_resume(targs.resume_from_checkpoint, targs.output_dir, peft_args)
