@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "benchmarks" / "results" / "cli_help.json"
+RESULTS = OUT = ROOT / "benchmarks" / "results" / "cli_help.json"
 
 
 def once(cache: str) -> float:
@@ -45,6 +45,10 @@ def main(argv=None) -> None:
     print(report(result))
 
 
+def markdown_report(path: str) -> str:
+    return report(json.loads(Path(path).read_text()))
+
+
 def report(result: dict) -> str:
     rows = ["| `fish-tune train --help` | " + " | ".join(f"{v:.1f} s" for v in result["cold_s"]) + " |",
             "| the same, cached | " + " | ".join(f"{v:.1f} s" for v in result["cached_s"]) + " |"]
@@ -54,6 +58,6 @@ def report(result: dict) -> str:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--report":
-        print(report(json.loads(OUT.read_text())))
+        print(markdown_report(str(RESULTS)))
     else:
         main()

@@ -20,6 +20,7 @@ def load(name: str):
     ("fisher_engines", ["1.14x", "1.34", "1.24x", "117,504"]),
     ("sharded", ["**1.48**", "**0.90**", "1.65 / 1.39 / 1.03", "65,536"]),
     ("refresh_cost", ["**1.002x**", "**1.003x**", "13,824"]),
+    ("cli_help", ["6.5 s", "2.5 s"]),
 ])
 def test_report_rebuilds_the_benchmarks_table(name, figures):
     module = load(name)
