@@ -122,3 +122,26 @@ def test_an_evaluation_at_the_last_step_is_not_run_again(tiny, tmp_path, monkeyp
     assert {"eval_pearson", "eval_spearman", "eval_score", "eval_trivial_score"} <= set(ev)
     assert ev["eval_trivial_pearson"] == 0.0 and ev["eval_score"] == pytest.approx(
         (ev["eval_pearson"] + ev["eval_spearman"]) / 2)
+
+
+def test_causal_lm_evaluation_has_loss_and_no_score(tiny, tmp_path):  # noqa: F811
+    pytest.importorskip("trl")
+    out = tmp_path / "sft"
+    assert main(["train", "--model_name_or_path", str(tiny["llama"]), "--train_file", str(tiny["sft"]),
+                 "--validation_file", str(tiny["sft"]), "--keep", "0.05", "--output_dir", str(out),
+                 "--max_length", "32", *FAST]) == 0
+    ev = json.loads((out / "eval_results.json").read_text())
+    assert isinstance(ev["eval_loss"], float) and "eval_score" not in ev and "eval_trivial_score" not in ev
+    assert not (out / "label_config.json").exists()
+
+
+def test_regression_predictions_and_test_metrics(tiny, tmp_path):  # noqa: F811
+    out = tmp_path / "reg"
+    test = write_sentiment_csv(tmp_path / "test.csv", n=12, seed=2, regression=True)
+    assert main(["train", "--model_name_or_path", str(tiny["bert"]), "--train_file", str(tiny["reg"]),
+                 "--test_file", str(test), "--budget", "40", "--output_dir", str(out), *FAST]) == 0
+    rows = (out / "predict_results.tsv").read_text().splitlines()[1:]
+    assert len(rows) == 12 and all(float(r.split("\t")[1]) == float(r.split("\t")[1]) for r in rows)  # numbers
+    metrics = json.loads((out / "test_results.json").read_text())  # the test file has labels
+    assert {"test_loss", "test_pearson", "test_spearman", "test_score", "test_trivial_score"} <= set(metrics)
+    assert json.loads((out / "label_config.json").read_text()) == {"num_labels": 1, "problem_type": "regression"}
