@@ -18,7 +18,7 @@ import numpy as np
 # GLUE task -> headline metric (GLUE's definitions); keys are the names of the hub configs and of the data folders
 GLUE_HEADLINE = {"cola": "mcc", "sst2": "accuracy", "mrpc": "f1_accuracy", "qqp": "f1_accuracy",
                  "stsb": "pearson_spearman", "mnli": "accuracy", "qnli": "accuracy", "rte": "accuracy",
-                 "wnli": "accuracy", "ax": "accuracy"}
+                 "wnli": "accuracy"}
 CLASSIFICATION = ("accuracy", "f1", "mcc")
 REGRESSION = ("pearson", "spearman", "mse")
 
