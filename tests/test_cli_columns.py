@@ -123,3 +123,25 @@ def test_ambiguous_or_list_valued_text_is_one_line_before_any_model(tiny, tmp_pa
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("fish-tune: error: ") and "\n" not in err, err
     assert message in err, err
+
+
+def test_hub_class_label_names_are_the_label_names():
+    """A hub dataset's ClassLabel column holds ids; the start-up line, the head config and the predictions name
+    the classes (entailment, ...), not 0 / 1."""
+    import datasets
+
+    from fish_tuning.commands.columns import describe_task, infer_task
+    from fish_tuning.commands.common import DataArguments, ModelArguments
+    from fish_tuning.commands.outputs import label_config
+
+    features = datasets.Features({"question": datasets.Value("string"), "sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["entailment", "not_entailment"]),
+                                  "idx": datasets.Value("int32")})
+    train = datasets.Dataset.from_dict({"question": ["q"] * 4, "sentence": ["the film"] * 4, "label": [0, 1, 1, 0],
+                                        "idx": [0, 1, 2, 3]}, features=features)
+    data = DataArguments(dataset_name="nyu-mll/glue", dataset_config_name="qnli")
+    info = infer_task(ModelArguments(), data, train)
+    assert info["label_names"] == ["entailment", "not_entailment"]
+    assert describe_task(info, data) == ("fish-tune train: task classification | text: question + sentence (pair) | "
+                                         "label: label ('entailment', 'not_entailment') | metric: accuracy (GLUE qnli)")
+    assert label_config(info)["id2label"] == {"0": "entailment", "1": "not_entailment"}

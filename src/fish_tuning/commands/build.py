@@ -87,8 +87,8 @@ def _cls_trainer(model_args, peft_args, info, path, tokenizer, train, val, targs
         kwargs["problem_type"] = "regression"
     else:
         kwargs["problem_type"] = "single_label_classification"
-        kwargs["id2label"] = {i: str(v) for i, v in enumerate(labels)}
-        kwargs["label2id"] = {str(v): i for i, v in enumerate(labels)}
+        kwargs["id2label"] = dict(enumerate(info["label_names"]))
+        kwargs["label2id"] = {n: i for i, n in enumerate(info["label_names"])}
     # a checkpoint's head for another label set is replaced by a new one (transformers reports it), as a new task needs
     model = AutoModelForSequenceClassification.from_pretrained(path, ignore_mismatched_sizes=True, **kwargs)
     if getattr(model.config, "pad_token_id", None) is None:

@@ -26,7 +26,7 @@ def model_card(*, base: str, info: dict, peft: Any, summary: dict | None, train:
     if task == "causal-lm":
         lines.append(f"Task: causal-LM SFT ({info['sft_format']}).")
     else:
-        labels = "numbers" if task == "regression" else ", ".join(repr(str(v)) for v in info["label_list"])
+        labels = "numbers" if task == "regression" else ", ".join(repr(n) for n in info["label_names"])
         lines.append(f"Task: {task}; text {texts}; label `{info['label']}` ({labels}).")
     lines += ["", "## FISH", ""]
     if summary is None:

@@ -113,6 +113,10 @@ def infer_task(model: ModelArguments, data: DataArguments, train) -> dict:
     values = train[label]
     if task != "regression":
         out["label_list"] = sorted(set(values), key=lambda v: (isinstance(v, str), v))
+        feature = train.features.get(label)  # a hub ClassLabel column holds ids; its names are the labels
+        names = list(getattr(feature, "names", None) or []) if type(feature).__name__ == "ClassLabel" else []
+        out["label_names"] = [names[v] if isinstance(v, int) and 0 <= v < len(names) else str(v)
+                              for v in out["label_list"]]
         if len(out["label_list"]) < 2:
             raise CommandError(f"label column {label!r} has a single value; classification needs two or more")
     return out
@@ -133,7 +137,7 @@ def describe_task(info: dict, data: DataArguments, prog: str = "fish-tune train"
         labels = "numbers"
         metric = TaskMetrics(task, [0.0], 1, info.get("glue")).describe()
     else:
-        names = [str(v) for v in info["label_list"]]
+        names = info["label_names"]
         labels = ", ".join(repr(n) for n in names[:10]) + (f", ... ({len(names)} classes)" if len(names) > 10 else "")
         metric = TaskMetrics(task, [0], len(names), info.get("glue")).describe()
     return (f"{prog}: task {task} | text: {texts} | label: {info['label']} ({labels}) | "

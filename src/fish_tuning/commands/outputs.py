@@ -96,7 +96,7 @@ def label_config(info: dict) -> dict | None:
         return {"num_labels": 1, "problem_type": "regression"}
     if info["task"] != "classification":
         return None
-    names = [str(v) for v in info["label_list"]]
+    names = info["label_names"]
     return {"num_labels": len(names), "problem_type": "single_label_classification",
             "id2label": {str(i): n for i, n in enumerate(names)}, "label2id": {n: i for i, n in enumerate(names)}}
 
@@ -109,7 +109,7 @@ def write_predictions(path: str, predictions, info: dict) -> int:
     if info["task"] == "regression":
         values = [f"{v:.6g}" for v in np.asarray(out, dtype=float).reshape(-1)]
     else:
-        values = [str(info["label_list"][i]) for i in np.argmax(out, axis=-1)]
+        values = [info["label_names"][i] for i in np.argmax(out, axis=-1)]
     from ..files import atomic_write_text
 
     atomic_write_text(path, "index\tprediction\n" + "".join(f"{i}\t{v}\n" for i, v in enumerate(values)))

@@ -241,7 +241,7 @@ def _baseline(trainer, info: dict) -> tuple[str | None, str | None]:
         return None, None
     if info["task"] == "regression":
         return metrics.describe(), f"always the train mean {metrics.constant:.4g}"
-    return metrics.describe(), f"always {str(info['label_list'][metrics.constant])!r}"
+    return metrics.describe(), f"always {info['label_names'][metrics.constant]!r}"
 
 
 def main(argv: list[str]) -> int:
