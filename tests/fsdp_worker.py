@@ -164,7 +164,7 @@ def main(out: str, mode: str) -> None:
         before = full(model, mask.names)
         if kind == "sparse":
             opt = ft.SparseAdamW(model, mask, **OPT)
-            stats["kept_local"] = torch.tensor(sum(i.numel() for i in opt._index.values()))
+            stats["kept_local"] = torch.tensor(sum(e.index.numel() for e in opt.local_mask.entries.values()))
         else:
             opt = ft.make_optimizer(model, mask, sparse=False, **OPT)
         t0 = time.perf_counter()

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .guard import MaskGuard
+from .layout import LocalMask
 from .mask import FishMask
 from .refresh import MaskRefresher, RefreshSchedule
 from .sharded import local
@@ -131,7 +132,6 @@ class MaskedOptimizer(torch.optim.Optimizer):
         """Remove the masking hooks (also done when this optimizer is garbage-collected)."""
         self._guard.close()
 
-    remove_hooks = close
 
     def __repr__(self) -> str:
         return f"MaskedOptimizer(k={self.mask.num_selected:,}, {self.optimizer!r})"
@@ -231,8 +231,9 @@ class SparseAdamW(torch.optim.Optimizer):
                         "Add it to select_mask(..., always_train=...) or set requires_grad=False."
                     )
                 dense.append(p)
-        guard = MaskGuard(mask, model, masked, restore=False)  # checks the mask against the model
-        self._index: dict[Tensor, Tensor] = guard.kept  # one copy of the kept indices, shared with the hooks
+        # the kept indices, laid out per tensor (FSDP2: this rank's shard); one copy, read by the step and by the
+        # guard's hooks, so a moving mask reaches both
+        self.local_mask = LocalMask(mask, model, masked)
         if groups is None:
             groups = [{"params": masked + dense}]
         else:
@@ -241,11 +242,10 @@ class SparseAdamW(torch.optim.Optimizer):
         self._dense_ids = frozenset(id(p) for p in dense)
         super().__init__(groups, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         self._built = True
+        self._guard: MaskGuard | None = None
         if mask_grads or refresh is not None:  # a refresh sees the gradients through the guard's hooks
-            self._guard: MaskGuard | None = guard.attach(self, step_hooks=False)
-        else:
-            self._guard = None
-        self.refresher = MaskRefresher(guard, self, refresh) if refresh is not None else None
+            self._guard = MaskGuard.over(self.local_mask, restore=False).attach(self, step_hooks=False)
+        self.refresher = MaskRefresher(self._guard, self, refresh) if refresh is not None else None
 
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "_built", False):  # torch.optim.Optimizer.__init__ adds the constructor's groups here
@@ -253,8 +253,13 @@ class SparseAdamW(torch.optim.Optimizer):
                                       "pass every parameter group to the constructor")
         super().add_param_group(param_group)
 
+    def _kept(self, p: Tensor) -> Tensor | None:
+        """The kept flat positions of ``p``'s local tensor, or None for a dense (always-trainable) tensor."""
+        entry = self.local_mask.entries.get(p)
+        return None if entry is None else entry.index
+
     def _compact_size(self, p: Tensor) -> int:
-        idx = self._index.get(p)
+        idx = self._kept(p)
         return local(p).numel() if idx is None else idx.numel()
 
     @torch.no_grad()
@@ -275,11 +280,11 @@ class SparseAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     # state of this rank's shard only under FSDP2 (local tensors), compact for masked tensors
-                    shape = local(p).shape if p not in self._index else (self._compact_size(p),)
+                    shape = local(p).shape if p not in self.local_mask.entries else (self._compact_size(p),)
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
                     state["exp_avg_sq"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
-                idx = self._index.get(p)
+                idx = self._kept(p)
                 if idx is None and id(p) not in self._dense_ids:
                     raise RuntimeError(f"SparseAdamW: a tensor of shape {tuple(p.shape)} was put in param_groups "
                                        "after construction; it has no mask entry and would train densely. Pass "
@@ -344,7 +349,7 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state plus kept indices (what the mask costs beside the model)."""
-        total = sum(idx.numel() * idx.element_size() for idx in self._index.values())
+        total = sum(e.index.numel() * e.index.element_size() for e in self.local_mask.entries.values())
         for state in self.state.values():
             total += sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, Tensor))
         return total
@@ -354,7 +359,6 @@ class SparseAdamW(torch.optim.Optimizer):
         if self._guard is not None:
             self._guard.close()
 
-    remove_hooks = close
 
     def __repr__(self) -> str:
         return f"SparseAdamW(k={self.mask.num_selected:,}, defaults={self.defaults})"
