@@ -106,7 +106,7 @@ def test_vectorised_equals_loop_without_falling_back(method, arch):
     batches = batches_for(arch)
     cand = ft.peft_candidates(model)
     hooks = PerSampleHooks(model, dict((n, model.get_parameter(n)) for n in cand))
-    hooks.remove()
+    hooks.close()
     assert set(hooks.covered) == set(cand), f"no rule for {set(cand) - set(hooks.covered)}"
     with engine_log() as log:
         auto = fisher(model, batches)

@@ -14,8 +14,9 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 import fish_tuning as ft
 from conftest import cls_batches, lm_batches, lora, tiny_bert, tiny_llama
+from fish_tuning.exactness import float32_probe, low_precision, probe_sample_grouping
 from fish_tuning.loglik import per_sample_log_likelihood
-from fish_tuning.per_sample import PerSampleHooks, float32_probe, low_precision, probe_sample_grouping
+from fish_tuning.per_sample import PerSampleHooks
 from test_audit_defects import FlatTokens
 
 EPS = torch.finfo(torch.bfloat16).eps  # 2**-7
@@ -54,7 +55,7 @@ def probe(model, batch, params, upcast: bool | None = None) -> str | None:
         with float32_probe(model) if upcast else contextlib.nullcontext():
             return probe_sample_grouping(model, cand, hooks, batch, rows, per_sample_log_likelihood)
     finally:
-        hooks.remove()
+        hooks.close()
 
 
 @pytest.mark.parametrize("precision", ["bf16", "autocast"])

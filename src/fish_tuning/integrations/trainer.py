@@ -17,10 +17,9 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ..config import FishConfig
 from ..fisher import gradient_moments
 from ..guard import MaskGuard
-from ..loglik import per_sample_log_likelihood
+from ..loglik import LogLikFn, per_sample_log_likelihood
 from ..mask import FishMask
 from ..methods import peft_candidates
-from ..per_sample import LogLikFn
 from ..refresh import MaskRefresher
 from ..scores import score as score_of
 from ..selection import DEFAULT_ALPHA, select_mask
