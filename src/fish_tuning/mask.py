@@ -15,7 +15,6 @@ import torch
 from torch import Tensor, nn
 
 from .files import atomic_write
-from .maskfile import check_fingerprint, read_mask_file, saved_names
 from .names import adapter_of, agnostic_names, insert_adapter
 from .zero3 import full_numel, full_shape
 
@@ -42,6 +41,17 @@ def _patterns(spec: str | Iterable[str] | None, arg: str = "pattern") -> list[st
 
 def _matches(name: str, patterns: list[str]) -> bool:
     return any(re.search(p, name) for p in patterns)
+
+
+def module_of(name: str) -> str:
+    """Short module + parameter of a candidate, e.g. ``query.lora_A`` (whatever the adapter's name: the one after a
+    peft parameter, ``lora_A.<adapter>.weight``, is dropped): where a mask puts its budget, per module."""
+    parts = [p for p in name.split(".") if p not in ("weight", "base_layer") and not p.isdigit()]
+    for i, part in enumerate(parts):
+        if part.startswith(("lora_", "ia3_")):
+            return f"{parts[i - 1]}.{part}" if i else part
+    parts = [p for p in parts if p != "default"]
+    return ".".join(parts[-2:])
 
 
 def layer_of(name: str) -> int | None:
@@ -129,11 +139,10 @@ class FishMask:
         return {k: (out[k][0], out[k][1]) for k in order}
 
     def per_kind(self) -> dict[str, tuple[int, int]]:
-        """Short parameter kind (e.g. ``query.lora_A``) -> (kept, total), to see whether A, B, m... are all used."""
+        """:func:`module_of` (e.g. ``query.lora_A``) -> (kept, total), to see whether A, B, m... are all used."""
         out: dict[str, list[int]] = {}
         for n, (kept, total) in self.per_tensor().items():
-            parts = [p for p in n.split(".") if p not in ("weight", "default", "base_layer") and not p.isdigit()]
-            acc = out.setdefault(".".join(parts[-2:]), [0, 0])
+            acc = out.setdefault(module_of(n), [0, 0])
             acc[0] += kept
             acc[1] += total
         return {k: (v[0], v[1]) for k, v in sorted(out.items())}
@@ -250,7 +259,7 @@ class FishMask:
         ``model``'s active adapter, else the name it was saved under.
         """
         path = os.fspath(path)
-        meta, tensors = read_mask_file(path, _FORMAT)
+        meta, tensors = _read_file(path, _FORMAT)
         adapter = meta.get("adapter")
         target = adapter_name or adapter_of(model) or (adapter or {}).get("name")
 
@@ -267,10 +276,10 @@ class FishMask:
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel or bool((idx[1:] <= idx[:-1]).any())):
                 raise ValueError(f"corrupt mask file {path}: indices of '{name}' are out of range or unsorted")
             indices[name] = idx
-        saved = saved_names(meta)  # the fingerprint was taken under these names, before any adapter remap
-        check_fingerprint(path, meta, cls(shapes={saved[n]: s for n, s in shapes.items()},
-                                          indices={saved[n]: i for n, i in indices.items()},
-                                          frozen=[saved[n] for n in meta.get("frozen", [])]).fingerprint())
+        saved = _saved_names(meta)  # the fingerprint was taken under these names, before any adapter remap
+        _check_fingerprint(path, meta, cls(shapes={saved[n]: s for n, s in shapes.items()},
+                                           indices={saved[n]: i for n, i in indices.items()},
+                                           frozen=[saved[n] for n in meta.get("frozen", [])]).fingerprint())
         mask = cls(shapes={name_of(n): s for n, s in shapes.items()},
                    indices={name_of(n): i for n, i in indices.items()},
                    always_train=[name_of(n) for n in meta.get("always_train", [])],
@@ -283,3 +292,43 @@ class FishMask:
         if model is not None:
             mask.check(model)
         return mask
+
+
+def _read_file(path: str, fmt: str) -> tuple[dict, dict[str, Tensor]]:
+    """The ``fish_mask`` metadata and index tensors of a safetensors file; every unreadable case is a clear error
+    (a folder, a missing file, a damaged file, a file not written by ``FishMask.save``)."""
+    from safetensors import safe_open
+
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory; pass the mask file inside it "
+                                "(e.g. os.path.join(folder, 'fish_mask.safetensors'))")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"mask file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = (f.metadata() or {}).get("fish_mask")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        meta = json.loads(raw) if raw else None
+    except Exception as err:  # safetensors raises several types for damaged headers/bodies
+        raise ValueError(f"corrupt mask file {path}: {err}. Recreate it with select_mask(...).save()") from err
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise ValueError(f"corrupt mask file {path}: no fish-mask metadata (not written by FishMask.save)")
+    return meta, tensors
+
+
+def _check_fingerprint(path: str, meta: dict, actual: str) -> None:
+    """Refuse a file whose entries are not the ones it was saved with: range / order / count checks miss an index
+    moved to a free neighbour, which would silently train other entries. Files without a fingerprint load."""
+    recorded = meta.get("fingerprint")
+    if recorded is not None and recorded != actual:
+        raise ValueError(f"corrupt mask file {path}: fingerprint {actual} of its entries does not match the recorded "
+                         f"{recorded} (damaged or edited); re-create or re-download it")
+
+
+def _saved_names(meta: dict) -> dict[str, str]:
+    """Stored (adapter-agnostic) name -> the name the mask had when saved, under which its fingerprint was taken."""
+    adapter = meta.get("adapter")
+    stored = [*meta["shapes"], *meta.get("frozen", [])]
+    if adapter is None:
+        return {n: n for n in stored}
+    return {n: insert_adapter(n, adapter["name"], adapter["pos"].get(n, -1)) for n in stored}
