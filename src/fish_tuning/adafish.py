@@ -27,7 +27,7 @@ SCALES = ("trace", "graft", "none")
 N_SIDES = ("diag", "graft", "none")
 FISHERS = ("batch", "per_sample")
 # Named rules (docs/adafish.md; damping as measured in BENCHMARKS.md). "fisher" is the default; "paper" is the
-# literal step; "sqrt" is the exponent-0.5 rule that was the default of the first version.
+# literal step; "sqrt" is the exponent-0.5 rule (inverse square root, as Adam's second moment).
 VARIANTS: dict[str, dict[str, Any]] = {
     "fisher": dict(exponent=1.0, scale="trace", n_side="diag", damping=0.1),
     "fisher_graft": dict(exponent=1.0, scale="graft", n_side="none", damping=1e-3),
@@ -124,7 +124,7 @@ class AdaFish(torch.optim.Optimizer):
                                      f"{tuple(p.shape)}")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Also loads checkpoints of the first version, whose groups lack the rule keys: they keep its rule."""
+        """A state whose groups lack the rule keys (scale, n_side, fisher) loads with the plain rule for them."""
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for key, old in (("scale", "none"), ("n_side", "none"), ("fisher", "batch")):
@@ -332,6 +332,6 @@ class _PerSampleGrads:
     def clear(self) -> None:
         self.grads.clear()
 
-    def remove(self) -> None:
+    def close(self) -> None:
         for handle in self._handles:
             handle.remove()

@@ -32,7 +32,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
     is not a mask candidate is an error. ``param_groups`` and ``state`` are those of the wrapped optimizer, so
     LR schedulers and the HF Trainer work unchanged; step / state-dict hooks registered on the wrapper fire as
     on any torch optimizer. ``state_dict()`` records the mask's fingerprint, and ``load_state_dict`` refuses a
-    state saved with another mask or by another kind of optimizer.
+    state saved with another mask or by another optimizer class.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, mask: FishMask, model: nn.Module,
@@ -140,23 +140,23 @@ class MaskedOptimizer(torch.optim.Optimizer):
 FISH_STATE_KEY = "fish_tuning"
 
 
-def fish_state(kind: str, mask: FishMask, **extra: str) -> dict:
+def fish_state(optimizer: str, mask: FishMask, **extra: str) -> dict:
     """What an optimizer's state_dict records about the mask it was built for."""
-    return {"optimizer": kind, "mask": mask.fingerprint(), **extra}
+    return {"optimizer": optimizer, "mask": mask.fingerprint(), **extra}
 
 
-def check_fish_state(state_dict: dict, kind: str, mask: FishMask, **extra: str) -> dict:
-    """Refuse a state from another optimizer kind or mask; returns the state without the fish record."""
+def check_fish_state(state_dict: dict, optimizer: str, mask: FishMask, **extra: str) -> dict:
+    """Refuse a state saved by another optimizer class or with another mask; returns the state without the fish record."""
     info = state_dict.get(FISH_STATE_KEY) if isinstance(state_dict, dict) else None
     if not isinstance(info, dict):
-        raise ValueError(f"this optimizer state was not saved by a {kind} (it has no '{FISH_STATE_KEY}' record, "
-                         "e.g. a plain torch optimizer's state): load it into the optimizer kind that saved it")
-    wanted = fish_state(kind, mask, **extra)
+        raise ValueError(f"this optimizer state was not saved by a {optimizer} (it has no '{FISH_STATE_KEY}' record, "
+                         "e.g. a plain torch optimizer's state): load it into the optimizer class that saved it")
+    wanted = fish_state(optimizer, mask, **extra)
     for key in ("optimizer", *extra):
         if info.get(key) != wanted[key]:
             raise ValueError(f"this optimizer state was saved by {info.get('optimizer')}"
-                             f"({info.get('inner', '')}), not {kind}({extra.get('inner', '')}): load it into "
-                             "the same kind of optimizer")
+                             f"({info.get('inner', '')}), not {optimizer}({extra.get('inner', '')}): load it into "
+                             "the same optimizer class")
     if info.get("mask") != wanted["mask"]:
         raise ValueError(f"this optimizer state was saved with another mask (fingerprint {info.get('mask')}; this "
                          f"optimizer's mask is {wanted['mask']}): resume with the mask of the run that saved it "
@@ -211,12 +211,12 @@ class SparseAdamW(torch.optim.Optimizer):
         chosen = (p for _, p in model.named_parameters()) if groups is None else (
             p for g in groups for p in g["params"])
         masked, dense = [], []
-        frozen = set(mask.frozen)
+        excluded = set(mask.frozen)
         for p in chosen:
             name = name_of.get(id(p))
             if name is None:
                 raise ValueError("SparseAdamW got a tensor that is not a parameter of the model")
-            if name in mask.shapes or name in frozen:
+            if name in mask.shapes or name in excluded:
                 if name in mask.shapes and not p.requires_grad:
                     raise ValueError(f"mask candidate '{name}' does not require grad, so it can never train")
                 if not p.requires_grad:
