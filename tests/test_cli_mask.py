@@ -72,7 +72,7 @@ def test_train_selects_the_mask_that_fish_tune_mask_showed(tiny, tmp_path):  # n
     fast = [a for a in FAST if a not in ("--num_samples", "16", "--per_device_train_batch_size", "8")]
     assert main(["train", *common, "--output_dir", str(tmp_path / "run"), *fast]) == 0
     shown = ft.FishMask.load(tmp_path / "m.safetensors")
-    trained = ft.FishMask.load(tmp_path / "run" / ft.FISH_MASK_NAME)
+    trained = ft.FishMask.load(tmp_path / "run" / ft.FishMask.FILE_NAME)
     assert shown.fingerprint() == trained.fingerprint()
 
 

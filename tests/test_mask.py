@@ -83,9 +83,9 @@ def test_per_module_and_the_mask_grid_agree_for_any_adapter_name():
              for i in range(2) for m in ("query", "value") for f in "AB"]
     mask = ft.select_mask({n: torch.rand(2, 3, generator=gen) for n in names}, budget=10)
     modules = ["query.lora_A", "query.lora_B", "value.lora_A", "value.lora_B"]
-    assert list(mask.per_kind()) == modules
+    assert list(mask.per_module()) == modules
     assert grid(mask)["kinds"] == modules
-    assert sum(kept for kept, _ in mask.per_kind().values()) == 10
+    assert sum(kept for kept, _ in mask.per_module().values()) == 10
 
 
 @pytest.mark.parametrize(

@@ -46,19 +46,19 @@ def lora_factors(model: nn.Module) -> dict[str, str]:
     """
     from peft.tuners.lora import LoraLayer
 
-    kind: dict[int, str] = {}
+    factor: dict[int, str] = {}
     for module in model.modules():
         if not isinstance(module, LoraLayer):
             continue
         for letter in ("A", "B"):
             for adapter, sub in getattr(module, f"lora_{letter}", {}).items():
-                kind[id(sub.weight)] = letter
+                factor[id(sub.weight)] = letter
                 other = getattr(module, "lora_B" if letter == "A" else "lora_A", {})
                 if adapter not in other:
                     raise ValueError(f"LoRA adapter '{adapter}' has lora_{letter} but no partner factor")
             for param in getattr(module, f"lora_embedding_{letter}", {}).values():
-                kind[id(param)] = letter
-    return {n: kind[id(p)] for n, p in model.named_parameters() if id(p) in kind and p.requires_grad}
+                factor[id(param)] = letter
+    return {n: factor[id(p)] for n, p in model.named_parameters() if id(p) in factor and p.requires_grad}
 
 
 class AdaFish(torch.optim.Optimizer):
@@ -217,12 +217,12 @@ def _check_group(g: dict) -> None:
 
 
 def _groups_from_model(model: nn.Module) -> list[dict[str, Any]]:
-    kinds = lora_factors(model)
+    factors = lora_factors(model)
     groups: dict[str | None, list[Tensor]] = {"A": [], "B": [], None: []}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups[kinds.get(name)].append(p)
-    if not kinds:
+            groups[factors.get(name)].append(p)
+    if not factors:
         warnings.warn("AdaFish found no trainable LoRA factors in the model: every parameter uses AdamW",
                       stacklevel=3)
     out = [{"params": ps, "factor": f} for f, ps in groups.items() if ps]

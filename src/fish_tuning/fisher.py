@@ -13,7 +13,7 @@ Two exact engines:
 - ``loop``: one forward/backward per sample; always exact, N times slower.
 
 Which engine ran is logged on the ``fish_tuning`` logger (INFO): ``compute_fisher: engine=...``, with the reason
-whenever the loop is used under ``method="auto"``.
+whenever the loop is used under ``engine="auto"``.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def compute_fisher(
     num_samples: int = 128,
     kind: Kind = "empirical",
     params: Sequence[str] | None = None,
-    method: Engine = "auto",
+    engine: Engine = "auto",
     loglik_fn: LogLikFn = per_sample_log_likelihood,
     seed: int = 0,
     progress: bool = True,
@@ -73,7 +73,7 @@ def compute_fisher(
 
     Arguments as :func:`gradient_moments`, which also returns the mean per-sample gradient from the same pass.
     """
-    return gradient_moments(model, batches, num_samples, kind, params, method, loglik_fn, seed, progress,
+    return gradient_moments(model, batches, num_samples, kind, params, engine, loglik_fn, seed, progress,
                             distributed, _stacklevel=3).fisher
 
 
@@ -83,7 +83,7 @@ def gradient_moments(
     num_samples: int = 128,
     kind: Kind = "empirical",
     params: Sequence[str] | None = None,
-    method: Engine = "auto",
+    engine: Engine = "auto",
     loglik_fn: LogLikFn = per_sample_log_likelihood,
     seed: int = 0,
     progress: bool = True,
@@ -100,7 +100,9 @@ def gradient_moments(
             not counted. Packed rows (several examples in one row: padding-free collators) raise ``ValueError``.
         kind: ``"empirical"`` uses the data labels (Eq. 3); ``"expected"`` samples y from the model (Eq. 2).
         params: candidate parameter names; default every parameter with ``requires_grad``.
-        method: ``"auto"`` (vectorised where exact, else loop), ``"vectorized"`` or ``"loop"``.
+        engine: how per-sample gradients are formed: ``"auto"`` (the hooks where exact, else the loop),
+            ``"vectorized"`` (the hooks or an error) or ``"loop"`` (one backward per sample); see
+            :class:`~fish_tuning.per_sample.PerSampleEngine`.
         loglik_fn: ``f(logits, labels) -> [B]``. The default lines sequence logits up with the labels as the model's
             own loss does (causal LMs: the next label; token classification, masked LMs, encoder-decoder: the label
             at the same position) and raises ``ValueError`` for a model it cannot classify; fix the alignment with
@@ -115,8 +117,8 @@ def gradient_moments(
     """
     if kind not in ("empirical", "expected"):
         raise ValueError(f"kind must be 'empirical' or 'expected', got {kind!r}")
-    if method not in ("auto", "vectorized", "loop"):
-        raise ValueError(f"method must be 'auto', 'vectorized' or 'loop', got {method!r}")
+    if engine not in ("auto", "vectorized", "loop"):
+        raise ValueError(f"engine must be 'auto', 'vectorized' or 'loop', got {engine!r}")
     num_samples = positive_int(num_samples, "num_samples")
 
     named = dict(model.named_parameters())
@@ -146,7 +148,7 @@ def gradient_moments(
     gen = torch.Generator(device=device).manual_seed(seed + rank) if kind == "expected" else None
     saved_flags = {n: p.requires_grad for n, p in named.items()}
     was_training = model.training
-    engine = PerSampleEngine(model, cand, method, kind, loglik_fn, gen, sharded)
+    passes = PerSampleEngine(model, cand, engine, kind, loglik_fn, gen, sharded)
     scored, rows = 0, 0  # label targets, rows read (labelled or not)
     bar = tqdm(total=quota, desc=f"Fisher ({kind})", disable=not progress, leave=False)
     pinned = gathered(list(cand.values()))  # ZeRO-3: the candidates stay gathered for the pass; else a no-op
@@ -159,19 +161,19 @@ def gradient_moments(
             if real:
                 scored += _label_count(chunk["labels"], loglik_fn.shift is not False)
                 rows += take
-            engine.add(chunk, take, real, samples)
+            passes.add(chunk, take, real, samples)
             if real:
                 bar.update(samples)
     finally:
         pinned.__exit__(None, None, None)
         bar.close()
-        engine.close()
+        passes.close()
         for n, p in named.items():
             p.requires_grad_(saved_flags[n])
         model.train(was_training)
 
-    seen, squares, sums = engine.seen, engine.squares, engine.sums
-    logger.info("compute_fisher: engine=%s (%d samples on this rank)", engine.name, seen)
+    seen, squares, sums = passes.seen, passes.squares, passes.sums
+    logger.info("compute_fisher: engine=%s (%d samples on this rank)", passes.name, seen)
     count = torch.tensor([float(seen), float(scored), float(rows)], device=device)
     if world > 1:
         both = {**{("sq", n): s for n, s in squares.items()}, **{("g", n): g for n, g in sums.items()}}

@@ -68,7 +68,7 @@ def _refuse_foreign_step(optimizer, args, kwargs) -> None:
                     f"{type(optimizer).__name__}.step() would update parameters that {guard!r} still guards: their "
                     "masked gradients were zeroed by that guard, so this step would be silently masked. That guard's "
                     "run did not end cleanly (e.g. Trainer.train raised before on_train_end). Call .close() on it "
-                    "(FishCallback: callback.remove()) before training these parameters another way."
+                    "(FishCallback: callback.close()) before training these parameters another way."
                 )
     try:
         _CLEARED[optimizer] = key
@@ -93,7 +93,7 @@ class MaskGuard:
        :class:`~fish_tuning.MaskedOptimizer`), candidate tensors are backed up and masked entries written back,
        which undoes decoupled weight decay, momentum and any other rule that moves zero-gradient entries.
 
-    Candidates excluded from selection (``mask.frozen``) are guarded with nothing kept: they never change.
+    Candidates excluded from selection (``mask.excluded``) are guarded with nothing kept: they never change.
     Under ``torch.distributed`` with more than one rank (DDP, FSDP2, ZeRO), construction is a collective (one
     all-reduce) that refuses a mask differing between ranks, so build the guard (or its optimizer) on every rank.
     Where each tensor's kept entries live on this rank is :mod:`fish_tuning.layout`'s business (a plain tensor,
@@ -217,7 +217,7 @@ class MaskGuard:
             p, other = taken()[0]
             raise RuntimeError(
                 f"parameter '{self.local_mask.names[p]}' is already guarded by {other!r}; two masks on one tensor would train "
-                "only their intersection. Close the first guard (optimizer.close(), callback.remove(), or drop that "
+                "only their intersection. Close the first guard (optimizer.close(), callback.close(), or drop that "
                 "optimizer) before attaching another."
             )
 

@@ -185,7 +185,7 @@ class LocalMask:
         self.param_ids = frozenset(id(p) for p in params)  # what a stepping optimizer may hold
         self.entries: dict[Tensor, Layout] = {}
         self.names: dict[Tensor, str] = {}
-        excluded = set(mask.frozen)
+        excluded = set(mask.excluded)
         for p in params:
             name = name_of.get(id(p))
             if name is None:

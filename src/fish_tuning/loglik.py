@@ -215,8 +215,8 @@ class ModelLogLik:
             f"cannot tell how {self.model_name}'s sequence logits {tuple(logits.shape)} line up with the labels: a "
             "causal LM's position t predicts label t+1, while token classification, masked LMs and encoder-decoder "
             "models score label t at position t; scoring the wrong one gives a wrong Fisher without any error. Say "
-            "which: loglik_fn=functools.partial(fish_tuning.per_sample_log_likelihood, shift=True) (causal LM) or "
-            "shift=False (aligned), or pass your own loglik_fn(logits, labels) -> [B]." + own)
+            "which: loglik_fn=functools.partial(fish_tuning.loglik.per_sample_log_likelihood, shift=True) "
+            "(causal LM) or shift=False (aligned), or pass your own loglik_fn(logits, labels) -> [B]." + own)
 
 
 def loss_for(model: nn.Module, batch: dict, kind: Kind, loglik_fn: LogLikFn, gen, used: dict | None = None) -> Tensor:

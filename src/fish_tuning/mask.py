@@ -20,6 +20,8 @@ from .zero3 import full_numel, full_shape
 
 _FORMAT = "fish-mask"
 _VERSION = 1
+# Files and to_state() keep excluded candidates under the key "frozen": renaming it would leave every saved mask
+# (and every checkpoint carrying one) unreadable.
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)\.")
 
 
@@ -73,7 +75,7 @@ class FishMask:
     indices: dict[str, Tensor]
     always_train: list[str] = field(default_factory=list)
     always_train_patterns: list[str] = field(default_factory=list)
-    frozen: list[str] = field(default_factory=list)  # excluded candidates: never trained, not in the budget
+    excluded: list[str] = field(default_factory=list)  # candidates left out of selection: never trained
     strategy: str = "fish"
     seed: int | None = None
     meta: dict = field(default_factory=dict)
@@ -109,7 +111,7 @@ class FishMask:
         """
         if model is None:
             return self.num_selected + int(self.meta.get("always_train_numel", 0))
-        skip = set(self.shapes) | set(self.frozen)
+        skip = set(self.shapes) | set(self.excluded)
         extra = sum(full_numel(p) for n, p in model.named_parameters()
                     if p.requires_grad and n not in skip and self.is_always_train(n))
         return self.num_selected + extra
@@ -120,7 +122,7 @@ class FishMask:
         for name in sorted(self.shapes):
             h.update(f"{name}:{list(self.shapes[name])};".encode())
             h.update(self.indices[name].to(device="cpu", dtype=torch.int64).contiguous().numpy().tobytes())
-        h.update(json.dumps(sorted(self.frozen)).encode())
+        h.update(json.dumps(sorted(self.excluded)).encode())
         return h.hexdigest()[:16]
 
     # ------------------------------------------------------------------ analytics
@@ -138,7 +140,7 @@ class FishMask:
         order = sorted(out, key=lambda k: (k is None, k if k is not None else 0))
         return {k: (out[k][0], out[k][1]) for k in order}
 
-    def per_kind(self) -> dict[str, tuple[int, int]]:
+    def per_module(self) -> dict[str, tuple[int, int]]:
         """:func:`module_of` (e.g. ``query.lora_A``) -> (kept, total), to see whether A, B, m... are all used."""
         out: dict[str, list[int]] = {}
         for n, (kept, total) in self.per_tensor().items():
@@ -166,16 +168,16 @@ class FishMask:
         return (None, None) if not kept else (in_top / kept, even / kept)
 
     def summary(self, per_tensor: bool = False) -> str:
-        """Human-readable per-layer and per-kind (and with ``per_tensor``, per-tensor) counts of kept entries."""
+        """Human-readable per-layer and per-module (and with ``per_tensor``, per-tensor) counts of kept entries."""
         k, n = self.num_selected, self.num_candidates
         lines = [f"FishMask strategy={self.strategy} kept {k:,} of {n:,} candidate entries ({100 * k / max(n, 1):.3f}%)"]
         lines.append(f"{'layer':>8} {'kept':>10} {'total':>10} {'kept %':>8}")
         for layer, (kept, total) in self.per_layer().items():
             label = "-" if layer is None else str(layer)
             lines.append(f"{label:>8} {kept:>10,} {total:>10,} {100 * kept / max(total, 1):>7.2f}%")
-        lines.append(f"{'kind':>24} {'kept':>10} {'total':>10}")
-        for kind, (kept, total) in self.per_kind().items():
-            lines.append(f"{kind:>24} {kept:>10,} {total:>10,}")
+        lines.append(f"{'module':>24} {'kept':>10} {'total':>10}")
+        for module, (kept, total) in self.per_module().items():
+            lines.append(f"{module:>24} {kept:>10,} {total:>10,}")
         if per_tensor:
             for name, (kept, total) in self.per_tensor().items():
                 lines.append(f"{kept:>10,} / {total:>10,}  {name}")
@@ -192,7 +194,7 @@ class FishMask:
     def check(self, model: nn.Module) -> None:
         """Raise ValueError naming the first candidate whose name or shape differs from ``model``'s."""
         named = dict(model.named_parameters())
-        for name in self.frozen:
+        for name in self.excluded:
             if name not in named:
                 raise ValueError(f"mask does not fit this model: excluded candidate '{name}' is not a parameter of "
                                  "the model (was the mask made for another model or PEFT config?)")
@@ -210,7 +212,7 @@ class FishMask:
         return {"format": _FORMAT, "version": _VERSION, "shapes": {n: list(s) for n, s in self.shapes.items()},
                 "indices": {n: i.to(device="cpu", dtype=torch.int64) for n, i in self.indices.items()},
                 "always_train": list(self.always_train), "always_train_patterns": list(self.always_train_patterns),
-                "frozen": list(self.frozen), "strategy": self.strategy, "seed": self.seed,
+                "frozen": list(self.excluded), "strategy": self.strategy, "seed": self.seed,
                 "meta": json.dumps(self.meta)}
 
     @classmethod
@@ -220,7 +222,7 @@ class FishMask:
         return cls(shapes={n: tuple(s) for n, s in state["shapes"].items()},
                    indices={n: torch.as_tensor(i, dtype=torch.long) for n, i in state["indices"].items()},
                    always_train=list(state["always_train"]), always_train_patterns=list(state["always_train_patterns"]),
-                   frozen=list(state["frozen"]), strategy=state["strategy"], seed=state["seed"],
+                   excluded=list(state["frozen"]), strategy=state["strategy"], seed=state["seed"],
                    meta=json.loads(state["meta"]))
 
     # ------------------------------------------------------------------ file format
@@ -234,7 +236,7 @@ class FishMask:
 
         if model is not None:
             self.check(model)
-        rename, adapter = agnostic_names([*self.shapes, *self.always_train, *self.frozen], adapter_of(model))
+        rename, adapter = agnostic_names([*self.shapes, *self.always_train, *self.excluded], adapter_of(model))
         tensors = {}
         for name, idx in self.indices.items():
             dtype = torch.int32 if math.prod(self.shapes[name]) < 2**31 else torch.int64
@@ -243,7 +245,7 @@ class FishMask:
             "format": _FORMAT, "version": _VERSION, "strategy": self.strategy, "seed": self.seed,
             "num_selected": self.num_selected, "shapes": {rename[n][0]: list(s) for n, s in self.shapes.items()},
             "always_train": [rename[n][0] for n in self.always_train],
-            "always_train_patterns": self.always_train_patterns, "frozen": [rename[n][0] for n in self.frozen],
+            "always_train_patterns": self.always_train_patterns, "frozen": [rename[n][0] for n in self.excluded],
             "adapter": None if adapter is None else {"name": adapter, "pos": {a: i for a, i in rename.values()}},
             "fingerprint": self.fingerprint(), "meta": self.meta,
         }
@@ -279,12 +281,12 @@ class FishMask:
         saved = _saved_names(meta)  # the fingerprint was taken under these names, before any adapter remap
         _check_fingerprint(path, meta, cls(shapes={saved[n]: s for n, s in shapes.items()},
                                            indices={saved[n]: i for n, i in indices.items()},
-                                           frozen=[saved[n] for n in meta.get("frozen", [])]).fingerprint())
+                                           excluded=[saved[n] for n in meta.get("frozen", [])]).fingerprint())
         mask = cls(shapes={name_of(n): s for n, s in shapes.items()},
                    indices={name_of(n): i for n, i in indices.items()},
                    always_train=[name_of(n) for n in meta.get("always_train", [])],
                    always_train_patterns=list(meta.get("always_train_patterns", [])),
-                   frozen=[name_of(n) for n in meta.get("frozen", [])],
+                   excluded=[name_of(n) for n in meta.get("frozen", [])],
                    strategy=meta.get("strategy", "fish"), seed=meta.get("seed"), meta=dict(meta.get("meta", {})))
         if mask.num_selected != meta.get("num_selected"):
             raise ValueError(f"corrupt mask file {path}: {mask.num_selected} indices but header says "

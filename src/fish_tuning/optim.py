@@ -174,7 +174,7 @@ class SparseAdamW(torch.optim.Optimizer):
     (decoupled weight decay, bias correction) to them, and writes the k new values back: O(k) work and memory per
     tensor, and masked entries are never written, so they stay bit-identical. Always-trainable parameters
     (``mask.always_train``, e.g. a classifier head) get ordinary dense AdamW state; excluded candidates
-    (``mask.frozen``) get none and never change.
+    (``mask.excluded``) get none and never change.
 
     ``mask_grads`` zeroes the masked gradient entries after each backward (through a
     :class:`~fish_tuning.MaskGuard` this optimizer owns) so that gradient clipping and logging see Eq. 6's masked
@@ -211,7 +211,7 @@ class SparseAdamW(torch.optim.Optimizer):
         chosen = (p for _, p in model.named_parameters()) if groups is None else (
             p for g in groups for p in g["params"])
         masked, dense = [], []
-        excluded = set(mask.frozen)
+        excluded = set(mask.excluded)
         for p in chosen:
             name = name_of.get(id(p))
             if name is None:

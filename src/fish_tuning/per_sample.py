@@ -172,7 +172,7 @@ class PerSampleEngine:
         missing = next((n for n in cand if n not in self.hooks.covered), None) if self.hooks is not None else None
         if engine == "vectorized" and missing is not None:
             self.hooks.close()
-            raise ValueError(f"method='vectorized' cannot handle '{missing}' (no per-sample rule for its layer type in "
+            raise ValueError(f"engine='vectorized' cannot handle '{missing}' (no per-sample rule for its layer type in "
                              "fish_tuning.grad_sample); use 'auto'")
         self.hooked = self.hooks is not None and missing is None
         self.name = "vectorized" if self.hooked else "loop"
@@ -182,8 +182,8 @@ class PerSampleEngine:
         if sharded and not self.hooked:
             missing = next((n for n in cand if self.hooks is None or n not in self.hooks.covered), "")
             raise ValueError(
-                "compute_fisher on an FSDP2-sharded model needs the per-sample hooks (method='auto' or 'vectorized') "
-                f"and candidates with a per-sample rule only; '{missing or ''}' has none, or method='loop' was asked. "
+                "compute_fisher on an FSDP2-sharded model needs the per-sample hooks (engine='auto' or 'vectorized') "
+                f"and candidates with a per-sample rule only; '{missing or ''}' has none, or engine='loop' was asked. "
                 "The exact loop would run a different number of all-gathers on each rank. Compute the Fisher before "
                 "fully_shard, or restrict params= to nn.Linear weights (LoRA's A and B are)."
             )
@@ -231,7 +231,7 @@ class PerSampleEngine:
                                    "not available under FSDP; compute the Fisher before fully_shard")
             if why is not None:
                 if self.engine == "vectorized":
-                    raise RuntimeError(f"method='vectorized' is not exact for this model: {why}; use 'auto'")
+                    raise RuntimeError(f"engine='vectorized' is not exact for this model: {why}; use 'auto'")
                 logger.warning("compute_fisher: using the exact per-sample loop (batch size %d): %s", take, why)
                 self._fall_back()
                 return False
@@ -243,7 +243,7 @@ class PerSampleEngine:
                                "disagree with autograd on some rank, and the exact per-sample loop is not "
                                "available under FSDP; compute the Fisher before fully_shard")
         if not done and self.engine == "vectorized":
-            raise RuntimeError("per-sample hook gradients disagree with autograd; use method='loop'")
+            raise RuntimeError("per-sample hook gradients disagree with autograd; use engine='loop'")
         if not done:  # a weight used outside its module, an unsupported set-up, or not batch-first inputs
             why = (f"'{sorted(hooks.unbatched)[0]}' saw inputs that are not batch-first" if hooks.unbatched
                    else "hooked per-sample gradients do not sum to autograd's gradient (a weight used "

@@ -50,8 +50,8 @@ def summary_dict(mask: FishMask, model: Any = None) -> dict[str, Any]:
         "strategy": mask.strategy, "num_selected": k, "num_candidates": n, "keep": k / max(n, 1),
         "trainable": mask.trainable_count(model), "fingerprint": mask.fingerprint(),
         "per_layer": [["-" if lay is None else lay, kept, total] for lay, (kept, total) in mask.per_layer().items()],
-        "per_kind": {kind: [kept, total] for kind, (kept, total) in mask.per_kind().items()},
-        "grid": grid(mask), "always_train": list(mask.always_train), "frozen": list(mask.frozen),
+        "per_kind": {module: [kept, total] for module, (kept, total) in mask.per_module().items()},
+        "grid": grid(mask), "always_train": list(mask.always_train), "frozen": list(mask.excluded),
         "fish_config": mask.meta.get("fish_config"), "fisher": mask.meta.get("fisher"),
         "refresh": mask.meta.get("refresh"), "moved_grid": moved_grid(mask),
     }
