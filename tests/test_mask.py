@@ -74,8 +74,8 @@ def test_summary_and_per_layer():
 
 
 def test_per_module_and_the_mask_grid_agree_for_any_adapter_name():
-    """Both views name a module the same way: an adapter called ``task1`` (not ``default``) once gave
-    ``lora_A.task1`` in the per-kind table and ``query.lora_A`` in the grid of the same summary."""
+    """Both views name a module by mask.module_of, whatever the adapter is called: with ``task1`` (not
+    ``default``) two separate rules gave ``lora_A.task1`` and ``query.lora_A`` in one summary."""
     from fish_tuning.commands.maskview import grid
 
     gen = torch.Generator().manual_seed(0)
