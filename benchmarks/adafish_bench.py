@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 import fish_tuning as ft
+from fish_tuning.adafish import make_adafish
 from fish_tuning.experiments.builders import METHODS, PeftSpec
 from fish_tuning.experiments.tasks import glue_batches, load_glue, task_spec
 from fish_tuning.experiments.train import evaluate, linear_schedule
@@ -101,7 +102,7 @@ class Study:
         mask = self.mask(task, seed, model, train) if mask_name == "fish" else None
         params = [p for p in model.parameters() if p.requires_grad]
         if opt_name == "adafish":
-            opt = ft.make_adafish(model, mask=mask, lr=lr, weight_decay=a.weight_decay, **json.loads(a.adafish))
+            opt = make_adafish(model, mask=mask, lr=lr, weight_decay=a.weight_decay, **json.loads(a.adafish))
         else:
             opt = torch.optim.AdamW(params, lr=lr, weight_decay=a.weight_decay)
             opt = ft.MaskedOptimizer(opt, mask, model) if mask is not None else opt

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-import fish_tuning as ft
+from fish_tuning.adafish import lora_factors, make_adafish
 from fish_tuning.experiments.tasks import glue_batches, load_glue
 from fish_tuning.models import load_model
 
@@ -55,12 +55,12 @@ def build(seed: int = 0):
 def updates(model, name: str, batches: list[dict]) -> dict[int, dict[str, torch.Tensor]]:
     """{probe step: {factor name: update / lr}} for one optimizer, from a private copy of the model."""
     model = copy.deepcopy(model)
-    kinds = ft.lora_factors(model)
+    kinds = lora_factors(model)
     named = {n: p for n, p in model.named_parameters() if n in kinds}
     kw = VARIANTS[name]
     lr = LR_PAPER if kw is not None and kw["variant"] == "paper" else LR
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=lr) if kw is None else ft.make_adafish(model, lr=lr, **kw)
+    opt = torch.optim.AdamW(trainable, lr=lr) if kw is None else make_adafish(model, lr=lr, **kw)
     out = {}
     model.eval()  # dropout off: every optimizer sees exactly the same gradients
     for step, batch in enumerate(batches, start=1):
@@ -94,7 +94,7 @@ def main() -> None:
     for seed in args.seeds:
         model, tok = build(seed)
         batches = glue_batches(data, tok, 16, 64, shuffle=True, seed=seed)
-        kinds = ft.lora_factors(model)
+        kinds = lora_factors(model)
         per = {name: updates(model, name, batches) for name in VARIANTS}
         for step in PROBE_STEPS:
             for name, ups in per.items():

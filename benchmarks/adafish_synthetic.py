@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import fish_tuning as ft
+from fish_tuning.adafish import make_adafish
 
 D, C, R, N, BATCH, STEPS, EVAL_EVERY = 64, 8, 4, 2048, 64, 300, 10
 OUTLIERS, OUTLIER_SCALE = 3, 30.0
@@ -79,7 +79,7 @@ def run_one(opt_name: str, lr: float, condition: str, seed: int) -> dict:
     if kw is None:
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     else:
-        opt = ft.make_adafish(model, lr=lr, **kw)
+        opt = make_adafish(model, lr=lr, **kw)
     order = torch.Generator().manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
 

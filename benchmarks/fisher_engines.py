@@ -5,8 +5,8 @@
 
 For each method, in one process: the time of ``compute_fisher`` over 128 SST-2 train sentences (batch 32, padded
 to max_length 128) divided by the time of one batched forward+backward over the same 4 batches, for the
-vectorised engine (``method="auto"``, which must not fall back: its logged engine is recorded) and for the exact
-per-sample loop (``method="loop"``). Arms alternate ref, vectorised, ref, loop, ref, ... for ``--rounds`` rounds;
+vectorised engine (``engine="auto"``, which must not fall back: its logged engine is recorded) and for the exact
+per-sample loop (``engine="loop"``). Arms alternate ref, vectorised, ref, loop, ref, ... for ``--rounds`` rounds;
 each Fisher time is divided by the mean of the two ref passes around it (a shared machine's drift hits numerator
 and denominator alike) and the reported ratio is the median over rounds, all within this one run.
 """
@@ -91,7 +91,7 @@ class Engine(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def fisher(model, batches, method: str) -> tuple[float, list[str]]:
+def fisher(model, batches, engine: str) -> tuple[float, list[str]]:
     log, handler = logging.getLogger("fish_tuning"), Engine()
     log.addHandler(handler)
     level, log.level = log.level, logging.INFO
@@ -99,7 +99,7 @@ def fisher(model, batches, method: str) -> tuple[float, list[str]]:
         t = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ft.ZeroFisherWarning)
-            ft.compute_fisher(model, batches, num_samples=SAMPLES, params=ft.peft_candidates(model), method=method,
+            ft.compute_fisher(model, batches, num_samples=SAMPLES, params=ft.peft_candidates(model), engine=engine,
                               progress=False)
         return time.perf_counter() - t, handler.lines
     finally:

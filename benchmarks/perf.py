@@ -110,10 +110,10 @@ def bench_fisher(model, batches, spec, rounds: int) -> dict:
         model.zero_grad(set_to_none=True)
 
     arms = {
-        "vectorized_s": lambda: ft.compute_fisher(model, batches, n, params=names, method="vectorized",
+        "vectorized_s": lambda: ft.compute_fisher(model, batches, n, params=names, engine="vectorized",
                                                   progress=False),
         "batched_fwd_bwd_s": batched,
-        "loop_s": lambda: ft.compute_fisher(model, loop_batch, loop_n, params=names, method="loop", progress=False),
+        "loop_s": lambda: ft.compute_fisher(model, loop_batch, loop_n, params=names, engine="loop", progress=False),
     }
     return {"samples": n, "loop_samples": loop_n, **alternate(arms, rounds)}
 

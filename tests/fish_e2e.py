@@ -50,7 +50,7 @@ def fish_train(model, batches, keep=0.1, steps=5, lr=1e-2, wd=0.1, num_samples=8
         loss.backward()
         opt.step()
         opt.zero_grad()
-    opt.remove_hooks()
+    opt.close()
     after = dict(model.named_parameters())
     assert assert_only_kept_moved(model, mask, before) == mask.num_selected, "a selected entry did not move"
     for name in always:

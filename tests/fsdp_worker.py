@@ -85,9 +85,9 @@ def refusals(model, fisher) -> int:
     except ValueError as err:
         count += "differs between ranks" in str(err)
     try:
-        ft.compute_fisher(model, [stack(calibration_rows()[:2])], num_samples=2, method="loop", progress=False)
+        ft.compute_fisher(model, [stack(calibration_rows()[:2])], num_samples=2, engine="loop", progress=False)
     except ValueError as err:
-        count += "FSDP2-sharded" in str(err) and "method='loop'" in str(err)
+        count += "FSDP2-sharded" in str(err) and "engine='loop'" in str(err)
     column = distribute_tensor(torch.zeros(4, 6), init_device_mesh("cpu", (dist.get_world_size(),)), [Shard(1)])
     try:
         shard_rows(column)
@@ -110,7 +110,7 @@ def resume(mask, out, rank, world):
     dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=ckpt)
     torch.save(opt.state_dict(), os.path.join(ckpt, f"optim_rank{rank}.pt"))
     if rank == 0:
-        mask.save(os.path.join(ckpt, ft.FISH_MASK_NAME))
+        mask.save(os.path.join(ckpt, ft.FishMask.FILE_NAME))
     dist.barrier()
     opt.close()
     del model, opt
@@ -119,7 +119,7 @@ def resume(mask, out, rank, world):
     state = {"model": get_model_state_dict(model)}
     dcp.load(state, checkpoint_id=ckpt)
     set_model_state_dict(model, state["model"])
-    loaded = ft.FishMask.load(os.path.join(ckpt, ft.FISH_MASK_NAME))
+    loaded = ft.FishMask.load(os.path.join(ckpt, ft.FishMask.FILE_NAME))
     opt = ft.SparseAdamW(model, loaded, **OPT)
     opt.load_state_dict(torch.load(os.path.join(ckpt, f"optim_rank{rank}.pt"), weights_only=True))
     train(model, loaded, opt, rank, world, train_batches()[1:])
@@ -164,7 +164,7 @@ def main(out: str, mode: str) -> None:
         before = full(model, mask.names)
         if kind == "sparse":
             opt = ft.SparseAdamW(model, mask, **OPT)
-            stats["kept_local"] = torch.tensor(sum(i.numel() for i in opt._index.values()))
+            stats["kept_local"] = torch.tensor(sum(e.index.numel() for e in opt.local_mask.entries.values()))
         else:
             opt = ft.make_optimizer(model, mask, sparse=False, **OPT)
         t0 = time.perf_counter()

@@ -184,10 +184,10 @@ def check_resume(out: Path, single: dict) -> None:
             assert torch.equal(resumed[f"after.{name}"], full[f"after.{name}"]), f"{name} differs after resume"
     for step in range(1, STEPS + 1):
         ckpt = out / "full" / f"checkpoint-{step}"
-        mask, ref = ft.FishMask.load(ckpt / ft.FISH_MASK_NAME), single["mask"]
+        mask, ref = ft.FishMask.load(ckpt / ft.FishMask.FILE_NAME), single["mask"]
         # what one process writes, but for the Fisher sums in meta (another summation order) and the adapter digest
-        assert (mask.shapes, mask.always_train, mask.frozen, mask.strategy) == (
-            ref.shapes, ref.always_train, ref.frozen, ref.strategy)
+        assert (mask.shapes, mask.always_train, mask.excluded, mask.strategy) == (
+            ref.shapes, ref.always_train, ref.excluded, ref.strategy)
         assert all(torch.equal(mask.indices[n], ref.indices[n]) for n in ref.names)
         assert not list(ckpt.glob("fish_mask*rank*"))
-    assert (out / "full" / ft.FISH_MASK_NAME).exists()
+    assert (out / "full" / ft.FishMask.FILE_NAME).exists()

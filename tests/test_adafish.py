@@ -7,6 +7,7 @@ from scipy.linalg import fractional_matrix_power
 
 import fish_tuning as ft
 from conftest import cls_batches, lora, tiny_bert
+from fish_tuning.adafish import lora_factors, make_adafish
 
 
 def factor_groups(B, A, *others):
@@ -160,7 +161,7 @@ def test_non_lora_parameters_follow_adamw_exactly():
 
 
 def test_factors_from_peft_and_r_by_r_state(bert_lora):
-    kinds = ft.lora_factors(bert_lora)
+    kinds = lora_factors(bert_lora)
     assert kinds and all((".lora_A." in n) == (k == "A") and (".lora_B." in n) == (k == "B")
                          for n, k in kinds.items())
     opt = ft.AdaFish(bert_lora, lr=1e-3)
@@ -181,7 +182,7 @@ def test_factors_from_peft_and_r_by_r_state(bert_lora):
 
 def test_embedding_lora_factors_are_found():
     model = lora(tiny_bert(), targets=("word_embeddings", "query"))
-    kinds = ft.lora_factors(model)
+    kinds = lora_factors(model)
     emb = {n: k for n, k in kinds.items() if "embedding" in n}
     assert sorted(emb.values()) == ["A", "B"]
     opt = ft.AdaFish(model)
@@ -193,7 +194,7 @@ def test_embedding_lora_factors_are_found():
 
 def test_dora_magnitude_falls_back_to_adamw():
     model = lora(tiny_bert(), use_dora=True)
-    kinds = ft.lora_factors(model)
+    kinds = lora_factors(model)
     assert not any("magnitude" in n for n in kinds)
     opt = ft.AdaFish(model)
     model(**cls_batches(n_batches=1)[0]).loss.backward()
@@ -208,7 +209,7 @@ def test_per_sample_fisher_equals_the_sum_over_examples(bert_lora):
     b = len(batch["labels"])
     bert_lora.eval()  # no dropout: single-example passes give the batch's per-example gradients
     twin = copy.deepcopy(bert_lora)
-    kinds = ft.lora_factors(bert_lora)
+    kinds = lora_factors(bert_lora)
     want = {n: 0.0 for n in kinds}
     for i in range(b):
         twin.zero_grad()
@@ -245,7 +246,7 @@ def test_masked_entries_bit_identical(bert_lora, kw):
     batches = cls_batches(n_batches=4)
     mask = fish_mask(bert_lora, batches)
     before = {n: p.detach().clone() for n, p in bert_lora.named_parameters()}
-    opt = ft.make_adafish(bert_lora, mask=mask, lr=1e-2, weight_decay=0.1, **kw)
+    opt = make_adafish(bert_lora, mask=mask, lr=1e-2, weight_decay=0.1, **kw)
     assert isinstance(opt, ft.MaskedOptimizer) and isinstance(opt.optimizer, ft.AdaFish)
     bert_lora.train()
     for step in range(5):
@@ -292,7 +293,7 @@ def test_masked_gradients_stay_out_of_the_fisher_statistics(bert_lora):
     bert_lora(**batches[0]).loss.backward()
     opt.step()
     named = dict(bert_lora.named_parameters())
-    for name, kind in ft.lora_factors(bert_lora).items():
+    for name, kind in lora_factors(bert_lora).items():
         g = full[name] * mask.bool_mask(name)
         gr = g if kind == "A" else g.T  # rank-major [r, n]
         want = (1 - b2) * gr @ gr.T / gr.shape[1]
@@ -357,9 +358,9 @@ def test_hf_trainer_with_masked_adafish(bert_lora, tmp_path):
     rows = [{k: v[i] for k, v in b.items()} for b in batches for i in range(len(b["labels"]))]
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to=[],
                              save_strategy="no", use_cpu=True, learning_rate=1e-2, logging_strategy="no")
-    opt = ft.make_adafish(bert_lora, mask=mask, lr=1e-2)
+    opt = make_adafish(bert_lora, mask=mask, lr=1e-2)
     Trainer(model=bert_lora, args=args, train_dataset=rows, optimizers=(opt, None)).train()
-    factor = next(p for n, p in bert_lora.named_parameters() if n in ft.lora_factors(bert_lora))
+    factor = next(p for n, p in bert_lora.named_parameters() if n in lora_factors(bert_lora))
     assert opt.state[factor]["step"] == 3
     moved = 0
     for name, p in bert_lora.named_parameters():

@@ -12,6 +12,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 import fish_tuning as ft
 from conftest import cls_batches, lm_batches, lora, tiny_bert, tiny_llama
+from fish_tuning.methods.peft import check_lora_init
 from helpers import snapshot
 
 
@@ -39,16 +40,16 @@ class FlatTokens(nn.Module):
 
 @pytest.mark.parametrize("rows_of_first_sample", [False, True])
 def test_vectorised_fisher_checks_rows_are_samples(rows_of_first_sample):
-    """Audit item 4: method='auto' vs 'loop' differed by 0.63 (relative) with [B*T, H] inputs."""
+    """Audit item 4: engine='auto' vs 'loop' differed by 0.63 (relative) with [B*T, H] inputs."""
     model = FlatTokens(rows_of_first_sample)
     batches = cls_batches(2, batch_size=8)
     params = ["proj.weight", "proj.bias"]
     auto = ft.compute_fisher(model, batches, num_samples=16, params=params, progress=False)
-    loop = ft.compute_fisher(model, batches, num_samples=16, params=params, method="loop", progress=False)
+    loop = ft.compute_fisher(model, batches, num_samples=16, params=params, engine="loop", progress=False)
     for n in params:
         torch.testing.assert_close(auto[n], loop[n], rtol=1e-4, atol=1e-9)
     with pytest.raises(RuntimeError, match="not exact"):
-        ft.compute_fisher(model, batches, num_samples=16, params=params, method="vectorized", progress=False)
+        ft.compute_fisher(model, batches, num_samples=16, params=params, engine="vectorized", progress=False)
 
 
 # ----------------------------------------------------------------------------- 5: embedding LoRA
@@ -78,11 +79,11 @@ def test_probe_is_not_blinded_by_identical_samples_or_small_gradients(scale, dup
         x[1], y[1] = x[0], y[0]
     batches = [{"x": x[i: i + 8], "labels": y[i: i + 8]} for i in (0, 8)]
     auto = ft.compute_fisher(model, batches, num_samples=16, params=["lora.weight"], progress=False)["lora.weight"]
-    loop = ft.compute_fisher(model, batches, num_samples=16, params=["lora.weight"], method="loop",
+    loop = ft.compute_fisher(model, batches, num_samples=16, params=["lora.weight"], engine="loop",
                              progress=False)["lora.weight"]
     torch.testing.assert_close(auto, loop, rtol=1e-5, atol=0)
     with pytest.raises(RuntimeError, match="not exact"):
-        ft.compute_fisher(model, batches, num_samples=16, params=["lora.weight"], method="vectorized", progress=False)
+        ft.compute_fisher(model, batches, num_samples=16, params=["lora.weight"], engine="vectorized", progress=False)
 
 
 def test_embedding_lora_zero_init_trap_is_named():
@@ -90,7 +91,7 @@ def test_embedding_lora_zero_init_trap_is_named():
     model = get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj"],
                                                     init_lora_weights="pissa", task_type="CAUSAL_LM"))
     with pytest.warns(UserWarning, match="embedding LoRA factor.*lora_embedding_A"):
-        zero = ft.check_lora_init(model)
+        zero = check_lora_init(model)
     assert any("lora_embedding_A" in z for z in zero)
     with pytest.warns(ft.ZeroFisherWarning, match="lora_embedding_B has zero gradient"):
         scores = ft.compute_fisher(model, lm_batches(1), num_samples=8, params=ft.peft_candidates(model),
@@ -139,7 +140,7 @@ def test_interrupted_save_adapter_never_leaves_a_mixed_pair(tmp_path, monkeypatc
     real_replace = os.replace
 
     def replace(src, dst):
-        if str(dst) == str(tmp_path / "a" / ft.FISH_MASK_NAME):  # the last move of save_adapter
+        if str(dst) == str(tmp_path / "a" / ft.FishMask.FILE_NAME):  # the last move of save_adapter
             raise KeyboardInterrupt()
         return real_replace(src, dst)
 

@@ -9,7 +9,8 @@ import pytest
 
 import fish_tuning as ft
 from fish_tuning.cli import main
-from fish_tuning.commands.maskview import grid, module_kind
+from fish_tuning.commands.maskview import grid
+from fish_tuning.mask import module_of
 from test_cli_train import FAST, tiny  # noqa: F401  (module-scoped fixture: tiny models and data files)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -71,14 +72,14 @@ def test_train_selects_the_mask_that_fish_tune_mask_showed(tiny, tmp_path):  # n
     fast = [a for a in FAST if a not in ("--num_samples", "16", "--per_device_train_batch_size", "8")]
     assert main(["train", *common, "--output_dir", str(tmp_path / "run"), *fast]) == 0
     shown = ft.FishMask.load(tmp_path / "m.safetensors")
-    trained = ft.FishMask.load(tmp_path / "run" / ft.FISH_MASK_NAME)
+    trained = ft.FishMask.load(tmp_path / "run" / ft.FishMask.FILE_NAME)
     assert shown.fingerprint() == trained.fingerprint()
 
 
 def test_grid_columns_drop_any_adapter_name():
-    assert module_kind("base_model.model.bert.encoder.layer.3.attention.self.query.lora_A.sst2.weight") == \
+    assert module_of("base_model.model.bert.encoder.layer.3.attention.self.query.lora_A.sst2.weight") == \
         "query.lora_A"
-    assert module_kind("base_model.model.model.layers.0.self_attn.v_proj.lora_magnitude_vector.default.weight") \
+    assert module_of("base_model.model.model.layers.0.self_attn.v_proj.lora_magnitude_vector.default.weight") \
         == "v_proj.lora_magnitude_vector"
     import torch
 

@@ -75,13 +75,13 @@ def test_keep_1_or_dense_trains_every_entry_without_a_fisher_pass(tiny, tmp_path
     assert main(["train", "--model_name_or_path", str(tiny["bert"]), "--train_file", str(tiny["csv"]), "--dense",
                  "--output_dir", str(out), *FAST]) == 0
     assert "with lora + dense (every entry, no Fisher pass)" in capsys.readouterr().out
-    mask = ft.FishMask.load(out / ft.FISH_MASK_NAME)
+    mask = ft.FishMask.load(out / ft.FishMask.FILE_NAME)
     assert mask.num_selected == mask.num_candidates == 2048
     assert json.loads((out / "train_results.json").read_text())["fisher_runtime"] == 0.0
     assert "Dense baseline" in (out / "README.md").read_text()
     assert main(["train", "--model_name_or_path", str(tiny["bert"]), "--train_file", str(tiny["csv"]), "--keep",
                  "1.0", "--exclude", "layer\\.0\\.", "--output_dir", str(tmp_path / "keep1"), *FAST]) == 0
-    assert ft.FishMask.load(tmp_path / "keep1" / ft.FISH_MASK_NAME).num_selected == 1024  # layer 1 only
+    assert ft.FishMask.load(tmp_path / "keep1" / ft.FishMask.FILE_NAME).num_selected == 1024  # layer 1 only
 
 
 @pytest.mark.parametrize("extra, message", [

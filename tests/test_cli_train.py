@@ -93,9 +93,9 @@ def test_classification_from_csv_writes_adapter_mask_and_the_real_count(tiny, tm
     assert rc == 0
     printed = capsys.readouterr().out
     assert "classification with lora" in printed
-    for name in ("adapter_config.json", "adapter_model.safetensors", ft.FISH_MASK_NAME, "fish_mask.json"):
+    for name in ("adapter_config.json", "adapter_model.safetensors", ft.FishMask.FILE_NAME, "fish_mask.json"):
         assert (out_dir / name).is_file(), name
-    mask = ft.FishMask.load(out_dir / ft.FISH_MASK_NAME)
+    mask = ft.FishMask.load(out_dir / ft.FishMask.FILE_NAME)
     assert mask.num_selected == round(0.1 * mask.num_candidates)
     summary = json.loads((out_dir / "fish_mask.json").read_text())
     assert summary["num_selected"] == mask.num_selected
@@ -131,7 +131,7 @@ def test_regression_from_float_labels(tiny, tmp_path, capsys):
                  "--validation_file", str(tiny["reg"]), "--budget", "50", "--output_dir", str(out_dir), *FAST]) == 0
     printed = capsys.readouterr().out
     assert "regression with lora" in printed
-    assert ft.FishMask.load(out_dir / ft.FISH_MASK_NAME).num_selected == 50
+    assert ft.FishMask.load(out_dir / ft.FishMask.FILE_NAME).num_selected == 50
     assert "eval_mse" in json.loads((out_dir / "eval_results.json").read_text())
 
 
@@ -142,7 +142,7 @@ def test_causal_lm_sft_from_prompt_completion_jsonl(tiny, tmp_path, capsys):
                  "--keep", "0.05", "--output_dir", str(out_dir), "--max_length", "32", *FAST]) == 0
     printed = capsys.readouterr().out
     assert "causal-lm with lora" in printed
-    mask = ft.FishMask.load(out_dir / ft.FISH_MASK_NAME)
+    mask = ft.FishMask.load(out_dir / ft.FishMask.FILE_NAME)
     assert mask.num_selected == round(0.05 * mask.num_candidates)
     assert _trainable(printed) == mask.num_selected  # a causal LM has no head outside the budget
     assert json.loads((out_dir / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
@@ -166,7 +166,7 @@ def test_fish_figures_reach_the_reporters(tiny, tmp_path, monkeypatch, capsys):
             "--output_dir", str(out_dir), *FAST, "--logging_steps", "1"]
     assert main(argv) == 0
     logs = [json.loads(line) for line in logfile.read_text().splitlines()]
-    kept = ft.FishMask.load(out_dir / ft.FISH_MASK_NAME).num_selected
+    kept = ft.FishMask.load(out_dir / ft.FishMask.FILE_NAME).num_selected
     assert logs[0]["fish/kept"] == kept and "loss" in logs[0]
     assert logs[0]["fish/trainable"] == _trainable(capsys.readouterr().out)
     assert all("fish/kept" not in log for log in logs[1:])  # once, not on every log
@@ -282,9 +282,9 @@ def test_other_peft_methods(tiny, tmp_path, method, candidates, kind):
     targets = ["--target_modules", "query", "value"] if method == "loha" else []
     assert main(["train", "--model_name_or_path", str(tiny["bert"]), "--train_file", str(tiny["csv"]), "--peft",
                  method, *targets, "--keep", "0.1", "--output_dir", str(out_dir), *FAST, "--max_steps", "1"]) == 0
-    mask = ft.FishMask.load(out_dir / ft.FISH_MASK_NAME)
+    mask = ft.FishMask.load(out_dir / ft.FishMask.FILE_NAME)
     assert mask.num_candidates == candidates
-    assert any(kind in k for k in mask.per_kind()), mask.per_kind()
+    assert any(kind in k for k in mask.per_module()), mask.per_module()
     assert mask.num_selected == round(0.1 * mask.num_candidates)
 
 
@@ -308,7 +308,7 @@ def test_sft_from_a_chat_messages_column(tiny, tmp_path, capsys):
     assert main(["train", "--model_name_or_path", str(model_dir), "--train_file", str(data), "--budget", "40",
                  "--output_dir", str(out_dir), "--max_length", "32", *FAST]) == 0
     assert "causal-lm with lora" in capsys.readouterr().out
-    assert ft.FishMask.load(out_dir / ft.FISH_MASK_NAME).num_selected == 40
+    assert ft.FishMask.load(out_dir / ft.FishMask.FILE_NAME).num_selected == 40
 
 
 def test_resume_from_checkpoint_true_keeps_the_checkpoint_mask(tiny, tmp_path, capsys):
@@ -317,10 +317,10 @@ def test_resume_from_checkpoint_true_keeps_the_checkpoint_mask(tiny, tmp_path, c
             "--output_dir", str(out_dir), "--per_device_train_batch_size", "8", "--num_samples", "16",
             "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "steps", "--save_steps", "1"]
     assert main([*base, "--max_steps", "2"]) == 0
-    first = ft.FishMask.load(out_dir / "checkpoint-2" / ft.FISH_MASK_NAME)
+    first = ft.FishMask.load(out_dir / "checkpoint-2" / ft.FishMask.FILE_NAME)
     # a fresh selection with rand would give another mask; on resume the checkpoint's fish mask is used instead
     assert main([*base, "--max_steps", "3", "--resume_from_checkpoint", "true", "--strategy", "rand"]) == 0
-    assert ft.FishMask.load(out_dir / ft.FISH_MASK_NAME).fingerprint() == first.fingerprint()
+    assert ft.FishMask.load(out_dir / ft.FishMask.FILE_NAME).fingerprint() == first.fingerprint()
     assert (out_dir / "checkpoint-3").is_dir()
 
 
@@ -345,7 +345,7 @@ def test_minilm_package_from_a_local_csv(tiny, tmp_path, capsys):
     out_dir = tmp_path / "minilm"
     assert main(["train", "--model_name_or_path", "minilm", "--train_file", str(tiny["csv"]), "--keep", "0.05",
                  "--output_dir", str(out_dir), *FAST]) == 0
-    mask = ft.FishMask.load(out_dir / ft.FISH_MASK_NAME)
+    mask = ft.FishMask.load(out_dir / ft.FishMask.FILE_NAME)
     assert mask.num_candidates == 6 * 2 * 2 * 8 * 384  # 6 layers x (query, value) x (A, B) of r 8 x 384
     assert mask.num_selected == round(0.05 * mask.num_candidates)
     assert "trainable params:" in capsys.readouterr().out
@@ -395,7 +395,7 @@ def test_allocation_score_and_warmup_flags_reach_the_mask(tiny, tmp_path, capsys
     assert main(["train", "--model_name_or_path", str(tiny["bert"]), "--train_file", str(tiny["csv"]),
                  "--budget", "64", "--allocation", "uniform", "--score", "consistency", "--fish_warmup_steps", "1",
                  "--output_dir", str(out_dir), *FAST]) == 0
-    mask = ft.FishMask.load(out_dir / ft.FISH_MASK_NAME)
+    mask = ft.FishMask.load(out_dir / ft.FishMask.FILE_NAME)
     assert mask.num_selected == 64 and mask.meta["allocation"] == "uniform"
     assert {int(i.numel()) for i in mask.indices.values()} == {8}  # 8 same-shaped tensors, the same density
     config = mask.meta["fish_config"]
@@ -412,13 +412,13 @@ def test_refresh_flags_move_the_mask_and_the_saved_mask_is_the_one_in_force(tiny
     assert main(["train", "--model_name_or_path", str(tiny["bert"]), "--train_file", str(tiny["csv"]),
                  "--budget", "64", "--refresh_every", "2", "--refresh_fraction", "0.5", "--output_dir", str(out_dir),
                  *fast]) == 0
-    mask = ft.FishMask.load(out_dir / ft.FISH_MASK_NAME)
+    mask = ft.FishMask.load(out_dir / ft.FishMask.FILE_NAME)
     history = mask.meta["refresh"]["history"]
     assert mask.num_selected == 64 and [h["step"] for h in history] == [2, 4, 6]
     assert all(h["dropped"] == h["regrown"] > 0 for h in history)
     # fish-tune mask --show draws how the mask moved: per layer x module, the kept entries not kept at first
     capsys.readouterr()
-    assert main(["mask", "--show", str(out_dir / ft.FISH_MASK_NAME), "--summary_json", str(tmp_path / "s.json"),
+    assert main(["mask", "--show", str(out_dir / ft.FishMask.FILE_NAME), "--summary_json", str(tmp_path / "s.json"),
                  "--png", str(tmp_path / "m.png")]) == 0
     printed = capsys.readouterr().out
     assert "the mask moved during training: 3 refreshes" in printed

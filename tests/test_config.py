@@ -9,7 +9,7 @@ import fish_tuning as ft
 @pytest.mark.parametrize("kwargs,match", [
     (dict(keep=0.1, budget=5), "exactly one"), (dict(keep=2.0), "keep"), (dict(budget=-1), "budget"),
     (dict(strategy="best"), "strategy"), (dict(alpha=2), "alpha"), (dict(num_samples=0), "num_samples"),
-    (dict(fisher_kind="true"), "fisher_kind"), (dict(fisher_method="fast"), "fisher_method"),
+    (dict(fisher_kind="true"), "fisher_kind"), (dict(fisher_engine="fast"), "fisher_engine"),
     (dict(exclude=["layer["]), "exclude"), (dict(seed=-3), "seed"),
 ])
 def test_bad_values_are_refused_at_construction(kwargs, match):
@@ -45,6 +45,6 @@ def test_config_is_saved_in_the_mask_file(tmp_path):
     cb = ft.FishCallback(config=cfg)
     model = lora(tiny_bert(), modules_to_save=["classifier"])
     Trainer(model=model, args=make_args(tmp_path, steps=2), train_dataset=bert_rows(), callbacks=[cb]).train()
-    saved = ft.FishMask.load(tmp_path / ft.FISH_MASK_NAME, model=model)
+    saved = ft.FishMask.load(tmp_path / ft.FishMask.FILE_NAME, model=model)
     assert saved.meta["fish_config"] == cfg.to_dict() and saved.meta["alpha"] == 0.25
     assert saved.strategy == "fish_balanced" and saved.fingerprint() == cb.mask.fingerprint()

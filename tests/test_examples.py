@@ -24,8 +24,8 @@ def test_python_api_example_writes_an_adapter_and_mask_that_load_back(tmp_path, 
     _run("python_api.py", monkeypatch, "--tiny", "--steps", "2", "--output_dir", str(out))
     printed = capsys.readouterr().out
     assert "FishMask strategy=fish kept" in printed and "step 2: loss" in printed
-    assert (out / "adapter_config.json").is_file() and (out / ft.FISH_MASK_NAME).is_file()
-    mask = ft.FishMask.load(out / ft.FISH_MASK_NAME)
+    assert (out / "adapter_config.json").is_file() and (out / ft.FishMask.FILE_NAME).is_file()
+    mask = ft.FishMask.load(out / ft.FishMask.FILE_NAME)
     assert mask.num_selected == round(0.05 * mask.num_candidates)
     assert f"trainable entries: {mask.num_selected + 32 * 2 + 2:,}" in printed  # + the classifier head
 
@@ -36,7 +36,7 @@ def test_trainer_example_runs_with_the_callback(tmp_path, monkeypatch, capsys):
     _run("trainer_callback.py", monkeypatch, "--tiny", "--max_steps", "2", "--output_dir", str(out))
     printed = capsys.readouterr().out
     assert "dev accuracy:" in printed
-    mask = ft.FishMask.load(out / ft.FISH_MASK_NAME)
+    mask = ft.FishMask.load(out / ft.FishMask.FILE_NAME)
     assert f"trainable entries: {mask.num_selected + 32 * 2 + 2:,}" in printed
 
 
@@ -78,5 +78,5 @@ def test_readme_cli_commands_run_as_written(tmp_path, monkeypatch, capsys):
         elif "--show" not in argv:
             argv += ["--num_samples", "8", "--png", "none"]
         assert main(argv) == 0, (argv, capsys.readouterr().err[-1500:])
-    assert (tmp_path / "out" / ft.FISH_MASK_NAME).is_file() and (tmp_path / "mask.json").is_file()
-    assert ft.FishMask.load(tmp_path / "sft" / ft.FISH_MASK_NAME).num_selected == 100
+    assert (tmp_path / "out" / ft.FishMask.FILE_NAME).is_file() and (tmp_path / "mask.json").is_file()
+    assert ft.FishMask.load(tmp_path / "sft" / ft.FishMask.FILE_NAME).num_selected == 100

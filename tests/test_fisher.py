@@ -4,6 +4,7 @@ import torch
 import fish_tuning as ft
 from conftest import cls_batches, lm_batches, lora, tiny_bert, tiny_llama
 from fish_tuning.fisher import per_sample_log_likelihood
+from fish_tuning.methods.peft import check_lora_init
 
 
 def brute_force(model, batches, names):
@@ -31,19 +32,19 @@ def assert_close(got, ref, rtol=1e-4):
         assert err <= rtol, f"{n}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("method", ["vectorized", "loop"])
-def test_classifier_fisher_matches_brute_force(bert_lora, method):
+@pytest.mark.parametrize("engine", ["vectorized", "loop"])
+def test_classifier_fisher_matches_brute_force(bert_lora, engine):
     batches = cls_batches(n_batches=2, batch_size=8)
     names = ft.peft_candidates(bert_lora)
-    got = ft.compute_fisher(bert_lora, batches, num_samples=16, params=names, method=method, progress=False)
+    got = ft.compute_fisher(bert_lora, batches, num_samples=16, params=names, engine=engine, progress=False)
     assert_close(got, brute_force(bert_lora, batches, names))
 
 
-@pytest.mark.parametrize("method", ["vectorized", "loop"])
-def test_causal_lm_fisher_with_ignored_labels_matches_brute_force(llama_lora, method):
+@pytest.mark.parametrize("engine", ["vectorized", "loop"])
+def test_causal_lm_fisher_with_ignored_labels_matches_brute_force(llama_lora, engine):
     batches = lm_batches(n_batches=2, batch_size=8)
     names = ft.peft_candidates(llama_lora)
-    got = ft.compute_fisher(llama_lora, batches, num_samples=16, params=names, method=method, progress=False)
+    got = ft.compute_fisher(llama_lora, batches, num_samples=16, params=names, engine=engine, progress=False)
     assert_close(got, brute_force(llama_lora, batches, names))
 
 
@@ -135,7 +136,7 @@ def test_zero_fisher_warning_for_default_lora_init_not_pissa():
 
 def test_check_lora_init_warns_on_zero_b():
     with pytest.warns(UserWarning, match="pissa"):
-        assert ft.check_lora_init(lora(tiny_bert(), init=True))
+        assert check_lora_init(lora(tiny_bert(), init=True))
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import fish_tuning as ft
 from conftest import cls_batches, lm_batches, lora, tiny_bert
 from fish_tuning.loglik import sample_labels
 
-METHODS = ["auto", "vectorized", "loop"]
+ENGINES = ["auto", "vectorized", "loop"]
 
 
 def _examples(n=4, seed=0):
@@ -44,13 +44,13 @@ def _forwards(model):
 
 
 @pytest.mark.parametrize("layout", ["position_ids", "cu_seq_lens", "seq_idx"])
-@pytest.mark.parametrize("method", METHODS)
-def test_packed_batch_raises_before_any_pass(llama_lora, method, layout):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_packed_batch_raises_before_any_pass(llama_lora, engine, layout):
     batch = _packed(layout)
     assert batch["input_ids"].shape[0] == 1  # one row, four examples
     calls, handle = _forwards(llama_lora)
     with pytest.raises(ValueError, match="packed") as err:
-        ft.compute_fisher(llama_lora, [batch], num_samples=4, method=method, progress=False)
+        ft.compute_fisher(llama_lora, [batch], num_samples=4, engine=engine, progress=False)
     handle.remove()
     assert "DataCollatorWithPadding" in str(err.value) and "FishCallback(mask=" in str(err.value)
     assert not calls  # refused before the model ran
@@ -62,8 +62,8 @@ def test_packed_batch_after_normal_ones_raises(llama_lora):
         ft.compute_fisher(llama_lora, batches, num_samples=8, progress=False)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_padded_batches_with_position_ids_still_work(llama_lora, method):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_padded_batches_with_position_ids_still_work(llama_lora, engine):
     """Left padding (positions 1, 1, 0, 1, ... as generation builds them) and right padding at position 0 are
     padding, not packing; one example per flattened row is one sample."""
     batch = lm_batches(1, 4)[0]
@@ -75,8 +75,8 @@ def test_padded_batches_with_position_ids_still_work(llama_lora, method):
     pos[1, -2:] = 0
     batch["position_ids"] = pos
     single = [DataCollatorWithFlattening(return_flash_attn_kwargs=True)([ex]) for ex in _examples(2)]
-    got = ft.compute_fisher(llama_lora, [batch] + single, num_samples=6, method=method, progress=False)
-    ref = ft.compute_fisher(llama_lora, [batch] + single, num_samples=6, method="loop", progress=False)
+    got = ft.compute_fisher(llama_lora, [batch] + single, num_samples=6, engine=engine, progress=False)
+    ref = ft.compute_fisher(llama_lora, [batch] + single, num_samples=6, engine="loop", progress=False)
     assert _rel_err(got, ref) <= 1e-5
     assert sum(float(v.sum()) for v in got.values()) > 0
 
@@ -92,29 +92,29 @@ def _rows(batch, idx):
     return {k: v[idx] for k, v in batch.items()}
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_ignored_class_labels_are_not_samples(method):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_ignored_class_labels_are_not_samples(engine):
     model = lora(tiny_bert())
     batches = _cls_with_ignored()
     labelled = [1, 3, 4, 5, 6]
     # num_samples=8 counts labelled rows: the 5 of batch 0, then the first 3 of batch 1
-    got = ft.compute_fisher(model, batches, num_samples=8, method=method, progress=False)
+    got = ft.compute_fisher(model, batches, num_samples=8, engine=engine, progress=False)
     ref = ft.compute_fisher(model, [_rows(batches[0], labelled), _rows(batches[1], slice(0, 3))], num_samples=8,
-                            method="loop", progress=False)
+                            engine="loop", progress=False)
     assert _rel_err(got, ref) <= 1e-5
     # N is the labelled count: one batch with 3 unlabelled rows scores 5 samples
     with pytest.warns(UserWarning, match="only 5 samples available"):
-        one = ft.compute_fisher(model, batches[:1], num_samples=8, method=method, progress=False)
-    ref5 = ft.compute_fisher(model, [_rows(batches[0], labelled)], num_samples=5, method="loop", progress=False)
+        one = ft.compute_fisher(model, batches[:1], num_samples=8, engine=engine, progress=False)
+    ref5 = ft.compute_fisher(model, [_rows(batches[0], labelled)], num_samples=5, engine="loop", progress=False)
     assert _rel_err(one, ref5) <= 1e-5
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_ignored_class_labels_expected_fisher(method):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_ignored_class_labels_expected_fisher(engine):
     """Drawn labels keep the unlabelled rows unlabelled: 5 samples, not 8."""
     model = lora(tiny_bert())
     with pytest.warns(UserWarning, match="only 5 samples available"):
-        got = ft.compute_fisher(model, _cls_with_ignored()[:1], num_samples=8, kind="expected", method=method,
+        got = ft.compute_fisher(model, _cls_with_ignored()[:1], num_samples=8, kind="expected", engine=engine,
                                 progress=False)
     assert all(torch.isfinite(v).all() for v in got.values())
 
@@ -127,11 +127,11 @@ def test_sample_labels_keeps_unlabelled_rows():
     assert all(0 <= int(d) < 3 for i, d in enumerate(drawn) if i not in (1, 3))
 
 
-@pytest.mark.parametrize("method", ["auto", "loop"])
-def test_every_class_label_ignored_raises_clearly(method):
+@pytest.mark.parametrize("engine", ["auto", "loop"])
+def test_every_class_label_ignored_raises_clearly(engine):
     model = lora(tiny_bert())
     batches = cls_batches(2, 4)
     for b in batches:
         b["labels"][:] = -100
     with pytest.raises(ValueError, match="every label of the calibration batches is -100"):
-        ft.compute_fisher(model, batches, num_samples=8, method=method, progress=False)
+        ft.compute_fisher(model, batches, num_samples=8, engine=engine, progress=False)

@@ -4,7 +4,7 @@ The reference owns nothing of the library's: one sample at a time (batch size 1)
 own output, log p(y|x) written out here (class: the model's own cross-entropy loss; causal LM: the model's own
 token-mean loss times its label-token count; regression: a unit-variance Gaussian over every output; multi-label:
 a Bernoulli per output), each sample's gradient squared in float64 and averaged. Each configuration below is one an
-outsider would try; ``method="auto"`` must match it to float tolerance (the engine it picks is free).
+outsider would try; ``engine="auto"`` must match it to float tolerance (the engine it picks is free).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from transformers import (
 )
 
 import fish_tuning as ft
-from fish_tuning.loglik import ModelLogLik
+from fish_tuning.loglik import ModelLogLik, per_sample_log_likelihood
 
 V = 64
 RTOL = 1e-4
@@ -279,7 +279,7 @@ def test_expected_fisher_of_several_output_regression_draws_gaussian_labels():
     model = lora(bert(3, problem_type="regression"), target_modules=["query"], task_type="SEQ_CLS")
     batches = cls_batches(n=1, labels="regression", classes=3)
     logits = model(**{k: v for k, v in batches[0].items() if k != "labels"}).logits.detach()
-    ll = ModelLogLik(ft.per_sample_log_likelihood, model)
+    ll = ModelLogLik(per_sample_log_likelihood, model)
     drawn = ll.sample(logits, batches[0]["labels"], torch.Generator().manual_seed(0))
     assert drawn.shape == logits.shape and drawn.is_floating_point()
     assert not bool(((drawn == 0) | (drawn == 1)).all()), "labels drawn as Bernoulli 0/1, not Gaussian"

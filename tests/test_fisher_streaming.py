@@ -17,15 +17,15 @@ def test_row_chunks_match_brute_force(bert_lora, monkeypatch):
     batches = cls_batches(n_batches=2, batch_size=8)
     names = [n for n, p in bert_lora.named_parameters() if p.requires_grad]  # LoRA plus the dense head
     calls = []
-    real = per_sample.LinearPerSampleHooks._record
+    real = per_sample.PerSampleHooks._record
 
     def spy(self, name, g, a):
         calls.append(self.chunk_elems)
         return real(self, name, g, a)
 
     monkeypatch.setattr(per_sample, "CHUNK_ELEMS", 64)  # fewer entries than one sample's gradient: 1 row a chunk
-    monkeypatch.setattr(per_sample.LinearPerSampleHooks, "_record", spy)
-    got = ft.compute_fisher(bert_lora, batches, num_samples=16, params=names, method="vectorized", progress=False)
+    monkeypatch.setattr(per_sample.PerSampleHooks, "_record", spy)
+    got = ft.compute_fisher(bert_lora, batches, num_samples=16, params=names, engine="vectorized", progress=False)
     assert calls and set(calls) == {64}
     assert_close(got, brute_force(bert_lora, batches, names))
 
@@ -54,7 +54,7 @@ def test_module_used_twice_matches_brute_force(monkeypatch, chunk):
     for b in batches:
         b.pop("attention_mask")
     names = ["lin.weight", "lin.bias", "head.weight"]
-    got = ft.compute_fisher(model, batches, num_samples=12, params=names, method="vectorized", progress=False)
+    got = ft.compute_fisher(model, batches, num_samples=12, params=names, engine="vectorized", progress=False)
     assert_close(got, brute_force(model, batches, names))
 
 

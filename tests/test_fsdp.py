@@ -153,9 +153,9 @@ def test_fsdp_resume_from_sharded_checkpoint_equals_uninterrupted(fsdp_out, sing
         assert torch.equal(w[0][f"resumed.{name}"], w[0][f"sparse.after.{name}"]), f"{name} differs after resume"
         assert torch.equal(w[1][f"resumed.{name}"], w[0][f"sparse.after.{name}"])
     # the checkpoint's mask file is the consolidated one: byte for byte what one process writes
-    ft.select_mask(single_fisher, keep=KEEP).save(tmp_path / ft.FISH_MASK_NAME)
-    written = (fsdp_out / "ckpt" / ft.FISH_MASK_NAME).read_bytes()
-    assert written == (tmp_path / ft.FISH_MASK_NAME).read_bytes()
+    ft.select_mask(single_fisher, keep=KEEP).save(tmp_path / ft.FishMask.FILE_NAME)
+    written = (fsdp_out / "ckpt" / ft.FishMask.FILE_NAME).read_bytes()
+    assert written == (tmp_path / ft.FishMask.FILE_NAME).read_bytes()
     assert sorted(p.name for p in (fsdp_out / "ckpt").glob("optim_rank*.pt")) == ["optim_rank0.pt", "optim_rank1.pt"]
 
 
@@ -163,7 +163,7 @@ def test_fsdp_resume_from_sharded_checkpoint_equals_uninterrupted(fsdp_out, sing
 def test_fsdp_sparse_state_is_this_ranks_share(fsdp_out):
     mask = ft.FishMask.load(fsdp_out / "mask_rank0.safetensors")
     w = [load_file(fsdp_out / f"weights_rank{r}.safetensors") for r in range(2)]
-    # distributed=False, a different mask per rank, method='loop', a Shard(1) tensor: refused clearly on each rank
+    # distributed=False, a different mask per rank, engine='loop', a Shard(1) tensor: refused clearly on each rank
     assert [int(x["refusals"]) for x in w] == [4, 4]
     kept = [int(x["kept_local"]) for x in w]
     assert sum(kept) == mask.num_selected and all(0 < k < mask.num_selected for k in kept)

@@ -1,7 +1,7 @@
 """Per-sample rules beyond nn.Linear (fish_tuning.grad_sample): (IA)³, DoRA, prompt tables, LoRA embedding.
 
-For each, on tiny BERT and tiny Llama: ``method="auto"`` stays on the vectorised engine (read from the engine line
-compute_fisher logs) and equals the brute-force per-sample loop (``method="loop"``) to rtol 2e-4 (float32 sums
+For each, on tiny BERT and tiny Llama: ``engine="auto"`` stays on the vectorised engine (read from the engine line
+compute_fisher logs) and equals the brute-force per-sample loop (``engine="loop"``) to rtol 2e-4 (float32 sums
 in another order). Rules that are wrong in the batch sum, or right in the sum but not per sample, fall back to
 the loop with the reason logged.
 """
@@ -18,6 +18,7 @@ from peft import get_peft_model
 import fish_tuning as ft
 import fish_tuning.grad_sample as gs
 from conftest import cls_batches, lm_batches, tiny_bert, tiny_llama
+from fish_tuning.compat import prefix_tuning_compat
 from fish_tuning.per_sample import PerSampleHooks
 
 RTOL, ATOL = 2e-4, 1e-10
@@ -52,7 +53,7 @@ def build(method: str, arch: str):
         warnings.simplefilter("ignore")
         model = get_peft_model(tiny_bert() if arch == "bert" else tiny_llama(), config(method, arch))
     if method == "prefix":
-        ft.prefix_tuning_compat(model)
+        prefix_tuning_compat(model)
     g = torch.Generator().manual_seed(3)
     for name, p in model.named_parameters():
         if "ia3_l" in name:  # away from the all-ones init, so a wrong factor of l would show
@@ -83,10 +84,10 @@ def engine_log():
         log.setLevel(level)
 
 
-def fisher(model, batches, method="auto"):
+def fisher(model, batches, engine="auto"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ft.ZeroFisherWarning)
-        return ft.compute_fisher(model, batches, num_samples=12, params=ft.peft_candidates(model), method=method,
+        return ft.compute_fisher(model, batches, num_samples=12, params=ft.peft_candidates(model), engine=engine,
                                  progress=False)
 
 
@@ -106,14 +107,14 @@ def test_vectorised_equals_loop_without_falling_back(method, arch):
     batches = batches_for(arch)
     cand = ft.peft_candidates(model)
     hooks = PerSampleHooks(model, dict((n, model.get_parameter(n)) for n in cand))
-    hooks.remove()
+    hooks.close()
     assert set(hooks.covered) == set(cand), f"no rule for {set(cand) - set(hooks.covered)}"
     with engine_log() as log:
         auto = fisher(model, batches)
     assert log[-1].startswith("compute_fisher: engine=vectorized "), log
     assert not any("loop" in m for m in log), log
     assert "get_prompt" not in vars(model), "the prompt-learning rule left its patch behind"
-    assert_same(auto, fisher(model, batches, method="loop"))
+    assert_same(auto, fisher(model, batches, engine="loop"))
 
 
 def test_dora_weight_norm_is_detached_in_this_peft():
@@ -149,7 +150,7 @@ def test_a_broken_rule_falls_back_to_the_loop(monkeypatch, how, expect):
 
     model = build("ia3", "bert")
     batches = batches_for("bert")
-    want = fisher(model, batches, method="loop")
+    want = fisher(model, batches, engine="loop")
     gs.load_rules()  # peft's rules register on first use
     monkeypatch.setitem(gs.GRAD_SAMPLERS, IA3Linear, _broken(gs.GRAD_SAMPLERS[IA3Linear], how))
     with engine_log() as log:
@@ -158,7 +159,7 @@ def test_a_broken_rule_falls_back_to_the_loop(monkeypatch, how, expect):
     assert log[-1].startswith("compute_fisher: engine=loop "), log
     assert_same(got, want)
     with pytest.raises(RuntimeError, match="not exact|disagree"):
-        fisher(model, batches, method="vectorized")
+        fisher(model, batches, engine="vectorized")
 
 
 def test_several_active_ia3_adapters_fall_back_to_the_loop():
@@ -177,7 +178,7 @@ def test_several_active_ia3_adapters_fall_back_to_the_loop():
     with engine_log() as log, warnings.catch_warnings():
         warnings.simplefilter("ignore", ft.ZeroFisherWarning)
         got = ft.compute_fisher(model, batches, num_samples=12, params=cand, progress=False)
-        want = ft.compute_fisher(model, batches, num_samples=12, params=cand, method="loop", progress=False)
+        want = ft.compute_fisher(model, batches, num_samples=12, params=cand, engine="loop", progress=False)
     assert "engine=loop" in log[0] or any("exact loop" in m for m in log), log
     assert_same(got, want)
 
@@ -186,7 +187,7 @@ def test_vectorized_names_a_candidate_without_rule():
     model = build("ia3", "bert")
     norm = next(n for n, _ in model.named_parameters() if "LayerNorm.weight" in n)
     with pytest.raises(ValueError, match="no per-sample rule"):
-        ft.compute_fisher(model, batches_for("bert"), num_samples=4, params=[norm], method="vectorized",
+        ft.compute_fisher(model, batches_for("bert"), num_samples=4, params=[norm], engine="vectorized",
                           progress=False)
     with engine_log() as log:
         ft.compute_fisher(model, batches_for("bert"), num_samples=4, params=[norm], progress=False)
@@ -202,7 +203,7 @@ def test_dora_when_the_batch_size_equals_the_hidden_size():
     with engine_log() as log, warnings.catch_warnings():
         warnings.simplefilter("ignore", ft.ZeroFisherWarning)
         auto = ft.compute_fisher(model, batches, num_samples=32, params=cand, progress=False)
-        loop = ft.compute_fisher(model, batches, num_samples=32, params=cand, method="loop", progress=False)
+        loop = ft.compute_fisher(model, batches, num_samples=32, params=cand, engine="loop", progress=False)
     assert log[0].startswith("compute_fisher: engine=vectorized "), log
     assert_same(auto, loop)
 

@@ -166,7 +166,7 @@ def test_callback_exclude_keeps_excluded_candidates_frozen(tmp_path):
     cb = ft.FishCallback(keep=0.2, num_samples=16, exclude=r"layer\.0\.")
     Trainer(model=model, args=make_args(tmp_path, steps=4), train_dataset=bert_rows(), callbacks=[cb]).train()
     layer0 = [n for n in ft.peft_candidates(model) if "layer.0." in n]
-    assert len(layer0) == 4 and sorted(cb.mask.frozen) == sorted(layer0)
+    assert len(layer0) == 4 and sorted(cb.mask.excluded) == sorted(layer0)
     after = dict(model.named_parameters())
     for n in layer0:
         assert torch.equal(after[n].detach(), before[n]), f"excluded {n} changed"
@@ -186,6 +186,6 @@ def test_sparse_adamw_and_masked_optimizer_keep_excluded_candidates_frozen():
         steps(model, opt)
         opt.close()
         after = dict(model.named_parameters())
-        assert all(torch.equal(after[n].detach(), before[n]) for n in mask.frozen)
+        assert all(torch.equal(after[n].detach(), before[n]) for n in mask.excluded)
         assert_only_kept_moved(model, mask, before)
 

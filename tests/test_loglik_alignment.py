@@ -13,7 +13,7 @@ from transformers import BertConfig, BertForTokenClassification, T5Config, T5For
 
 import fish_tuning as ft
 from conftest import VOCAB, lm_batches, lora, tiny_bert, tiny_llama
-from fish_tuning.loglik import ModelLogLik, label_shift, sample_labels
+from fish_tuning.loglik import ModelLogLik, label_shift, per_sample_log_likelihood, sample_labels
 from test_trainer_callback import bert_rows
 
 TAGS = 5
@@ -79,16 +79,16 @@ CASES = {"token-cls": (token_cls, "tags", False), "seq2seq": (seq2seq, "seq2seq"
          "seq2seq-no-decoder-inputs": (seq2seq, "seq2seq-bare", False), "causal-lm": (causal_lm, "causal", True)}
 
 
-@pytest.mark.parametrize("method", ["vectorized", "loop"])
+@pytest.mark.parametrize("engine", ["vectorized", "loop"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_fisher_matches_the_models_own_loss(case, method):
+def test_fisher_matches_the_models_own_loss(case, engine):
     build, kind, shift = CASES[case]
     model = build()
     assert label_shift(model) is shift
     data = batches(kind, model)
     names = ft.peft_candidates(model)
     ref = own_loss_fisher(model, data, names, shift)
-    got = ft.compute_fisher(model, data, num_samples=6, params=names, method=method, progress=False)
+    got = ft.compute_fisher(model, data, num_samples=6, params=names, engine=engine, progress=False)
     assert max_rel_err(got, ref) <= 1e-4
 
 
@@ -100,7 +100,7 @@ def test_sampled_labels_follow_the_alignment(shift):
                           shift=shift)
     want = torch.cat([labels[:, :1], target[:, :-1]], 1) if shift else target
     assert torch.equal(drawn, torch.where(labels == -100, labels, want))
-    bound = ModelLogLik(ft.per_sample_log_likelihood, token_cls())  # compute_fisher's kind="expected" path
+    bound = ModelLogLik(per_sample_log_likelihood, token_cls())  # compute_fisher's kind="expected" path
     logits = 100.0 * nn.functional.one_hot(target, TAGS)
     assert torch.equal(bound.sample(logits, labels), torch.where(labels == -100, labels, target))
 
@@ -122,7 +122,7 @@ def test_unclassifiable_sequence_model_raises_and_says_the_fix(kind):
     data = batches("tags", None)
     with pytest.raises(ValueError, match=r"Tagger.*line up.*shift=True.*shift=False"):
         ft.compute_fisher(Tagger(), data, num_samples=6, kind=kind, progress=False)
-    aligned = functools.partial(ft.per_sample_log_likelihood, shift=False)
+    aligned = functools.partial(per_sample_log_likelihood, shift=False)
     got = ft.compute_fisher(Tagger(), data, num_samples=6, kind=kind, loglik_fn=aligned, progress=False)
     if kind == "empirical":  # the fix scores what cross-entropy at each position does
         model, names = Tagger(), ["head.weight", "emb.weight"]
@@ -139,7 +139,7 @@ def test_own_loglik_fn_is_trusted_and_may_declare_its_alignment():
     data = batches("tags", None)
 
     def mine(logits, labels):
-        return ft.per_sample_log_likelihood(logits, labels, shift=False)
+        return per_sample_log_likelihood(logits, labels, shift=False)
 
     ft.compute_fisher(Tagger(), data, num_samples=6, loglik_fn=mine, progress=False)
     with pytest.raises(ValueError, match="`shift` attribute"):
@@ -153,7 +153,7 @@ def test_fish_callback_passes_loglik_fn_to_the_fisher_pass():
 
     def spy(logits, labels):
         calls.append(tuple(logits.shape))
-        return ft.per_sample_log_likelihood(logits, 1 - labels)  # another Fisher, so another mask
+        return per_sample_log_likelihood(logits, 1 - labels)  # another Fisher, so another mask
 
     model = lora(tiny_bert(), modules_to_save=["classifier"])
     rows = bert_rows(n_batches=2)

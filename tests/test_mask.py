@@ -73,6 +73,21 @@ def test_summary_and_per_layer():
     assert layer_of("model.layers.3.self_attn.q_proj.lora_B.default.weight") == 3
 
 
+def test_per_module_and_the_mask_grid_agree_for_any_adapter_name():
+    """Both views name a module by mask.module_of, whatever the adapter is called: with ``task1`` (not
+    ``default``) two separate rules gave ``lora_A.task1`` and ``query.lora_A`` in one summary."""
+    from fish_tuning.commands.maskview import grid
+
+    gen = torch.Generator().manual_seed(0)
+    names = [f"base_model.model.bert.encoder.layer.{i}.attention.self.{m}.lora_{f}.task1.weight"
+             for i in range(2) for m in ("query", "value") for f in "AB"]
+    mask = ft.select_mask({n: torch.rand(2, 3, generator=gen) for n in names}, budget=10)
+    modules = ["query.lora_A", "query.lora_B", "value.lora_A", "value.lora_B"]
+    assert list(mask.per_module()) == modules
+    assert grid(mask)["kinds"] == modules
+    assert sum(kept for kept, _ in mask.per_module().values()) == 10
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

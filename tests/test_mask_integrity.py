@@ -87,7 +87,7 @@ def test_a_mask_remapped_to_another_adapter_name_still_loads(tmp_path):
     path = tmp_path / "m.safetensors"
     mask.save(path, model=model)
     loaded = ft.FishMask.load(path, adapter_name="sst2")
-    assert all(".sst2." in n for n in loaded.names) and loaded.frozen and all(".sst2." in n for n in loaded.frozen)
+    assert all(".sst2." in n for n in loaded.names) and loaded.excluded and all(".sst2." in n for n in loaded.excluded)
     assert [n.replace(".sst2.", ".default.") for n in loaded.names] == mask.names
     # saved under "sst2", loaded into a model whose active adapter is "default"
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS",
@@ -107,7 +107,7 @@ def test_save_adapter_load_adapter_round_trip_under_another_name(tmp_path):
     ft.save_adapter(model, mask, tmp_path / "a")
     _, loaded = ft.load_adapter(tiny_bert(), tmp_path / "a", adapter_name="sst2")
     assert loaded.num_selected == mask.num_selected
-    _rewrite(tmp_path / "a" / ft.FISH_MASK_NAME)
+    _rewrite(tmp_path / "a" / ft.FishMask.FILE_NAME)
     with pytest.raises(ValueError, match="fingerprint"):
         ft.load_adapter(tiny_bert(), tmp_path / "a", adapter_name="sst2")
 

@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 import fish_tuning as ft
 from conftest import cls_batches, lm_batches, tiny_bert, tiny_llama
 from fish_e2e import fish_train, minilm_path, outputs, real_sst2, trainable_numel
+from fish_tuning.compat import prefix_tuning_compat
+from fish_tuning.methods.baselines import baseline_budget, top_layers
 
 ARCH = {  # name -> (base model factory, task type, batches, LoRA targets)
     "bert": (tiny_bert, "SEQ_CLS", cls_batches, ["query", "value"]),
@@ -43,7 +45,7 @@ def config(method, arch):
 def build(method, arch, seed=0):
     make = ARCH[arch][0]
     model = get_peft_model(make(seed=seed), config(method, arch))
-    return ft.prefix_tuning_compat(model) if method.startswith("prefix") else model
+    return prefix_tuning_compat(model) if method.startswith("prefix") else model
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
@@ -70,7 +72,7 @@ def test_save_and_reload_adapter_and_mask(tmp_path, method, arch):
 
     base = ARCH[arch][0](seed=0)  # the same random base weights, as a pretrained model would be
     if method == "prefix":  # peft cannot load prompt learning as trainable: rebuild, then load the state dict
-        reloaded = ft.prefix_tuning_compat(get_peft_model(base, PeftConfig.from_pretrained(tmp_path / "adapter")))
+        reloaded = prefix_tuning_compat(get_peft_model(base, PeftConfig.from_pretrained(tmp_path / "adapter")))
         set_peft_model_state_dict(reloaded, load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
     else:
         reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter", is_trainable=True)
@@ -89,7 +91,7 @@ def test_save_and_reload_adapter_and_mask(tmp_path, method, arch):
 def test_baseline_budget_equals_peft_trainable_count(method, arch):
     base = ARCH[arch][0]()
     cfg = config(method, arch)
-    budget = ft.baseline_budget(base, cfg)
+    budget = baseline_budget(base, cfg)
     built = get_peft_model(ARCH[arch][0](), config(method, arch))
     assert budget == trainable_numel(built, exclude=("modules_to_save",))
     assert all(p.device.type == "cpu" for p in base.parameters())  # the meta skeleton left the model alone
@@ -99,23 +101,23 @@ def test_baseline_budget_equals_peft_trainable_count(method, arch):
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
 def test_top_layers_restricts_to_layers_nearest_the_output(method, arch):
     base = ARCH[arch][0]()
-    assert ft.top_layers(base, 1) == [1] and ft.top_layers(base, 2) == [0, 1]
-    cfg = ft.top_layers(config(method, arch), 1, model=base)
+    assert top_layers(base, 1) == [1] and top_layers(base, 2) == [0, 1]
+    cfg = top_layers(config(method, arch), 1, model=base)
     top = get_peft_model(ARCH[arch][0](), cfg)
     full = get_peft_model(ARCH[arch][0](), config(method, arch))
     top_c, full_c = ft.peft_candidates(top), ft.peft_candidates(full)
     assert top_c == [n for n in full_c if ".1." in n]  # same tensors (shapes below), only in the top layer
     shapes = dict(full.named_parameters())
     assert all(p.shape == shapes[n].shape for n, p in top.named_parameters() if n in top_c)
-    assert ft.baseline_budget(base, cfg) == ft.baseline_budget(base, config(method, arch)) // 2
+    assert baseline_budget(base, cfg) == baseline_budget(base, config(method, arch)) // 2
 
 
 def test_fixed_proportion_protocol_gives_fish_the_baseline_budget():
     """The paper's comparison: FISH on more layers gets exactly the entries of the baseline on fewer layers."""
     base = tiny_bert()
     lora_cfg = config("lora", "bert")
-    k = ft.baseline_budget(base, ft.top_layers(lora_cfg, 1, model=base))
-    model = get_peft_model(tiny_bert(), ft.top_layers(lora_cfg, 2, num_layers=2))
+    k = baseline_budget(base, top_layers(lora_cfg, 1, model=base))
+    model = get_peft_model(tiny_bert(), top_layers(lora_cfg, 2, num_layers=2))
     fisher = ft.compute_fisher(model, cls_batches(), num_samples=16, params=ft.peft_candidates(model), progress=False)
     mask = ft.select_mask(fisher, budget=k)
     assert mask.num_selected == k == mask.num_candidates // 2
@@ -127,9 +129,9 @@ def test_prefix_tuning_compat_is_needed_and_idempotent():
     batch = cls_batches()[0]
     with pytest.raises(ValueError, match="past key values"):
         model(**batch)
-    ft.prefix_tuning_compat(model)
+    prefix_tuning_compat(model)
     forward = model.base_model.forward
-    assert ft.prefix_tuning_compat(model).base_model.forward is forward
+    assert prefix_tuning_compat(model).base_model.forward is forward
     with_prefix = model(**batch).logits
     with torch.no_grad():
         model.prompt_encoder["default"].embedding.weight.mul_(2)
@@ -149,20 +151,20 @@ def test_bad_inputs_have_clear_messages():
     with pytest.raises(ValueError, match="get_peft_model"):
         ft.peft_candidates(base)
     with pytest.raises(ValueError, match="n must be an integer"):
-        ft.top_layers(base, 3)
+        top_layers(base, 3)
     with pytest.raises(ValueError, match="num_layers="):
-        ft.top_layers(config("lora", "bert"), 1)
+        top_layers(config("lora", "bert"), 1)
     with pytest.raises(ValueError, match="model=base_model"):
-        ft.top_layers(IA3Config(task_type="SEQ_CLS"), 1, num_layers=2)
+        top_layers(IA3Config(task_type="SEQ_CLS"), 1, num_layers=2)
     with pytest.raises(ValueError, match="no per-layer option"):
-        ft.top_layers(config("prefix", "bert"), 1, model=base)
+        top_layers(config("prefix", "bert"), 1, model=base)
     regex = dataclasses.replace(config("lora", "bert"), target_modules=r".*query")
     with pytest.raises(ValueError, match="list of module names"):
-        ft.top_layers(regex, 1, model=base)
+        top_layers(regex, 1, model=base)
     with pytest.raises(ValueError, match="base model"):
-        ft.top_layers(IA3Config(task_type="SEQ_CLS"), 1, model=build("ia3", "bert"))
+        top_layers(IA3Config(task_type="SEQ_CLS"), 1, model=build("ia3", "bert"))
     with pytest.raises(TypeError, match="does not support"):
-        ft.top_layers(object(), 1, num_layers=2)
+        top_layers(object(), 1, num_layers=2)
 
 
 @pytest.mark.real
@@ -174,8 +176,8 @@ def test_real_minilm_sst2_ia3():
     batches = real_sst2(tokenizer)
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    cfg = ft.top_layers(IA3Config(task_type="SEQ_CLS"), 3, model=base)  # a paper-style 3-of-6-layer baseline
-    k = ft.baseline_budget(base, cfg)
+    cfg = top_layers(IA3Config(task_type="SEQ_CLS"), 3, model=base)  # a paper-style 3-of-6-layer baseline
+    k = baseline_budget(base, cfg)
     model = get_peft_model(base, IA3Config(task_type="SEQ_CLS"))
     assert k * 2 == sum(p.numel() for n, p in model.named_parameters() if n in ft.peft_candidates(model))
     fish_train(model, batches, budget=k, steps=3, lr=5e-3, num_samples=8)
@@ -186,7 +188,7 @@ def test_adapters_missing_says_how_to_install(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "adapters", None)  # as if not installed, in either environment
     with pytest.raises(ImportError, match=r"pip install 'fish-tuning\[adapters\]'"):
-        ft.baseline_budget(tiny_bert(), "seq_bn")
+        baseline_budget(tiny_bert(), "seq_bn")
     with pytest.raises(ImportError, match="adapters"):
-        ft.top_layers("unipelt", 1, num_layers=2)
+        top_layers("unipelt", 1, num_layers=2)
     assert ft.peft_candidates(build("ia3", "bert"))  # peft models never need the adapters library

@@ -115,5 +115,5 @@ def test_state_bytes_counts_state_backup_masks_and_indices(bert_lora):
     cand = sum(named[n].numel() for n in mask.names)
     inner = sum(t.numel() * t.element_size() for s in opt.optimizer.state.values() for t in s.values()
                 if torch.is_tensor(t))
-    kept_index_bytes = sum(opt._guard.kept[named[n]].element_size() * len(mask.indices[n]) for n in mask.names)
+    kept_index_bytes = sum(opt._guard.kept(named[n]).element_size() * len(mask.indices[n]) for n in mask.names)
     assert opt.state_bytes() == inner + cand * 4 + cand * 1 + kept_index_bytes  # backup fp32 + bool mask + indices

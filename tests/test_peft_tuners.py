@@ -13,6 +13,8 @@ from peft import get_peft_model
 
 import fish_tuning as ft
 from conftest import cls_batches, lm_batches, tiny_bert, tiny_llama
+from fish_tuning.compat import prefix_tuning_compat
+from fish_tuning.methods import method_gates
 from helpers import assert_only_kept_moved, snapshot
 
 TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
@@ -88,7 +90,7 @@ def build(tuner: str, arch: str):
         warnings.simplefilter("ignore")
         model = get_peft_model(base, cls(**kw))
     if cls_name in ("PrefixTuningConfig", "CartridgeConfig"):
-        ft.prefix_tuning_compat(model)
+        prefix_tuning_compat(model)
     return model
 
 
@@ -99,14 +101,14 @@ def test_fish_on_every_peft_tuner(tuner, arch):
     batches = cls_batches(1, batch_size=6) if arch == "bert" else lm_batches(1, batch_size=6)
     cand = ft.peft_candidates(model)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    gates = set(ft.method_gates(model))
+    gates = set(method_gates(model))
     assert cand and set(cand) == {n for n in trainable if "modules_to_save" not in n and n not in gates}, \
         "a tuner parameter is missed"
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ft.ZeroFisherWarning)
         auto = ft.compute_fisher(model, batches, num_samples=6, params=cand, progress=False)
-        loop = ft.compute_fisher(model, batches, num_samples=6, params=cand, method="loop", progress=False)
+        loop = ft.compute_fisher(model, batches, num_samples=6, params=cand, engine="loop", progress=False)
     for n in cand:
         torch.testing.assert_close(auto[n], loop[n], rtol=2e-4, atol=1e-10, msg=f"Fisher of {n}")
 

@@ -14,8 +14,9 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 import fish_tuning as ft
 from conftest import cls_batches, lm_batches, lora, tiny_bert, tiny_llama
+from fish_tuning.exactness import float32_probe, low_precision, probe_sample_grouping
 from fish_tuning.loglik import per_sample_log_likelihood
-from fish_tuning.per_sample import PerSampleHooks, float32_probe, low_precision, probe_sample_grouping
+from fish_tuning.per_sample import PerSampleHooks
 from test_audit_defects import FlatTokens
 
 EPS = torch.finfo(torch.bfloat16).eps  # 2**-7
@@ -32,10 +33,10 @@ def build(arch: str):
         return lora(tiny_bert())
 
 
-def fisher(model, batches, method="vectorized", autocast=False):
+def fisher(model, batches, engine="vectorized", autocast=False):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), warnings.catch_warnings():
         warnings.simplefilter("ignore", ft.ZeroFisherWarning)
-        return ft.compute_fisher(model, batches, num_samples=12, params=ft.peft_candidates(model), method=method,
+        return ft.compute_fisher(model, batches, num_samples=12, params=ft.peft_candidates(model), engine=engine,
                                  progress=False)
 
 
@@ -54,18 +55,18 @@ def probe(model, batch, params, upcast: bool | None = None) -> str | None:
         with float32_probe(model) if upcast else contextlib.nullcontext():
             return probe_sample_grouping(model, cand, hooks, batch, rows, per_sample_log_likelihood)
     finally:
-        hooks.remove()
+        hooks.close()
 
 
 @pytest.mark.parametrize("precision", ["bf16", "autocast"])
 @pytest.mark.parametrize("arch", ["llama", "bert"])
 def test_bf16_vectorised_fisher_passes_and_matches_float32(arch, precision):
-    """bf16 weights (as ZeRO-3/FSDP2 use) or fp32 weights under bf16 autocast: the probe passes, method='vectorized'
+    """bf16 weights (as ZeRO-3/FSDP2 use) or fp32 weights under bf16 autocast: the probe passes, engine='vectorized'
     runs (it raises where a check fails), its scores are within 4 bf16 eps of each float32 tensor's max, and the
     kept entries mostly agree."""
     batches = lm_batches(2, batch_size=6) if arch == "llama" else cls_batches(2, batch_size=6)
     model = build(arch)
-    ref = fisher(model, batches, method="loop")
+    ref = fisher(model, batches, engine="loop")
     if precision == "bf16":
         model = model.to(torch.bfloat16)
         assert probe(model, batches[0], ft.peft_candidates(model)) is None
@@ -104,4 +105,4 @@ def test_rows_that_are_not_samples_fail_the_probe_in_any_precision(make, dtype):
     params = ["proj.weight", "proj.bias"]
     assert "do not group by sample" in (probe(model, batches[0], params) or "")
     with pytest.raises(RuntimeError, match="do not group by sample"):
-        ft.compute_fisher(model, batches, num_samples=16, params=params, method="vectorized", progress=False)
+        ft.compute_fisher(model, batches, num_samples=16, params=params, engine="vectorized", progress=False)

@@ -33,7 +33,7 @@ def test_mask_guard_attached_to_own_optimizer_then_removed():
             opt.step()
             opt.zero_grad()
     assert_masked(model, mask, before)
-    guard.remove()  # afterwards the same optimizer moves masked entries again (weight decay at least)
+    guard.close()  # afterwards the same optimizer moves masked entries again (weight decay at least)
     name = mask.names[0]
     frozen_before = dict(model.named_parameters())[name].detach().clone()
     model(**next(iter(loader))).loss.backward()

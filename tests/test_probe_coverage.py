@@ -38,10 +38,10 @@ class MixAbove(nn.Module):
         return SequenceClassifierOutput(logits=self.head(torch.tanh(h).mean(1)))
 
 
-def fisher(model, batches, method="auto", params=PARAMS, num_samples=16):
+def fisher(model, batches, engine="auto", params=PARAMS, num_samples=16):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ft.ZeroFisherWarning)
-        return ft.compute_fisher(model, batches, num_samples=num_samples, params=params, method=method,
+        return ft.compute_fisher(model, batches, num_samples=num_samples, params=params, engine=engine,
                                  progress=False)
 
 
@@ -62,11 +62,11 @@ def test_coupling_only_in_larger_batches_is_caught():
     so 'auto' returned a Fisher 10-30 % off the exact loop's. The probe at batch size 8 sees it."""
     model = MixAbove()
     batches = cls_batches(2, batch_size=8)
-    loop = fisher(model, batches, method="loop")
+    loop = fisher(model, batches, engine="loop")
     auto = fisher(model, batches)
     assert rel_err(auto, loop) < 1e-5
     with pytest.raises(RuntimeError, match="do not group by sample"):
-        fisher(model, batches, method="vectorized")
+        fisher(model, batches, engine="vectorized")
 
 
 def test_a_new_batch_size_is_probed_again(caplog):
@@ -74,7 +74,7 @@ def test_a_new_batch_size_is_probed_again(caplog):
     over from there with the reason logged, and the result is the exact loop's."""
     model = MixAbove()
     batches = cls_batches(1, batch_size=2) + cls_batches(2, batch_size=8, seed=3)
-    loop = fisher(model, batches, method="loop", num_samples=18)
+    loop = fisher(model, batches, engine="loop", num_samples=18)
     auto, log = logged(caplog, model, batches, num_samples=18)
     assert rel_err(auto, loop) < 1e-5
     assert any("batch size 8" in m and "do not group by sample" in m for m in log), log
@@ -92,7 +92,7 @@ def test_probe_costs_one_single_sample_pass_per_new_batch_size(caplog):
     auto, log = logged(caplog, model, batches, num_samples=20)
     assert sizes == [8, 1, 8, 4, 1]
     assert "engine=vectorized " in log[-1], log
-    torch.testing.assert_close(auto, fisher(model, batches, method="loop", num_samples=20), rtol=1e-4, atol=0)
+    torch.testing.assert_close(auto, fisher(model, batches, engine="loop", num_samples=20), rtol=1e-4, atol=0)
 
 
 # ----------------------------------------------------------------------------- F3: precision of the probe
@@ -104,7 +104,7 @@ def test_a_few_percent_coupling_is_caught_in_bf16(coupling, caplog):
     model = MixAbove(coupling=coupling, above=0).to(torch.bfloat16)
     batches = cls_batches(2, batch_size=8)
     with pytest.raises(RuntimeError, match="do not group by sample"):
-        fisher(model, batches, method="vectorized")
+        fisher(model, batches, engine="vectorized")
     _, log = logged(caplog, model, batches)
     assert "engine=loop" in log[-1], log
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())  # the probe's upcast is undone

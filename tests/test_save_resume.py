@@ -79,7 +79,7 @@ def test_save_only_model_resume_uses_the_resumed_checkpoints_mask(tmp_path):
     shutil.rmtree(tmp_path / "A")
     with pytest.raises(FileNotFoundError, match=r"FishMask\.load\('<checkpoint>/fish_mask\.safetensors'\)"):
         run(tmp_path / "E", [rand_fish(1)], resume=moved, **kw)
-    given = ft.FishCallback(mask=ft.FishMask.load(moved / ft.FISH_MASK_NAME))
+    given = ft.FishCallback(mask=ft.FishMask.load(moved / ft.FishMask.FILE_NAME))
     run(tmp_path / "E", [given], resume=moved, **kw)
     assert given.mask.fingerprint() == a.mask.fingerprint()
     # nothing identifies the mask (no optimizer state, no record): refused, never guessed from output_dir
@@ -103,7 +103,7 @@ def test_second_train_keeps_the_first_mask(tmp_path):
         trainer.train()
     assert cb.source == "kept" and cb.mask.fingerprint() == first.fingerprint()
     assert assert_only_kept_moved(model, first, init) > 0  # over both runs: only the first mask's entries moved
-    assert ft.FishMask.load(tmp_path / ft.FISH_MASK_NAME).fingerprint() == first.fingerprint()
+    assert ft.FishMask.load(tmp_path / ft.FishMask.FILE_NAME).fingerprint() == first.fingerprint()
     cb.reset()  # an explicit fresh selection
     Trainer(model=model, args=make_args(tmp_path, 1), train_dataset=bert_rows(), callbacks=[cb]).train()
     assert cb.source == "fisher"
@@ -158,7 +158,7 @@ def test_cli_train_records_the_saved_adapter_and_one_line_for_floating_point_err
     rc = main(["train", "--model_name_or_path", str(models["bert"]), "--train_file", str(csv), "--keep", "0.1",
                "--output_dir", str(out), *FAST])
     assert rc == 0
-    mask = ft.FishMask.load(out / ft.FISH_MASK_NAME)
+    mask = ft.FishMask.load(out / ft.FishMask.FILE_NAME)
     assert set(mask.meta["adapter_files"]) == {"adapter_model.safetensors"}  # written after save_model
 
     def diverge(argv):
@@ -183,7 +183,7 @@ def test_save_adapter_named_adapter_round_trip(tmp_path):
             if p.requires_grad:
                 p.add_(0.01)
     path = ft.save_adapter(model, mask, tmp_path / "ad")
-    assert path == os.path.join(tmp_path / "ad", "sst2", ft.FISH_MASK_NAME)
+    assert path == os.path.join(tmp_path / "ad", "sst2", ft.FishMask.FILE_NAME)
     assert (tmp_path / "ad" / "sst2" / "adapter_model.safetensors").is_file()
     want = snapshot(model)
     for folder in (tmp_path / "ad", tmp_path / "ad" / "sst2"):

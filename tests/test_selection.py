@@ -114,20 +114,20 @@ def _per_sample_grads(model, batches, names):
     return {n: torch.stack(v) for n, v in out.items()}
 
 
-@pytest.mark.parametrize("method", ["vectorized", "loop"])
-def test_gradient_moments_match_the_per_sample_loop(method):
+@pytest.mark.parametrize("engine", ["vectorized", "loop"])
+def test_gradient_moments_match_the_per_sample_loop(engine):
     torch.manual_seed(0)
     model = lora(tiny_bert())
     names = ft.peft_candidates(model)
     batches = cls_batches(2, 6)
-    m = gradient_moments(model, batches, num_samples=12, params=names, method=method, progress=False)
+    m = gradient_moments(model, batches, num_samples=12, params=names, engine=engine, progress=False)
     ref = _per_sample_grads(model, batches, names)
     assert m.num_samples == 12
     for n in names:
         scale = float(ref[n].abs().max())  # a mean of cancelling float32 terms: error relative to their size
         torch.testing.assert_close(m.mean[n].double(), ref[n].mean(0), rtol=1e-4, atol=1e-5 * scale)
         torch.testing.assert_close(m.fisher[n].double(), ref[n].square().mean(0), rtol=1e-4, atol=1e-9)
-    fisher = ft.compute_fisher(model, batches, num_samples=12, params=names, method=method, progress=False)
+    fisher = ft.compute_fisher(model, batches, num_samples=12, params=names, engine=engine, progress=False)
     assert all(torch.equal(fisher[n], m.fisher[n]) for n in names)
 
     cons, snr = sc.consistency(m, z=1.65), sc.snr(m)

@@ -101,7 +101,7 @@ def test_refresh_in_the_trainer_moves_the_mask_and_resumes_bit_identically(tmp_p
     assert [h["step"] for h in history] == [2, 4, 6] and all(h["regrown"] > 0 for h in history)
     logged = [e for e in full.state.log_history if "fish/refresh_changed" in e]
     assert [e["step"] for e in logged] == [2, 4, 6] and 0 < logged[-1]["fish/ever_kept"] < 1
-    saved = ft.FishMask.load(tmp_path / "full" / ft.FISH_MASK_NAME)
+    saved = ft.FishMask.load(tmp_path / "full" / ft.FishMask.FILE_NAME)
     assert saved.fingerprint() == full_cb.mask.fingerprint()  # the train-end file: the mask in force at the end
     assert saved.num_selected == round(0.1 * saved.num_candidates)
     # the budget does not leak: no more entries moved than were ever kept (first mask + regrowth)
@@ -110,7 +110,7 @@ def test_refresh_in_the_trainer_moves_the_mask_and_resumes_bit_identically(tmp_p
 
     # resume inside a gradient window (checkpoint 3; the refresh at 4 scores steps 3 and 4)
     train(tmp_path / "cut", [fish(), Stop(3)], steps=8, save_strategy="steps", save_steps=3)
-    in_ckpt = ft.FishMask.load(tmp_path / "cut" / "checkpoint-3" / ft.FISH_MASK_NAME)
+    in_ckpt = ft.FishMask.load(tmp_path / "cut" / "checkpoint-3" / ft.FishMask.FILE_NAME)
     assert [h["step"] for h in in_ckpt.meta["refresh"]["history"]] == [2]  # the mask in force at step 3
     second = fish()
     resumed = train(tmp_path / "resumed", [second], steps=8, resume=str(tmp_path / "cut" / "checkpoint-3"))

@@ -102,7 +102,7 @@ def test_state_bytes_scale_with_kept_entries(bert_lora):
     opt = ft.SparseAdamW(bert_lora, mask, lr=1e-2)
     list(run_steps(bert_lora, opt, batches, 1))
     named = dict(bert_lora.named_parameters())
-    assert all(opt._index[named[n]].dtype == torch.int32 for n in mask.names)
+    assert all(opt.local_mask.entries[named[n]].index.dtype == torch.int32 for n in mask.names)
     cand = sum(named[n].numel() for n in mask.names)
     head = sum(named[n].numel() for n in mask.always_train)
     k = mask.num_selected

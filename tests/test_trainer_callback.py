@@ -57,7 +57,7 @@ def test_callback_masks_trainer_adamw_and_logs_counts(tmp_path):
     assert len(logged) == 1 and logged[0]["fish/kept"] == mask.num_selected == cb.stats["fish/kept"]
     assert logged[0]["fish/trainable"] == mask.num_selected + sum(after[n].numel() for n in mask.always_train)
     # train end: mask beside the output dir, and hooks gone so later training is not masked by surprise
-    assert ft.FishMask.load(tmp_path / ft.FISH_MASK_NAME, model).num_selected == mask.num_selected
+    assert ft.FishMask.load(tmp_path / ft.FishMask.FILE_NAME, model).num_selected == mask.num_selected
     assert cb.guard is None
 
 
@@ -84,7 +84,7 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path):
     first = ft.FishCallback(keep=0.1, num_samples=16)
     train(tmp_path / "cut", [first, StopAt(2)], steps=4, **kw)
     ckpt = tmp_path / "cut" / "checkpoint-2"
-    saved = ft.FishMask.load(ckpt / ft.FISH_MASK_NAME)
+    saved = ft.FishMask.load(ckpt / ft.FishMask.FILE_NAME)
     assert all(torch.equal(saved.indices[n], first.mask.indices[n]) for n in saved.names)
 
     # resume into another output_dir: the mask must come from the checkpoint given, not from output_dir
@@ -97,14 +97,14 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path):
     # The mask travels in the checkpoint's optimizer state: the resume does not depend on finding the file.
     moved = tmp_path / "moved"
     shutil.copytree(ckpt, moved)
-    os.remove(moved / ft.FISH_MASK_NAME)
+    os.remove(moved / ft.FishMask.FILE_NAME)
     third = ft.FishCallback(keep=0.1, num_samples=16)
     again = train(tmp_path / "again", [third], steps=4, resume=str(moved), **kw)
     assert third.source == "checkpoint" and third.mask.fingerprint() == first.mask.fingerprint()
     assert all(torch.equal(a[n], b) for n, b in snapshot(again.model).items())
 
     # The interrupted run's own mask passed explicitly is fine; another mask is refused, not silently switched to.
-    same = ft.FishCallback(mask=ft.FishMask.load(ckpt / ft.FISH_MASK_NAME))
+    same = ft.FishCallback(mask=ft.FishMask.load(ckpt / ft.FishMask.FILE_NAME))
     train(tmp_path / "same", [same], steps=3, resume=str(ckpt), **kw)
     assert same.source == "given"
     other = ft.select_mask({n: torch.rand(first.mask.shapes[n]) for n in first.mask.names}, keep=0.1,
@@ -127,7 +127,7 @@ def test_checkpoint_is_a_peft_adapter_with_mask_and_save_adapter_round_trip(tmp_
     assert isinstance(reloaded, PeftModel) and mask.num_selected == cb.mask.num_selected
 
     path = ft.save_adapter(trainer.model, cb.mask, tmp_path / "adapter")
-    assert os.path.basename(path) == ft.FISH_MASK_NAME
+    assert os.path.basename(path) == ft.FishMask.FILE_NAME
     plain = PeftModel.from_pretrained(tiny_bert(), tmp_path / "adapter")  # still a normal adapter directory
     model, mask = ft.load_adapter(tiny_bert(), tmp_path / "adapter")
     trained = dict(trainer.model.named_parameters())

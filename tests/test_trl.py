@@ -42,5 +42,5 @@ def test_sft_trainer_masked_training(tmp_path):
     assert mask.meta["fisher"]["num_samples"] == 16 and mask.meta["fisher"]["kept"] > 0
     assert assert_only_kept_moved(model, mask, before) > 0.9 * mask.num_selected
     assert any(e.get("fish/kept") == mask.num_selected for e in trainer.state.log_history)
-    saved = ft.FishMask.load(tmp_path / "checkpoint-3" / ft.FISH_MASK_NAME, model)
+    saved = ft.FishMask.load(tmp_path / "checkpoint-3" / ft.FishMask.FILE_NAME, model)
     assert all(torch.equal(saved.indices[n], mask.indices[n]) for n in mask.names)

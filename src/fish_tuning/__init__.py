@@ -41,23 +41,10 @@ _LAZY = {
     "calibration_loader": ".integrations.distributed",
     "FishCallback": ".integrations.trainer",
 }
-# Names of 0.1 that now live in their modules: still reachable as fish_tuning.<name>, not part of __all__.
-_MOVED = {
-    "FISH_MASK_NAME": ".integrations.adapter",  # also FishMask.FILE_NAME
-    "calibration_indices": ".integrations.distributed",
-    "top_layers": ".methods.baselines",
-    "baseline_budget": ".methods.baselines",
-    "prefix_tuning_compat": ".compat",
-    "check_lora_init": ".methods.peft",
-    "method_gates": ".methods",
-    "per_sample_log_likelihood": ".loglik",
-    "lora_factors": ".adafish",
-    "make_adafish": ".adafish",
-}
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name) or _MOVED.get(name)
+    module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(module, __name__), name)

@@ -27,7 +27,7 @@ SCALES = ("trace", "graft", "none")
 N_SIDES = ("diag", "graft", "none")
 FISHERS = ("batch", "per_sample")
 # Named rules (docs/adafish.md; damping as measured in BENCHMARKS.md). "fisher" is the default; "paper" is the
-# literal step; "sqrt" is the exponent-0.5 rule that was the default of the first version.
+# literal step; "sqrt" is the exponent-0.5 rule (inverse square root, as Adam's second moment).
 VARIANTS: dict[str, dict[str, Any]] = {
     "fisher": dict(exponent=1.0, scale="trace", n_side="diag", damping=0.1),
     "fisher_graft": dict(exponent=1.0, scale="graft", n_side="none", damping=1e-3),
@@ -46,19 +46,19 @@ def lora_factors(model: nn.Module) -> dict[str, str]:
     """
     from peft.tuners.lora import LoraLayer
 
-    kind: dict[int, str] = {}
+    factor: dict[int, str] = {}
     for module in model.modules():
         if not isinstance(module, LoraLayer):
             continue
         for letter in ("A", "B"):
             for adapter, sub in getattr(module, f"lora_{letter}", {}).items():
-                kind[id(sub.weight)] = letter
+                factor[id(sub.weight)] = letter
                 other = getattr(module, "lora_B" if letter == "A" else "lora_A", {})
                 if adapter not in other:
                     raise ValueError(f"LoRA adapter '{adapter}' has lora_{letter} but no partner factor")
             for param in getattr(module, f"lora_embedding_{letter}", {}).values():
-                kind[id(param)] = letter
-    return {n: kind[id(p)] for n, p in model.named_parameters() if id(p) in kind and p.requires_grad}
+                factor[id(param)] = letter
+    return {n: factor[id(p)] for n, p in model.named_parameters() if id(p) in factor and p.requires_grad}
 
 
 class AdaFish(torch.optim.Optimizer):
@@ -124,7 +124,7 @@ class AdaFish(torch.optim.Optimizer):
                                      f"{tuple(p.shape)}")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Also loads checkpoints of the first version, whose groups lack the rule keys: they keep its rule."""
+        """A state whose groups lack the rule keys (scale, n_side, fisher) loads with the plain rule for them."""
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for key, old in (("scale", "none"), ("n_side", "none"), ("fisher", "batch")):
@@ -217,12 +217,12 @@ def _check_group(g: dict) -> None:
 
 
 def _groups_from_model(model: nn.Module) -> list[dict[str, Any]]:
-    kinds = lora_factors(model)
+    factors = lora_factors(model)
     groups: dict[str | None, list[Tensor]] = {"A": [], "B": [], None: []}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups[kinds.get(name)].append(p)
-    if not kinds:
+            groups[factors.get(name)].append(p)
+    if not factors:
         warnings.warn("AdaFish found no trainable LoRA factors in the model: every parameter uses AdamW",
                       stacklevel=3)
     out = [{"params": ps, "factor": f} for f, ps in groups.items() if ps]
@@ -332,6 +332,6 @@ class _PerSampleGrads:
     def clear(self) -> None:
         self.grads.clear()
 
-    def remove(self) -> None:
+    def close(self) -> None:
         for handle in self._handles:
             handle.remove()

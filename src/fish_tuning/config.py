@@ -13,7 +13,7 @@ from .scores import SCORES
 from .selection import ALLOCATIONS, DEFAULT_ALPHA, STRATEGIES, check_keep_budget
 
 KINDS = ("empirical", "expected")
-METHODS = ("auto", "vectorized", "loop")
+ENGINES = ("auto", "vectorized", "loop")
 
 
 @dataclass
@@ -49,7 +49,7 @@ class FishConfig:
         "help": "Calibration samples for the Fisher pass (the paper: 128; 256 for generation)."})
     fisher_kind: str = field(default="empirical", metadata={
         "help": "empirical: gradients at the data labels (Eq. 3); expected: labels sampled from the model (Eq. 2)."})
-    fisher_method: str = field(default="auto", metadata={
+    fisher_engine: str = field(default="auto", metadata={
         "help": "Per-sample gradient engine: auto (vectorised where exact, else loop), vectorized or loop."})
     exclude: list[str] | None = field(default=None, metadata={
         "help": "Regexes of candidate names left out of the selection; they never train."})
@@ -82,8 +82,8 @@ class FishConfig:
         self.num_samples = positive_int(self.num_samples, "num_samples")
         if self.fisher_kind not in KINDS:
             raise ValueError(f"fisher_kind must be one of {KINDS}, got {self.fisher_kind!r}")
-        if self.fisher_method not in METHODS:
-            raise ValueError(f"fisher_method must be one of {METHODS}, got {self.fisher_method!r}")
+        if self.fisher_engine not in ENGINES:
+            raise ValueError(f"fisher_engine must be one of {ENGINES}, got {self.fisher_engine!r}")
         if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
             raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
         self.exclude = _patterns(self.exclude, "exclude") or None

@@ -1,4 +1,4 @@
-"""The process group seen by the Fisher pass: this rank's place, and exact sums over ranks."""
+"""The default process group: whether one is up, this rank's place in it, and exact sums over ranks."""
 
 from __future__ import annotations
 
@@ -6,9 +6,19 @@ import torch
 from torch import Tensor
 
 
+def process_group_up() -> bool:
+    """Whether a default process group is initialised (torchrun / accelerate launch, after init_process_group)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world_size() -> int:
+    """Ranks in the default process group; 1 without one."""
+    return torch.distributed.get_world_size() if process_group_up() else 1
+
+
 def dist_rank_world(distributed: bool | None) -> tuple[int, int]:
     """(rank, world size) of the default process group when summing over ranks, else (0, 1)."""
-    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    initialised = process_group_up()
     if distributed is None:
         distributed = initialised
     if not distributed:

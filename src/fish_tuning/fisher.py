@@ -13,7 +13,7 @@ Two exact engines:
 - ``loop``: one forward/backward per sample; always exact, N times slower.
 
 Which engine ran is logged on the ``fish_tuning`` logger (INFO): ``compute_fisher: engine=...``, with the reason
-whenever the loop is used under ``method="auto"``.
+whenever the loop is used under ``engine="auto"``.
 """
 
 from __future__ import annotations
@@ -22,33 +22,19 @@ import logging
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .batches import batch_size_of, labelled_rows, probe_row
+from .batches import batch_size_of, labelled_rows, slice_batch
 from .checks import positive_int
 from .dist import dist_rank_world, sum_over_ranks
-from .loglik import ModelLogLik, per_sample_log_likelihood, sample_labels
-from .per_sample import (
-    Kind,
-    LogLikFn,
-    PerSampleHooks,
-    accumulate_hooked,
-    check_finite,
-    float32_probe,
-    hooked_pass,
-    loss_for,
-    low_precision,
-    probe_sample_grouping,
-    slice_batch,
-)
+from .loglik import Kind, LogLikFn, ModelLogLik, per_sample_log_likelihood, sample_labels
+from .per_sample import Engine, PerSampleEngine
 from .sharded import all_agree, is_sharded, pass_count
-from .zero3 import full_shape, gathered
+from .zero3 import gathered
 
-Method = Literal["auto", "vectorized", "loop"]
 logger = logging.getLogger("fish_tuning")
 __all__ = ["GradientMoments", "ZeroFisherWarning", "compute_fisher", "gradient_moments", "per_sample_log_likelihood", "sample_labels", "warn_zero_fisher"]
 
@@ -77,7 +63,7 @@ def compute_fisher(
     num_samples: int = 128,
     kind: Kind = "empirical",
     params: Sequence[str] | None = None,
-    method: Method = "auto",
+    engine: Engine = "auto",
     loglik_fn: LogLikFn = per_sample_log_likelihood,
     seed: int = 0,
     progress: bool = True,
@@ -87,7 +73,7 @@ def compute_fisher(
 
     Arguments as :func:`gradient_moments`, which also returns the mean per-sample gradient from the same pass.
     """
-    return gradient_moments(model, batches, num_samples, kind, params, method, loglik_fn, seed, progress,
+    return gradient_moments(model, batches, num_samples, kind, params, engine, loglik_fn, seed, progress,
                             distributed, _stacklevel=3).fisher
 
 
@@ -97,7 +83,7 @@ def gradient_moments(
     num_samples: int = 128,
     kind: Kind = "empirical",
     params: Sequence[str] | None = None,
-    method: Method = "auto",
+    engine: Engine = "auto",
     loglik_fn: LogLikFn = per_sample_log_likelihood,
     seed: int = 0,
     progress: bool = True,
@@ -114,7 +100,9 @@ def gradient_moments(
             not counted. Packed rows (several examples in one row: padding-free collators) raise ``ValueError``.
         kind: ``"empirical"`` uses the data labels (Eq. 3); ``"expected"`` samples y from the model (Eq. 2).
         params: candidate parameter names; default every parameter with ``requires_grad``.
-        method: ``"auto"`` (vectorised where exact, else loop), ``"vectorized"`` or ``"loop"``.
+        engine: how per-sample gradients are formed: ``"auto"`` (the hooks where exact, else the loop),
+            ``"vectorized"`` (the hooks or an error) or ``"loop"`` (one backward per sample); see
+            :class:`~fish_tuning.per_sample.PerSampleEngine`.
         loglik_fn: ``f(logits, labels) -> [B]``. The default lines sequence logits up with the labels as the model's
             own loss does (causal LMs: the next label; token classification, masked LMs, encoder-decoder: the label
             at the same position) and raises ``ValueError`` for a model it cannot classify; fix the alignment with
@@ -129,8 +117,8 @@ def gradient_moments(
     """
     if kind not in ("empirical", "expected"):
         raise ValueError(f"kind must be 'empirical' or 'expected', got {kind!r}")
-    if method not in ("auto", "vectorized", "loop"):
-        raise ValueError(f"method must be 'auto', 'vectorized' or 'loop', got {method!r}")
+    if engine not in ("auto", "vectorized", "loop"):
+        raise ValueError(f"engine must be 'auto', 'vectorized' or 'loop', got {engine!r}")
     num_samples = positive_int(num_samples, "num_samples")
 
     named = dict(model.named_parameters())
@@ -158,36 +146,12 @@ def gradient_moments(
     quota = num_samples // world + int(rank < num_samples % world)  # this rank's share of the global count
     device = next(iter(cand.values())).device
     gen = torch.Generator(device=device).manual_seed(seed + rank) if kind == "expected" else None
-    sums = {n: torch.zeros(full_shape(p), dtype=torch.float32, device=p.device) for n, p in cand.items()}
-    grad_sums = {n: torch.zeros_like(s) for n, s in sums.items()}  # Σᵢ gᵢ, for the mean gradient
     saved_flags = {n: p.requires_grad for n, p in named.items()}
     was_training = model.training
-    hooks = PerSampleHooks(model, cand) if method != "loop" else None
-    missing = next((n for n in cand if n not in hooks.covered), None) if hooks is not None else None
-    if method == "vectorized" and missing is not None:
-        hooks.remove()
-        raise ValueError(f"method='vectorized' cannot handle '{missing}' (no per-sample rule for its layer type in "
-                         "fish_tuning.grad_sample); use 'auto'")
-    use_hooks = hooks is not None and missing is None
-    engine = "vectorized" if use_hooks else "loop"
-    if hooks is not None and not use_hooks:
-        logger.info("compute_fisher: exact per-sample loop: '%s' has no per-sample rule for its layer type", missing)
-        hooks.remove()
-    if sharded and not use_hooks:
-        missing = next((n for n in cand if hooks is None or n not in hooks.covered), "")
-        raise ValueError(
-            "compute_fisher on an FSDP2-sharded model needs the per-sample hooks (method='auto' or 'vectorized') "
-            f"and candidates with a per-sample rule only; '{missing or ''}' has none, or method='loop' was asked. "
-            "The exact loop would run a different number of all-gathers on each rank. Compute the Fisher before "
-            "fully_shard, or restrict params= to nn.Linear weights (LoRA's A and B are)."
-        )
-    cand_list = list(cand.values())
-    seen, scored, rows = 0, 0, 0  # samples scored (N), label targets, rows read (labelled or not)
-    probed: set[int] = set()  # batch sizes whose grouping the probe has checked
-    # Half precision is probed in float32 (its own batch pass): bf16 rounding would hide a coupling of a few %.
-    # Sharded models cannot be upcast; they piggyback on the real pass in their own precision.
+    passes = PerSampleEngine(model, cand, engine, kind, loglik_fn, gen, sharded)
+    scored, rows = 0, 0  # label targets, rows read (labelled or not)
     bar = tqdm(total=quota, desc=f"Fisher ({kind})", disable=not progress, leave=False)
-    pinned = gathered(cand_list)  # ZeRO-3: the candidates stay gathered (full) for the whole pass; else a no-op
+    pinned = gathered(list(cand.values()))  # ZeRO-3: the candidates stay gathered for the pass; else a no-op
     try:
         pinned.__enter__()
         model.eval()
@@ -197,88 +161,22 @@ def gradient_moments(
             if real:
                 scored += _label_count(chunk["labels"], loglik_fn.shift is not False)
                 rows += take
-            if samples == 0 and not sharded:  # every row unlabelled: no gradient (sharded ranks run every pass)
-                continue
-            done = False
-            probe = use_hooks and take >= 2 and take not in probed  # a new batch size: re-probe
-            if use_hooks and sharded:  # every rank runs the probe's passes (each all-gathers) if any rank probes
-                probe = not all_agree(not probe, device)
-            upcast = probe and not sharded and low_precision(model, device)
-            why = None
-            if upcast:
-                with float32_probe(model):
-                    why = probe_sample_grouping(model, cand, hooks, chunk, take, loglik_fn)
-            if use_hooks and why is None:
-                used: dict = {}
-                hooks.watch = probe_row(chunk["labels"], take) if probe and not upcast else None
-                grads = hooked_pass(model, hooks, dict(chunk), take, cand_list, kind, loglik_fn, gen, used)
-                # A pass that fails the summed-gradient check is left to that check (its own, plainer reason);
-                # sharded runs probe regardless, as every rank must run the probe's pass.
-                if hooks.watch is not None and (sharded or hooks.unbatched or accumulate_hooked(
-                        cand, hooks, grads, {}, take)):
-                    why = probe_sample_grouping(model, cand, hooks, chunk, take, loglik_fn, used["labels"])
-                hooks.watch = None
-            if probe:
-                probed.add(take)
-                if sharded and not all_agree(why is None, device):
-                    raise RuntimeError("compute_fisher on an FSDP2-sharded model: per-sample hooks are not exact "
-                                       f"on some rank ({why or 'another rank'}) and the exact per-sample loop is "
-                                       "not available under FSDP; compute the Fisher before fully_shard")
-                if why is not None:
-                    if method == "vectorized":
-                        raise RuntimeError(f"method='vectorized' is not exact for this model: {why}; use 'auto'")
-                    logger.warning("compute_fisher: using the exact per-sample loop (batch size %d): %s", take, why)
-                    use_hooks, engine = False, ("vectorized+loop" if seen else "loop")
-                    hooks.clear()
-                    hooks.remove()
-            if use_hooks:
-                done = not hooks.unbatched and (not real or accumulate_hooked(cand, hooks, grads, sums, take,
-                                                                               grad_sums))
-                hooks.clear()
-                if sharded and not all_agree(done, device):
-                    raise RuntimeError("compute_fisher on an FSDP2-sharded model: per-sample hook gradients "
-                                       "disagree with autograd on some rank, and the exact per-sample loop is not "
-                                       "available under FSDP; compute the Fisher before fully_shard")
-                if not done and method == "vectorized":
-                    raise RuntimeError("per-sample hook gradients disagree with autograd; use method='loop'")
-                if not done:  # a weight used outside its module, an unsupported set-up, or not batch-first inputs
-                    why = (f"'{sorted(hooks.unbatched)[0]}' saw inputs that are not batch-first" if hooks.unbatched
-                           else "hooked per-sample gradients do not sum to autograd's gradient (a weight used "
-                                "outside its module, or a layer set-up its rule does not cover)")
-                    logger.info("compute_fisher: per-sample hooks are not exact here (%s); exact loop for the rest",
-                                why)
-                    use_hooks, engine = False, ("vectorized+loop" if seen else "loop")
-                    hooks.remove()
-            if not done:
-                labelled = labelled_rows(chunk["labels"])
-                for i in range(take):
-                    if labelled is not None and not labelled[i]:  # no label, no gradient
-                        continue
-                    row = slice_batch(chunk, i, i + 1, take, device)
-                    grads = torch.autograd.grad(loss_for(model, row, kind, loglik_fn, gen), cand_list,
-                                                allow_unused=True)
-                    for (n, s), g in zip(sums.items(), grads):
-                        if g is not None:
-                            check_finite(n, g)
-                            s.add_(g.float().square())
-                            grad_sums[n].add_(g.float())
-            if not real:
-                continue
-            seen += samples
-            bar.update(samples)
+            passes.add(chunk, take, real, samples)
+            if real:
+                bar.update(samples)
     finally:
         pinned.__exit__(None, None, None)
         bar.close()
-        if hooks is not None:
-            hooks.remove()
+        passes.close()
         for n, p in named.items():
             p.requires_grad_(saved_flags[n])
         model.train(was_training)
 
-    logger.info("compute_fisher: engine=%s (%d samples on this rank)", engine, seen)
+    seen, squares, sums = passes.seen, passes.squares, passes.sums
+    logger.info("compute_fisher: engine=%s (%d samples on this rank)", passes.name, seen)
     count = torch.tensor([float(seen), float(scored), float(rows)], device=device)
     if world > 1:
-        both = {**{("sq", n): s for n, s in sums.items()}, **{("g", n): g for n, g in grad_sums.items()}}
+        both = {**{("sq", n): s for n, s in squares.items()}, **{("g", n): g for n, g in sums.items()}}
         count = sum_over_ranks(both, count)
     total = int(count[0].item())
     if int(count[2].item()) == 0:
@@ -294,10 +192,10 @@ def gradient_moments(
         where = f" over {world} ranks" if world > 1 else ""
         warnings.warn(f"compute_fisher: only {total} samples available{where}, fewer than num_samples={num_samples}",
                       stacklevel=_stacklevel)
-    scores = {n: s / count for n, s in sums.items()}
+    scores = {n: s / count for n, s in squares.items()}
     warn_zero_fisher(scores, _stacklevel + 1)
     # the passes differentiate the loss -Σ log p: negate, so .mean is the mean gradient of log p as documented
-    return GradientMoments(fisher=scores, mean={n: -g / count for n, g in grad_sums.items()}, num_samples=total)
+    return GradientMoments(fisher=scores, mean={n: -g / count for n, g in sums.items()}, num_samples=total)
 
 
 def _passes(batches: Iterable[Mapping[str, object]], quota: int, device: torch.device, sharded: bool):

@@ -20,35 +20,12 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .layout import Layout, LocalMask
 from .mask import FishMask
-from .sharded import check_same_mask, is_dtensor, local, local_indices
-from .zero3 import MasterPartitions, is_zero3, prepend_grad_hook, zero_optimizer
+from .zero3 import zero_optimizer
 
 _ACTIVE: WeakIdKeyDictionary = WeakIdKeyDictionary()  # guarded parameter -> its attached MaskGuard
 _GLOBAL_HOOK = None
-
-
-_INDEX_DTYPE: dict[str, torch.dtype] = {}
-
-
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def index_dtype(device: torch.device | str) -> torch.dtype:
-    """int32 indices where this device's index_select/index_put_ accept them (half the bytes of int64)."""
-    key = str(device)
-    if key not in _INDEX_DTYPE:
-        try:
-            probe = torch.zeros(4, device=device)
-            idx = torch.tensor([1, 3], dtype=torch.int32, device=device)
-            probe.index_put_((idx,), probe.index_select(0, idx) + 1)
-            ok = bool(probe[1] == 1)
-        except (RuntimeError, NotImplementedError):
-            ok = False
-        _INDEX_DTYPE[key] = torch.int32 if ok else torch.int64
-    return _INDEX_DTYPE[key]
 
 
 def guard_of(param: Tensor) -> MaskGuard | None:
@@ -91,7 +68,7 @@ def _refuse_foreign_step(optimizer, args, kwargs) -> None:
                     f"{type(optimizer).__name__}.step() would update parameters that {guard!r} still guards: their "
                     "masked gradients were zeroed by that guard, so this step would be silently masked. That guard's "
                     "run did not end cleanly (e.g. Trainer.train raised before on_train_end). Call .close() on it "
-                    "(FishCallback: callback.remove()) before training these parameters another way."
+                    "(FishCallback: callback.close()) before training these parameters another way."
                 )
     try:
         _CLEARED[optimizer] = key
@@ -116,14 +93,13 @@ class MaskGuard:
        :class:`~fish_tuning.MaskedOptimizer`), candidate tensors are backed up and masked entries written back,
        which undoes decoupled weight decay, momentum and any other rule that moves zero-gradient entries.
 
-    Candidates excluded from selection (``mask.frozen``) are guarded with nothing kept: they never change.
+    Candidates excluded from selection (``mask.excluded``) are guarded with nothing kept: they never change.
     Under ``torch.distributed`` with more than one rank (DDP, FSDP2, ZeRO), construction is a collective (one
     all-reduce) that refuses a mask differing between ranks, so build the guard (or its optimizer) on every rank.
-    FSDP2 (DTensor parameters sharded on dim 0): each rank guards its own shard with the kept indices that fall in
-    it (FSDP2 runs the gradient hook on the reduce-scattered shard).
-    DeepSpeed ZeRO 1-3 (attach to the engine's optimizer, e.g. ``engine.optimizer``): the gradient hook zeroes
-    masked entries of the full gradient in backward, before ZeRO's reduce-scatter, and the step hooks sit on the
-    torch optimizer ZeRO wraps and act on this rank's fp32 master slices (see :mod:`fish_tuning.zero3`).
+    Where each tensor's kept entries live on this rank is :mod:`fish_tuning.layout`'s business (a plain tensor,
+    an FSDP2 shard, a ZeRO fp32 master slice); the guard asks every tensor the same questions. Under DeepSpeed
+    ZeRO 1-3 attach it to the engine's optimizer (e.g. ``engine.optimizer``): the step hooks then sit on the torch
+    optimizer ZeRO wraps.
     Nothing is registered until :meth:`attach` (or ``with MaskGuard(...) as g:``), and :meth:`close` removes it all.
 
     Args:
@@ -136,56 +112,24 @@ class MaskGuard:
 
     def __init__(self, mask: FishMask, model: nn.Module, params: Iterable[Tensor] | None = None,
                  optimizer: torch.optim.Optimizer | None = None, restore: bool = True):
-        mask.check(model)
-        self.mask, self.restore, self._optimizer = mask, restore, optimizer
-        named = dict(model.named_parameters())
-        for name, idx in mask.indices.items():
-            if idx.numel() and not named[name].requires_grad:
-                raise ValueError(
-                    f"mask candidate '{name}' keeps {idx.numel()} entries but does not require grad, so they would "
-                    "never train. Set requires_grad=True on it before building the optimizer, or select the mask "
-                    "without it (select_mask(..., exclude=...) / FishCallback(exclude=...))."
-                )
-        name_of = {id(p): n for n, p in named.items()}
-        if params is None:
-            params = [p for p in model.parameters() if p.requires_grad]
-        params = list(params)
-        self._param_ids = frozenset(id(p) for p in params)  # what a stepping optimizer may hold (see before_step)
-        self.kept: dict[Tensor, Tensor] = {}  # guarded tensor -> its kept flat indices
-        self.names: dict[Tensor, str] = {}
-        frozen = set(mask.frozen)
-        for p in params:
-            name = name_of.get(id(p))
-            if name is None:
-                raise ValueError("the optimizer holds a tensor that is not a parameter of the model given")
-            if p in self.kept:
-                continue
-            if name in mask.shapes:
-                # under FSDP2 only this rank's shard: the kept indices that fall in it, shifted to local positions
-                self.kept[p] = local_indices(mask.indices[name], p).to(device=p.device, dtype=index_dtype(p.device))
-            elif name in frozen:
-                self.kept[p] = torch.zeros(0, dtype=index_dtype(p.device), device=p.device)
-            elif not mask.is_always_train(name):
-                raise ValueError(
-                    f"parameter '{name}' is in the optimizer but is neither a mask candidate nor always_train. "
-                    "Add it to select_mask(..., always_train=...) or leave it out of the optimizer."
-                )
-            else:
-                continue
-            self.names[p] = name
-        sharded = [p for p in self.kept if is_dtensor(p) or is_zero3(p)]
-        if sharded or (self.kept and _world_size() > 1):
-            # each rank masks its own copy or shard: masks that differ per rank (selected separately) would make
-            # DDP replicas or shards silently diverge, so every rank builds its guard and checks here (1 all-reduce)
-            check_same_mask(mask.fingerprint(), (sharded or list(self.kept))[0].device)
+        self._build(LocalMask(mask, model, params), optimizer, restore)
+
+    @classmethod
+    def over(cls, local_mask: LocalMask, restore: bool = True) -> MaskGuard:
+        """A guard over kept entries already laid out (an optimizer that reads the same indices, so that a moving
+        mask reaches both)."""
+        guard = cls.__new__(cls)
+        guard._build(local_mask, None, restore)
+        return guard
+
+    def _build(self, local_mask: LocalMask, optimizer, restore: bool) -> None:
+        self.mask, self.restore, self._optimizer = local_mask.mask, restore, optimizer
+        self.local_mask = local_mask  # guarded tensor -> where its kept entries live (fish_tuning.layout)
         self._tap: list = [None]  # f(param, grad) called before masking (a refresh's gradient window), or None
-        self._zero3 = [p for p in self.kept if is_zero3(p)]
-        self._parts: MasterPartitions | None = None  # ZeRO-3: where the fp32 masters live (set by attach)
-        self._local: dict[Tensor, Tensor] = {}  # ZeRO-3: kept positions within this rank's master slice
-        self._dense: dict[Tensor, Tensor] = {}  # lazily built bool masks (True = must not change)
         self._backup: dict[Tensor, Tensor] = {}
         self._handles: list = []
         self._pending = False  # True between before_step and after_step: a step that raised is undone next time
+        self._zero = False  # stepping ZeRO's own fp32 partitions (set by attach)
         self._owner: weakref.ref | None = None
         self._finalizer: weakref.finalize | None = None
         self.attached = False
@@ -202,28 +146,26 @@ class MaskGuard:
         optimizer = optimizer if optimizer is not None else self._optimizer
         stepped = [optimizer] if optimizer is not None else []
         zero = zero_optimizer(optimizer) if optimizer is not None else None
-        if self._zero3 and zero is None:
+        if self.local_mask.zero3 and zero is None:
             raise ValueError("these parameters are partitioned by DeepSpeed ZeRO-3: attach the guard to the ZeRO "
                              "optimizer (engine.optimizer, or the Trainer's optimizer), which owns the fp32 master "
                              "weights that must be kept")
         if zero is not None:  # DeepSpeed ZeRO (1, 2 or 3): the masters that matter are ZeRO's fp32 partitions
-            managed = list(self.kept)  # (that every rank holds the same mask was checked when the guard was built)
-            self._parts = MasterPartitions(zero, managed)
-            self._local = {p: self._parts.local_indices(p, self.kept[p].long()) for p in managed}
-            optimizer, stepped = zero, self._parts.torch_optimizers()
+            parts = self.local_mask.on_master_partitions(zero)
+            self._zero = True
+            optimizer, stepped = zero, parts.torch_optimizers()
         self._check_free()
         _ensure_global_hook()
-        for p in self.kept:
-            # ZeRO-3: before ZeRO's reduce-scatter hook, so the reduced partitions and the clipping norm see Eq. 6
-            register = prepend_grad_hook if p in self._local else type(p).register_post_accumulate_grad_hook
-            # the hook reads self.kept at each call, so a refresh (set_kept) changes what it keeps in place
-            self._handles.append(register(p, _keep_only(self.kept, self._tap)))
+        for p, entry in self.local_mask.entries.items():
+            # the hook reads the entry's indices at each call, so a refresh (set_kept) changes what it keeps
+            self._handles.append(entry.register_grad_hook(_grad_hook(entry, self._tap)))
             _ACTIVE[p] = self
         _GENERATION[0] += 1
         self.attached = True
         if optimizer is not None:
             self._owner = weakref.ref(optimizer)
-            self._finalizer = weakref.finalize(optimizer, MaskGuard._close_handles, self._handles, list(self.kept))
+            self._finalizer = weakref.finalize(optimizer, MaskGuard._close_handles, self._handles,
+                                               list(self.local_mask.entries))
             if step_hooks:
                 self.hook_steps(*stepped)
         return self
@@ -243,12 +185,10 @@ class MaskGuard:
             self._finalizer.detach()
             self._finalizer = None
         self.after_step()  # a step that raised part-way and was never retried: put its masked entries back
-        MaskGuard._close_handles(self._handles, list(self.kept))
+        MaskGuard._close_handles(self._handles, list(self.local_mask.entries))
         self._backup.clear()
         self._pending = False
         self.attached = False
-
-    remove = close  # the name of 0.1
 
     @staticmethod
     def _close_handles(handles: list, params: list[Tensor]) -> None:
@@ -268,15 +208,16 @@ class MaskGuard:
         self.close()
 
     def _check_free(self) -> None:
-        taken = [(p, _ACTIVE[p]) for p in self.kept if p in _ACTIVE and _ACTIVE[p] is not self]
-        if taken:
+        def taken():
+            return [(p, _ACTIVE[p]) for p in self.local_mask.entries if p in _ACTIVE and _ACTIVE[p] is not self]
+
+        if taken():
             gc.collect()  # an unreachable owner (reference cycle) closes its guard through its finalizer
-            taken = [(p, _ACTIVE[p]) for p in self.kept if p in _ACTIVE and _ACTIVE[p] is not self]
-        if taken:
-            p, other = taken[0]
+        if taken():
+            p, other = taken()[0]
             raise RuntimeError(
-                f"parameter '{self.names[p]}' is already guarded by {other!r}; two masks on one tensor would train "
-                "only their intersection. Close the first guard (optimizer.close(), callback.remove(), or drop that "
+                f"parameter '{self.local_mask.names[p]}' is already guarded by {other!r}; two masks on one tensor would train "
+                "only their intersection. Close the first guard (optimizer.close(), callback.close(), or drop that "
                 "optimizer) before attaching another."
             )
 
@@ -289,27 +230,14 @@ class MaskGuard:
         return owner in optimizer_chain(optimizer) or optimizer in optimizer_chain(owner)
 
     # ------------------------------------------------------------------ the step
-    def _target(self, p: Tensor) -> Tensor:
-        """What the optimizer writes for ``p`` on this rank: the tensor, its FSDP2 shard, or its ZeRO-3 fp32 master."""
-        return self._parts.master(p) if p in self._local else local(p)
-
-    def _frozen(self, p: Tensor) -> Tensor:
-        dense = self._dense.get(p)
-        if dense is None or dense.device != self._target(p).device:  # built lazily; again after model.to(device)
-            shard = self._target(p)
-            dense = torch.ones(shard.numel(), dtype=torch.bool, device=shard.device)
-            dense[self._local.get(p, self.kept[p]).long().to(dense.device)] = False
-            dense = self._dense[p] = dense.view(shard.shape)
-        return dense
-
     def _check_params(self, optimizer) -> None:
         """Refuse a step over tensors this guard never saw (a group added after it was built would train them
         densely). ZeRO steps its own flat fp32 partitions, so the check applies to plain and FSDP2 optimizers."""
-        if self._parts is not None:
+        if self._zero:
             return
         for group in getattr(optimizer, "param_groups", ()):
             for p in group["params"]:
-                if id(p) not in self._param_ids:
+                if id(p) not in self.local_mask.param_ids:
                     raise RuntimeError(
                         f"{type(optimizer).__name__}.step() would update a tensor of shape {tuple(p.shape)} that "
                         f"{self!r} was not built with (a parameter group added afterwards, by add_param_group or "
@@ -327,15 +255,10 @@ class MaskGuard:
             self.after_step()
         if optimizer is not None:
             self._check_params(optimizer)
-        for p in self.kept:
-            if p in self._local:  # ZeRO-3: the reduced fp32 gradient slice (already masked in backward)
-                grad = self._parts.grad(p)
-                if grad is not None:
-                    grad.masked_fill_(self._frozen(p), 0)
-            elif p.grad is not None:
-                _keep_only(self.kept, [None])(p)
+        for p, entry in self.local_mask.entries.items():
+            entry.mask_step_grad()
             if self.restore:
-                target = self._target(p)
+                target = entry.target()
                 buf = self._backup.get(p)
                 if buf is None or buf.dtype != target.dtype or buf.device != target.device:
                     # again after model.to(dtype / device): where(..., out=target) needs the target's dtype
@@ -349,21 +272,24 @@ class MaskGuard:
         if not self._pending:
             return
         self._pending = False
-        for p in self.kept:
-            shard = self._target(p)
-            torch.where(self._frozen(p), self._backup[p], shard, out=shard)
+        for p, entry in self.local_mask.entries.items():
+            target = entry.target()
+            torch.where(entry.masked(), self._backup[p], target, out=target)
 
     # ------------------------------------------------------------------ a mask that moves (fish_tuning.refresh)
     def check_movable(self) -> None:
         """Refuse a mask that moves where kept indices are per-shard or per-partition (FSDP2, ZeRO)."""
-        if self._local or any(is_dtensor(p) for p in self.kept):
+        if not self.local_mask.movable:
             raise NotImplementedError("a mask that moves is supported on one process and DDP; under FSDP2 or "
                                       "DeepSpeed ZeRO train with a fixed mask (no refresh)")
 
+    def kept(self, p: Tensor) -> Tensor:
+        """The kept flat indices of ``p`` (global ones wherever the mask may move)."""
+        return self.local_mask.entries[p].index
+
     def set_kept(self, p: Tensor, idx: Tensor) -> None:
         """Train ``idx`` (sorted flat indices) of ``p`` from the next backward on (the caller sets ``self.mask``)."""
-        self.kept[p] = idx.to(device=p.device, dtype=index_dtype(p.device))
-        self._dense.pop(p, None)
+        self.local_mask.entries[p].set(idx)
 
     def set_tap(self, tap) -> None:
         """``tap(param, grad)`` sees every guarded gradient before its masked entries are zeroed (None: off)."""
@@ -371,39 +297,23 @@ class MaskGuard:
 
     def state_bytes(self) -> int:
         """Bytes this guard keeps beside the model: kept indices, dense masks and step backups."""
-        tensors = [*self.kept.values(), *self._dense.values(), *self._backup.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return self.local_mask.nbytes() + sum(t.numel() * t.element_size() for t in self._backup.values())
 
     def __repr__(self) -> str:
         owner = self._owner() if self._owner is not None else None
         by = f", owned by {type(owner).__name__} at {id(owner):#x}" if owner is not None else ""
         state = "attached" if self.attached else "detached"
-        return f"MaskGuard(k={self.mask.num_selected:,}, {len(self.kept)} tensors, {state}{by}, id {id(self):#x})"
+        return f"MaskGuard(k={self.mask.num_selected:,}, {len(self.local_mask.entries)} tensors, {state}{by}, id {id(self):#x})"
 
 
-def _keep_only(kept: dict[Tensor, Tensor], tap: list):
-    """Zero every gradient entry except the kept ones (``kept[p]``) without a dense mask: gather k, zero, scatter k
-    back. ``tap[0]``, when set, sees the whole gradient first."""
+def _grad_hook(entry: Layout, tap: list):
+    """After each backward: ``tap[0]``, when set, sees the whole gradient, then the masked entries are zeroed."""
 
     def hook(p: Tensor) -> None:
         if p.grad is None:
             return
         if tap[0] is not None:
             tap[0](p, p.grad)
-        idx = kept[p]
-        if is_dtensor(p.grad):  # FSDP2: this rank's shard of the reduce-scattered gradient; idx is local
-            grad = local(p.grad)
-            if not grad.is_contiguous():
-                raise RuntimeError("MaskGuard: the local shard of a sharded gradient is not contiguous; FISH masks "
-                                   "FSDP2 parameters sharded on dim 0 only (fully_shard's default)")
-        else:
-            if not p.grad.is_contiguous():
-                p.grad = p.grad.contiguous()
-            grad = p.grad
-        flat = grad.view(-1)
-        index = idx if idx.device == flat.device else idx.to(flat.device)
-        values = flat.index_select(0, index)
-        flat.zero_()
-        flat.index_put_((index,), values)
+        entry.keep_grad()
 
     return hook

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
+
+Kind = Literal["empirical", "expected"]  # the Fisher's labels: the data's (Eq. 3) or drawn from the model (Eq. 2)
+LogLikFn = Callable[[Tensor, Tensor], Tensor]
 
 ALIGNED_TASKS = ("TOKEN_CLS", "SEQ_2_SEQ_LM")  # peft task types whose label t sits at position t
 SHIFTED_TASKS = ("CAUSAL_LM",)
@@ -211,5 +215,36 @@ class ModelLogLik:
             f"cannot tell how {self.model_name}'s sequence logits {tuple(logits.shape)} line up with the labels: a "
             "causal LM's position t predicts label t+1, while token classification, masked LMs and encoder-decoder "
             "models score label t at position t; scoring the wrong one gives a wrong Fisher without any error. Say "
-            "which: loglik_fn=functools.partial(fish_tuning.per_sample_log_likelihood, shift=True) (causal LM) or "
-            "shift=False (aligned), or pass your own loglik_fn(logits, labels) -> [B]." + own)
+            "which: loglik_fn=functools.partial(fish_tuning.loglik.per_sample_log_likelihood, shift=True) "
+            "(causal LM) or shift=False (aligned), or pass your own loglik_fn(logits, labels) -> [B]." + own)
+
+
+def loss_for(model: nn.Module, batch: dict, kind: Kind, loglik_fn: LogLikFn, gen, used: dict | None = None) -> Tensor:
+    labels = batch.pop("labels")
+    if "decoder_input_ids" not in batch and "decoder_inputs_embeds" not in batch:
+        # An encoder-decoder model builds its decoder inputs from labels, which are not passed (scored here).
+        prepare = decoder_inputs_from_labels(model)
+        if prepare is not None:
+            batch["decoder_input_ids"] = prepare(labels=torch.as_tensor(labels))
+    out = model(**batch)
+    logits = out.logits if hasattr(out, "logits") else out[0]  # return_dict=False: a tuple, logits first
+    if logits.dim() == 3 and labels.dim() == 2 and logits.shape[1] > labels.shape[1]:
+        # Prompt learning (Prompt Tuning, P-Tuning, CPT) prepends virtual tokens to a decoder or tagger sequence:
+        # they have no label, as in peft's own loss (labels padded on the left with -100).
+        labels = nn.functional.pad(labels, (logits.shape[1] - labels.shape[1], 0), value=-100)
+    if kind == "expected":  # ModelLogLik knows the model's label alignment; a bare function gets the causal default
+        sample = getattr(loglik_fn, "sample", sample_labels)
+        labels = sample(logits, labels, gen)
+    if used is not None:  # the labels scored (sampled ones for kind="expected"), for the grouping probe
+        used["labels"] = labels
+    # Minus the *sum* of per-sample log-likelihoods: its gradient w.r.t. sample i's activations is sample i's own.
+    return -loglik_fn(logits, labels).sum()
+
+
+def decoder_inputs_from_labels(model: nn.Module) -> Callable | None:
+    """An encoder-decoder model's ``prepare_decoder_input_ids_from_labels`` (labels shifted right), else None."""
+    for m in unwrapped(model):
+        prepare = getattr(m, "prepare_decoder_input_ids_from_labels", None)
+        if getattr(getattr(m, "config", None), "is_encoder_decoder", False) is True and callable(prepare):
+            return prepare
+    return None

@@ -15,12 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from .files import atomic_write
-from .maskfile import check_fingerprint, read_mask_file, saved_names
 from .names import adapter_of, agnostic_names, insert_adapter
 from .zero3 import full_numel, full_shape
 
 _FORMAT = "fish-mask"
 _VERSION = 1
+# Files and to_state() keep excluded candidates under the key "frozen": renaming it would leave every saved mask
+# (and every checkpoint carrying one) unreadable.
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)\.")
 
 
@@ -44,6 +45,17 @@ def _matches(name: str, patterns: list[str]) -> bool:
     return any(re.search(p, name) for p in patterns)
 
 
+def module_of(name: str) -> str:
+    """Short module + parameter of a candidate, e.g. ``query.lora_A`` (whatever the adapter's name: the one after a
+    peft parameter, ``lora_A.<adapter>.weight``, is dropped): where a mask puts its budget, per module."""
+    parts = [p for p in name.split(".") if p not in ("weight", "base_layer") and not p.isdigit()]
+    for i, part in enumerate(parts):
+        if part.startswith(("lora_", "ia3_")):
+            return f"{parts[i - 1]}.{part}" if i else part
+    parts = [p for p in parts if p != "default"]
+    return ".".join(parts[-2:])
+
+
 def layer_of(name: str) -> int | None:
     """Transformer layer index in a parameter name (``...layer.3.`` / ``layers.3.`` / ``h.3.``), else None."""
     m = _LAYER_RE.search(name)
@@ -63,7 +75,7 @@ class FishMask:
     indices: dict[str, Tensor]
     always_train: list[str] = field(default_factory=list)
     always_train_patterns: list[str] = field(default_factory=list)
-    frozen: list[str] = field(default_factory=list)  # excluded candidates: never trained, not in the budget
+    excluded: list[str] = field(default_factory=list)  # candidates left out of selection: never trained
     strategy: str = "fish"
     seed: int | None = None
     meta: dict = field(default_factory=dict)
@@ -99,7 +111,7 @@ class FishMask:
         """
         if model is None:
             return self.num_selected + int(self.meta.get("always_train_numel", 0))
-        skip = set(self.shapes) | set(self.frozen)
+        skip = set(self.shapes) | set(self.excluded)
         extra = sum(full_numel(p) for n, p in model.named_parameters()
                     if p.requires_grad and n not in skip and self.is_always_train(n))
         return self.num_selected + extra
@@ -110,7 +122,7 @@ class FishMask:
         for name in sorted(self.shapes):
             h.update(f"{name}:{list(self.shapes[name])};".encode())
             h.update(self.indices[name].to(device="cpu", dtype=torch.int64).contiguous().numpy().tobytes())
-        h.update(json.dumps(sorted(self.frozen)).encode())
+        h.update(json.dumps(sorted(self.excluded)).encode())
         return h.hexdigest()[:16]
 
     # ------------------------------------------------------------------ analytics
@@ -128,12 +140,11 @@ class FishMask:
         order = sorted(out, key=lambda k: (k is None, k if k is not None else 0))
         return {k: (out[k][0], out[k][1]) for k in order}
 
-    def per_kind(self) -> dict[str, tuple[int, int]]:
-        """Short parameter kind (e.g. ``query.lora_A``) -> (kept, total), to see whether A, B, m... are all used."""
+    def per_module(self) -> dict[str, tuple[int, int]]:
+        """:func:`module_of` (e.g. ``query.lora_A``) -> (kept, total), to see whether A, B, m... are all used."""
         out: dict[str, list[int]] = {}
         for n, (kept, total) in self.per_tensor().items():
-            parts = [p for p in n.split(".") if p not in ("weight", "default", "base_layer") and not p.isdigit()]
-            acc = out.setdefault(".".join(parts[-2:]), [0, 0])
+            acc = out.setdefault(module_of(n), [0, 0])
             acc[0] += kept
             acc[1] += total
         return {k: (v[0], v[1]) for k, v in sorted(out.items())}
@@ -157,16 +168,16 @@ class FishMask:
         return (None, None) if not kept else (in_top / kept, even / kept)
 
     def summary(self, per_tensor: bool = False) -> str:
-        """Human-readable per-layer and per-kind (and with ``per_tensor``, per-tensor) counts of kept entries."""
+        """Human-readable per-layer and per-module (and with ``per_tensor``, per-tensor) counts of kept entries."""
         k, n = self.num_selected, self.num_candidates
         lines = [f"FishMask strategy={self.strategy} kept {k:,} of {n:,} candidate entries ({100 * k / max(n, 1):.3f}%)"]
         lines.append(f"{'layer':>8} {'kept':>10} {'total':>10} {'kept %':>8}")
         for layer, (kept, total) in self.per_layer().items():
             label = "-" if layer is None else str(layer)
             lines.append(f"{label:>8} {kept:>10,} {total:>10,} {100 * kept / max(total, 1):>7.2f}%")
-        lines.append(f"{'kind':>24} {'kept':>10} {'total':>10}")
-        for kind, (kept, total) in self.per_kind().items():
-            lines.append(f"{kind:>24} {kept:>10,} {total:>10,}")
+        lines.append(f"{'module':>24} {'kept':>10} {'total':>10}")
+        for module, (kept, total) in self.per_module().items():
+            lines.append(f"{module:>24} {kept:>10,} {total:>10,}")
         if per_tensor:
             for name, (kept, total) in self.per_tensor().items():
                 lines.append(f"{kept:>10,} / {total:>10,}  {name}")
@@ -183,7 +194,7 @@ class FishMask:
     def check(self, model: nn.Module) -> None:
         """Raise ValueError naming the first candidate whose name or shape differs from ``model``'s."""
         named = dict(model.named_parameters())
-        for name in self.frozen:
+        for name in self.excluded:
             if name not in named:
                 raise ValueError(f"mask does not fit this model: excluded candidate '{name}' is not a parameter of "
                                  "the model (was the mask made for another model or PEFT config?)")
@@ -201,7 +212,7 @@ class FishMask:
         return {"format": _FORMAT, "version": _VERSION, "shapes": {n: list(s) for n, s in self.shapes.items()},
                 "indices": {n: i.to(device="cpu", dtype=torch.int64) for n, i in self.indices.items()},
                 "always_train": list(self.always_train), "always_train_patterns": list(self.always_train_patterns),
-                "frozen": list(self.frozen), "strategy": self.strategy, "seed": self.seed,
+                "frozen": list(self.excluded), "strategy": self.strategy, "seed": self.seed,
                 "meta": json.dumps(self.meta)}
 
     @classmethod
@@ -211,7 +222,7 @@ class FishMask:
         return cls(shapes={n: tuple(s) for n, s in state["shapes"].items()},
                    indices={n: torch.as_tensor(i, dtype=torch.long) for n, i in state["indices"].items()},
                    always_train=list(state["always_train"]), always_train_patterns=list(state["always_train_patterns"]),
-                   frozen=list(state["frozen"]), strategy=state["strategy"], seed=state["seed"],
+                   excluded=list(state["frozen"]), strategy=state["strategy"], seed=state["seed"],
                    meta=json.loads(state["meta"]))
 
     # ------------------------------------------------------------------ file format
@@ -225,7 +236,7 @@ class FishMask:
 
         if model is not None:
             self.check(model)
-        rename, adapter = agnostic_names([*self.shapes, *self.always_train, *self.frozen], adapter_of(model))
+        rename, adapter = agnostic_names([*self.shapes, *self.always_train, *self.excluded], adapter_of(model))
         tensors = {}
         for name, idx in self.indices.items():
             dtype = torch.int32 if math.prod(self.shapes[name]) < 2**31 else torch.int64
@@ -234,7 +245,7 @@ class FishMask:
             "format": _FORMAT, "version": _VERSION, "strategy": self.strategy, "seed": self.seed,
             "num_selected": self.num_selected, "shapes": {rename[n][0]: list(s) for n, s in self.shapes.items()},
             "always_train": [rename[n][0] for n in self.always_train],
-            "always_train_patterns": self.always_train_patterns, "frozen": [rename[n][0] for n in self.frozen],
+            "always_train_patterns": self.always_train_patterns, "frozen": [rename[n][0] for n in self.excluded],
             "adapter": None if adapter is None else {"name": adapter, "pos": {a: i for a, i in rename.values()}},
             "fingerprint": self.fingerprint(), "meta": self.meta,
         }
@@ -250,7 +261,7 @@ class FishMask:
         ``model``'s active adapter, else the name it was saved under.
         """
         path = os.fspath(path)
-        meta, tensors = read_mask_file(path, _FORMAT)
+        meta, tensors = _read_file(path, _FORMAT)
         adapter = meta.get("adapter")
         target = adapter_name or adapter_of(model) or (adapter or {}).get("name")
 
@@ -267,15 +278,15 @@ class FishMask:
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel or bool((idx[1:] <= idx[:-1]).any())):
                 raise ValueError(f"corrupt mask file {path}: indices of '{name}' are out of range or unsorted")
             indices[name] = idx
-        saved = saved_names(meta)  # the fingerprint was taken under these names, before any adapter remap
-        check_fingerprint(path, meta, cls(shapes={saved[n]: s for n, s in shapes.items()},
-                                          indices={saved[n]: i for n, i in indices.items()},
-                                          frozen=[saved[n] for n in meta.get("frozen", [])]).fingerprint())
+        saved = _saved_names(meta)  # the fingerprint was taken under these names, before any adapter remap
+        _check_fingerprint(path, meta, cls(shapes={saved[n]: s for n, s in shapes.items()},
+                                           indices={saved[n]: i for n, i in indices.items()},
+                                           excluded=[saved[n] for n in meta.get("frozen", [])]).fingerprint())
         mask = cls(shapes={name_of(n): s for n, s in shapes.items()},
                    indices={name_of(n): i for n, i in indices.items()},
                    always_train=[name_of(n) for n in meta.get("always_train", [])],
                    always_train_patterns=list(meta.get("always_train_patterns", [])),
-                   frozen=[name_of(n) for n in meta.get("frozen", [])],
+                   excluded=[name_of(n) for n in meta.get("frozen", [])],
                    strategy=meta.get("strategy", "fish"), seed=meta.get("seed"), meta=dict(meta.get("meta", {})))
         if mask.num_selected != meta.get("num_selected"):
             raise ValueError(f"corrupt mask file {path}: {mask.num_selected} indices but header says "
@@ -283,3 +294,43 @@ class FishMask:
         if model is not None:
             mask.check(model)
         return mask
+
+
+def _read_file(path: str, fmt: str) -> tuple[dict, dict[str, Tensor]]:
+    """The ``fish_mask`` metadata and index tensors of a safetensors file; every unreadable case is a clear error
+    (a folder, a missing file, a damaged file, a file not written by ``FishMask.save``)."""
+    from safetensors import safe_open
+
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory; pass the mask file inside it "
+                                "(e.g. os.path.join(folder, 'fish_mask.safetensors'))")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"mask file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = (f.metadata() or {}).get("fish_mask")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        meta = json.loads(raw) if raw else None
+    except Exception as err:  # safetensors raises several types for damaged headers/bodies
+        raise ValueError(f"corrupt mask file {path}: {err}. Recreate it with select_mask(...).save()") from err
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise ValueError(f"corrupt mask file {path}: no fish-mask metadata (not written by FishMask.save)")
+    return meta, tensors
+
+
+def _check_fingerprint(path: str, meta: dict, actual: str) -> None:
+    """Refuse a file whose entries are not the ones it was saved with: range / order / count checks miss an index
+    moved to a free neighbour, which would silently train other entries. Files without a fingerprint load."""
+    recorded = meta.get("fingerprint")
+    if recorded is not None and recorded != actual:
+        raise ValueError(f"corrupt mask file {path}: fingerprint {actual} of its entries does not match the recorded "
+                         f"{recorded} (damaged or edited); re-create or re-download it")
+
+
+def _saved_names(meta: dict) -> dict[str, str]:
+    """Stored (adapter-agnostic) name -> the name the mask had when saved, under which its fingerprint was taken."""
+    adapter = meta.get("adapter")
+    stored = [*meta["shapes"], *meta.get("frozen", [])]
+    if adapter is None:
+        return {n: n for n in stored}
+    return {n: insert_adapter(n, adapter["name"], adapter["pos"].get(n, -1)) for n in stored}

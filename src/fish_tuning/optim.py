@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .guard import MaskGuard
+from .layout import LocalMask
 from .mask import FishMask
 from .refresh import MaskRefresher, RefreshSchedule
 from .sharded import local
@@ -31,7 +32,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
     is not a mask candidate is an error. ``param_groups`` and ``state`` are those of the wrapped optimizer, so
     LR schedulers and the HF Trainer work unchanged; step / state-dict hooks registered on the wrapper fire as
     on any torch optimizer. ``state_dict()`` records the mask's fingerprint, and ``load_state_dict`` refuses a
-    state saved with another mask or by another kind of optimizer.
+    state saved with another mask or by another optimizer class.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, mask: FishMask, model: nn.Module,
@@ -131,7 +132,6 @@ class MaskedOptimizer(torch.optim.Optimizer):
         """Remove the masking hooks (also done when this optimizer is garbage-collected)."""
         self._guard.close()
 
-    remove_hooks = close
 
     def __repr__(self) -> str:
         return f"MaskedOptimizer(k={self.mask.num_selected:,}, {self.optimizer!r})"
@@ -140,23 +140,23 @@ class MaskedOptimizer(torch.optim.Optimizer):
 FISH_STATE_KEY = "fish_tuning"
 
 
-def fish_state(kind: str, mask: FishMask, **extra: str) -> dict:
+def fish_state(optimizer: str, mask: FishMask, **extra: str) -> dict:
     """What an optimizer's state_dict records about the mask it was built for."""
-    return {"optimizer": kind, "mask": mask.fingerprint(), **extra}
+    return {"optimizer": optimizer, "mask": mask.fingerprint(), **extra}
 
 
-def check_fish_state(state_dict: dict, kind: str, mask: FishMask, **extra: str) -> dict:
-    """Refuse a state from another optimizer kind or mask; returns the state without the fish record."""
+def check_fish_state(state_dict: dict, optimizer: str, mask: FishMask, **extra: str) -> dict:
+    """Refuse a state saved by another optimizer class or with another mask; returns the state without the fish record."""
     info = state_dict.get(FISH_STATE_KEY) if isinstance(state_dict, dict) else None
     if not isinstance(info, dict):
-        raise ValueError(f"this optimizer state was not saved by a {kind} (it has no '{FISH_STATE_KEY}' record, "
-                         "e.g. a plain torch optimizer's state): load it into the optimizer kind that saved it")
-    wanted = fish_state(kind, mask, **extra)
+        raise ValueError(f"this optimizer state was not saved by a {optimizer} (it has no '{FISH_STATE_KEY}' record, "
+                         "e.g. a plain torch optimizer's state): load it into the optimizer class that saved it")
+    wanted = fish_state(optimizer, mask, **extra)
     for key in ("optimizer", *extra):
         if info.get(key) != wanted[key]:
             raise ValueError(f"this optimizer state was saved by {info.get('optimizer')}"
-                             f"({info.get('inner', '')}), not {kind}({extra.get('inner', '')}): load it into "
-                             "the same kind of optimizer")
+                             f"({info.get('inner', '')}), not {optimizer}({extra.get('inner', '')}): load it into "
+                             "the same optimizer class")
     if info.get("mask") != wanted["mask"]:
         raise ValueError(f"this optimizer state was saved with another mask (fingerprint {info.get('mask')}; this "
                          f"optimizer's mask is {wanted['mask']}): resume with the mask of the run that saved it "
@@ -174,7 +174,7 @@ class SparseAdamW(torch.optim.Optimizer):
     (decoupled weight decay, bias correction) to them, and writes the k new values back: O(k) work and memory per
     tensor, and masked entries are never written, so they stay bit-identical. Always-trainable parameters
     (``mask.always_train``, e.g. a classifier head) get ordinary dense AdamW state; excluded candidates
-    (``mask.frozen``) get none and never change.
+    (``mask.excluded``) get none and never change.
 
     ``mask_grads`` zeroes the masked gradient entries after each backward (through a
     :class:`~fish_tuning.MaskGuard` this optimizer owns) so that gradient clipping and logging see Eq. 6's masked
@@ -215,12 +215,12 @@ class SparseAdamW(torch.optim.Optimizer):
         chosen = (p for _, p in model.named_parameters()) if groups is None else (
             p for g in groups for p in g["params"])
         masked, dense = [], []
-        frozen = set(mask.frozen)
+        excluded = set(mask.excluded)
         for p in chosen:
             name = name_of.get(id(p))
             if name is None:
                 raise ValueError("SparseAdamW got a tensor that is not a parameter of the model")
-            if name in mask.shapes or name in frozen:
+            if name in mask.shapes or name in excluded:
                 if name in mask.shapes and not p.requires_grad:
                     raise ValueError(f"mask candidate '{name}' does not require grad, so it can never train")
                 if not p.requires_grad:
@@ -235,8 +235,9 @@ class SparseAdamW(torch.optim.Optimizer):
                         "Add it to select_mask(..., always_train=...) or set requires_grad=False."
                     )
                 dense.append(p)
-        guard = MaskGuard(mask, model, masked, restore=False)  # checks the mask against the model
-        self._index: dict[Tensor, Tensor] = guard.kept  # one copy of the kept indices, shared with the hooks
+        # the kept indices, laid out per tensor (FSDP2: this rank's shard); one copy, read by the step and by the
+        # guard's hooks, so a moving mask reaches both
+        self.local_mask = LocalMask(mask, model, masked)
         if groups is None:
             groups = [{"params": masked + dense}]
         else:
@@ -245,11 +246,10 @@ class SparseAdamW(torch.optim.Optimizer):
         self._dense_ids = frozenset(id(p) for p in dense)
         super().__init__(groups, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         self._built = True
+        self._guard: MaskGuard | None = None
         if mask_grads or refresh is not None:  # a refresh sees the gradients through the guard's hooks
-            self._guard: MaskGuard | None = guard.attach(self, step_hooks=False)
-        else:
-            self._guard = None
-        self.refresher = MaskRefresher(guard, self, refresh) if refresh is not None else None
+            self._guard = MaskGuard.over(self.local_mask, restore=False).attach(self, step_hooks=False)
+        self.refresher = MaskRefresher(self._guard, self, refresh) if refresh is not None else None
 
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "_built", False):  # torch.optim.Optimizer.__init__ adds the constructor's groups here
@@ -257,8 +257,13 @@ class SparseAdamW(torch.optim.Optimizer):
                                       "pass every parameter group to the constructor")
         super().add_param_group(param_group)
 
+    def _kept(self, p: Tensor) -> Tensor | None:
+        """The kept flat positions of ``p``'s local tensor, or None for a dense (always-trainable) tensor."""
+        entry = self.local_mask.entries.get(p)
+        return None if entry is None else entry.index
+
     def _compact_size(self, p: Tensor) -> int:
-        idx = self._index.get(p)
+        idx = self._kept(p)
         return local(p).numel() if idx is None else idx.numel()
 
     @torch.no_grad()
@@ -279,11 +284,11 @@ class SparseAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     # state of this rank's shard only under FSDP2 (local tensors), compact for masked tensors
-                    shape = local(p).shape if p not in self._index else (self._compact_size(p),)
+                    shape = local(p).shape if p not in self.local_mask.entries else (self._compact_size(p),)
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
                     state["exp_avg_sq"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
-                idx = self._index.get(p)
+                idx = self._kept(p)
                 if idx is None and id(p) not in self._dense_ids:
                     raise RuntimeError(f"SparseAdamW: a tensor of shape {tuple(p.shape)} was put in param_groups "
                                        "after construction; it has no mask entry and would train densely. Pass "
@@ -348,7 +353,7 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state plus kept indices (what the mask costs beside the model)."""
-        total = sum(idx.numel() * idx.element_size() for idx in self._index.values())
+        total = sum(e.index.numel() * e.index.element_size() for e in self.local_mask.entries.values())
         for state in self.state.values():
             total += sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, Tensor))
         return total
@@ -358,7 +363,6 @@ class SparseAdamW(torch.optim.Optimizer):
         if self._guard is not None:
             self._guard.close()
 
-    remove_hooks = close
 
     def __repr__(self) -> str:
         return f"SparseAdamW(k={self.mask.num_selected:,}, defaults={self.defaults})"

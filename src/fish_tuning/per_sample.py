@@ -1,31 +1,38 @@
-"""Per-sample gradient engine for :func:`~fish_tuning.compute_fisher` (opacus-style hooks, one rule per layer type).
+"""Per-sample gradients for :func:`~fish_tuning.compute_fisher`: opacus-style hooks and the engine that runs them.
 
-One batched forward/backward gives every sample's own gradient of each candidate whose layer type has a rule in
-:mod:`fish_tuning.grad_sample` (nn.Linear: activations ``a`` and output gradients ``g`` per sample form
-``Σ_t g_tᵀ a_t``; nn.Embedding, (IA)³, DoRA's magnitude, LoRA's embedding factors, ``adapters``' LoRA). Each
-batch is checked against autograd's summed gradient, and at each new batch size a probe checks that the hooked
-rows are that batch's samples (a sample in the batch against the same sample alone); the driver falls back to the
-exact per-sample loop where either check fails.
+:class:`PerSampleHooks`: one batched forward/backward gives every sample's own gradient of each candidate whose
+layer type has a rule in :mod:`fish_tuning.grad_sample` (nn.Linear: activations ``a`` and output gradients ``g``
+per sample form ``Σ_t g_tᵀ a_t``; nn.Embedding, (IA)³, DoRA's magnitude, LoRA's embedding factors, ``adapters``'
+LoRA). :class:`PerSampleEngine` (cf. opacus' ``GradSampleModule``) owns the choice between those hooks and the exact
+per-sample loop: it checks every hooked batch (:mod:`fish_tuning.exactness`) and falls back to the loop where a
+check fails, with one method per batch, so the Fisher driver only cuts batches and reduces.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from contextlib import contextmanager
+import logging
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from .batches import probe_row, slice_batch
+from .batches import labelled_rows, probe_row, slice_batch
+from .exactness import (
+    accumulate_hooked,
+    check_finite,
+    float32_probe,
+    hooked_pass,
+    low_precision,
+    probe_sample_grouping,
+)
 from .grad_sample import Compute, PerSample, load_rules, resolve, rule_for
-from .loglik import sample_labels, unwrapped
+from .loglik import Kind, LogLikFn, loss_for
+from .sharded import all_agree
+from .zero3 import full_shape
 
-Kind = Literal["empirical", "expected"]
-LogLikFn = Callable[[Tensor, Tensor], Tensor]
-
-
-_TINY = torch.finfo(torch.float32).tiny  # tolerances are relative to each candidate's own scale; this only keeps 0 <= 0
+Engine = Literal["auto", "vectorized", "loop"]
+logger = logging.getLogger("fish_tuning")
 
 # Per-sample gradient entries materialised at once by the hooks (64 MB in float32), whatever the batch size.
 CHUNK_ELEMS = 1 << 24
@@ -133,191 +140,139 @@ class PerSampleHooks:
         """What to differentiate for ``params`` after a forward: the tensors the hooked modules used."""
         return [self.live.get(self._name_of.get(id(p), ""), p) for p in params]
 
-    def remove(self) -> None:
+    def close(self) -> None:
         for handle in self._handles:
             handle.remove()
 
 
-LinearPerSampleHooks = PerSampleHooks  # the name before rules covered other layer types
+class PerSampleEngine:
+    """Sums over samples of each candidate's per-sample gradient (``sums``) and of its square (``squares``, float32,
+    the candidate's full shape), one :meth:`add` per batch.
 
+    ``engine="auto"`` runs the hooks (:class:`PerSampleHooks`) where every candidate has a rule, and checks each
+    batch: the hooked gradients must sum to autograd's, and at every new batch size a probe checks that hooked rows
+    are samples. Where a check fails it logs why and runs the exact per-sample loop from that batch on (``name``
+    says what ran: ``"vectorized"``, ``"loop"`` or ``"vectorized+loop"``). ``"vectorized"`` raises instead of
+    falling back; ``"loop"`` runs the loop only.
 
-def loss_for(model: nn.Module, batch: dict, kind: Kind, loglik_fn: LogLikFn, gen, used: dict | None = None) -> Tensor:
-    labels = batch.pop("labels")
-    if "decoder_input_ids" not in batch and "decoder_inputs_embeds" not in batch:
-        # An encoder-decoder model builds its decoder inputs from labels, which are not passed (scored here).
-        prepare = decoder_inputs_from_labels(model)
-        if prepare is not None:
-            batch["decoder_input_ids"] = prepare(labels=torch.as_tensor(labels))
-    out = model(**batch)
-    logits = out.logits if hasattr(out, "logits") else out[0]  # return_dict=False: a tuple, logits first
-    if logits.dim() == 3 and labels.dim() == 2 and logits.shape[1] > labels.shape[1]:
-        # Prompt learning (Prompt Tuning, P-Tuning, CPT) prepends virtual tokens to a decoder or tagger sequence:
-        # they have no label, as in peft's own loss (labels padded on the left with -100).
-        labels = nn.functional.pad(labels, (logits.shape[1] - labels.shape[1], 0), value=-100)
-    if kind == "expected":  # ModelLogLik knows the model's label alignment; a bare function gets the causal default
-        sample = getattr(loglik_fn, "sample", sample_labels)
-        labels = sample(logits, labels, gen)
-    if used is not None:  # the labels scored (sampled ones for kind="expected"), for the grouping probe
-        used["labels"] = labels
-    # Minus the *sum* of per-sample log-likelihoods: its gradient w.r.t. sample i's activations is sample i's own.
-    return -loglik_fn(logits, labels).sum()
-
-
-def decoder_inputs_from_labels(model: nn.Module) -> Callable | None:
-    """An encoder-decoder model's ``prepare_decoder_input_ids_from_labels`` (labels shifted right), else None."""
-    for m in unwrapped(model):
-        prepare = getattr(m, "prepare_decoder_input_ids_from_labels", None)
-        if getattr(getattr(m, "config", None), "is_encoder_decoder", False) is True and callable(prepare):
-            return prepare
-    return None
-
-
-def check_finite(name: str, value: Tensor) -> None:
-    if not torch.isfinite(value).all():
-        raise FloatingPointError(
-            f"non-finite (NaN/inf) gradient for parameter '{name}' while computing Fisher. Check the inputs "
-            "and labels of the calibration batches, and compute Fisher in float32 rather than half precision."
-        )
-
-
-def hooked_pass(model, hooks: PerSampleHooks, batch: dict, rows: int, cand_list, kind, loglik_fn, gen,
-                used: dict | None = None):
-    hooks.clear()
-    hooks.unbatched.clear()
-    hooks.rows = rows
-    loss = loss_for(model, batch, kind, loglik_fn, gen, used)
-    return torch.autograd.grad(loss, hooks.inputs(cand_list), allow_unused=True)
-
-
-def low_precision(model: nn.Module, device: torch.device) -> bool:
-    """Whether the model computes below float32: half-precision parameters or buffers, or autocast on."""
-    if any(t.is_floating_point() and t.dtype in (torch.bfloat16, torch.float16)
-           for t in (*model.parameters(), *model.buffers())):
-        return True
-    try:
-        return torch.is_autocast_enabled(device.type)
-    except RuntimeError:  # pragma: no cover - a device type autocast does not know
-        return False
-
-
-@contextmanager
-def float32_probe(model: nn.Module):
-    """Run the model in float32 for the grouping probe: half-precision parameters and buffers upcast in place
-    (restored exactly afterwards: bf16/fp16 -> float32 -> bf16/fp16 is lossless), autocast and TF32 off."""
-    low = [t for t in (*model.parameters(), *model.buffers())
-           if t.is_floating_point() and t.dtype in (torch.bfloat16, torch.float16)]
-    dtypes = [t.dtype for t in low]
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    try:
-        for t in low:
-            t.data = t.data.float()
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
-            yield
-    finally:
-        for t, dtype in zip(low, dtypes):
-            t.data = t.data.to(dtype)
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-
-
-def probe_sample_grouping(model, cand: dict, hooks: PerSampleHooks, batch: Mapping[str, object], rows: int,
-                          loglik_fn, labels: Tensor | None = None) -> str | None:
-    """Check that the hooks group a batch of ``rows`` into its samples: the last labelled sample's gradient
-    *within this batch* must equal that of the same sample run alone. The summed-gradient check per batch cannot
-    see a module whose rows are not samples (tokens flattened to ``[B*T, H]``, MoE experts, packed sequences) or a
-    coupling between samples (mixing rows, batch statistics, capacity limits that depend on the batch size).
-
-    With ``labels`` (the labels the batch was scored with) the hooks hold that batch's pass, run with
-    ``hooks.watch = probe_row(batch["labels"], rows)``: only the single-sample pass runs here, and the hooks' batch
-    results are left as they were. Without, the batch pass runs here too (data labels). Returns why the hooks are
-    not exact, or None.
+    ``sharded`` (FSDP2 / ZeRO-3: every pass all-gathers): every rank runs the same passes and takes every decision
+    together (one all-reduce each), and there is no loop to fall back to. :meth:`close` removes the hooks.
     """
-    names, cand_list = list(cand), list(cand.values())
-    device = cand_list[0].device
-    k = probe_row(batch["labels"], rows)  # the last row with a label: an unlabelled one has no gradient to compare
-    if labels is None:
-        hooks.eps.clear()  # the probe's own precision (float32_probe), not the pass before's
-        hooks.watch = k
-        hooked_pass(model, hooks, dict(batch), rows, cand_list, "empirical", loglik_fn, None)
-        labels = torch.as_tensor(batch["labels"])
-    # Not returned at once: under FSDP2/ZeRO-3 every rank must run the single-sample pass below (it all-gathers).
-    flat = sorted(hooks.unbatched)[:1]
-    got = {n: hooks.row(n) for n in names}
-    # Tolerance, relative to each candidate's largest entry. Both sides are formed by the same per-sample rule in
-    # float32 from each pass's own activations (not autograd's gradient, which bf16 weights round to bf16: the
-    # old probe's 0.6-0.9 eps noise), so what differs is the forward/backward's rounding at another batch size.
-    # Measured (tiny LoRA Llama/BERT, batch 8): 0 on CPU in any dtype; 1e-6 in float32; with bf16 roundings
-    # flipped as a GPU's other summation order does, up to 1.0 bf16 eps (a flip propagates), and a 1 % coupling
-    # gives 2.5 eps. So half precision is probed in float32 (float32_probe), where 1e-4 has 100x headroom and a
-    # coupling of 0.1 % is caught; 4 eps is left only for runs that cannot upcast (sharded bf16: FSDP2, ZeRO-3).
-    rel = {n: max(1e-4, 4 * hooks.eps.get(n, 0.0)) for n in names}
-    saved = (dict(hooks.reduced), dict(hooks.grad_sample), dict(hooks.calls), dict(hooks.live))
-    try:
-        hooks.watch = 0
-        row = slice_batch(batch, k, k + 1, rows, device)
-        row["labels"] = labels[k: k + 1].to(device)
-        hooked_pass(model, hooks, row, 1, cand_list, "empirical", loglik_fn, None)
-        flat = flat or sorted(hooks.unbatched)[:1]
-        if flat:
-            return f"'{flat[0]}' sees inputs whose leading dimension is not the batch of samples"
-        want = {n: hooks.row(n) for n in names}
-    finally:
+
+    def __init__(self, model: nn.Module, cand: dict[str, Tensor], engine: Engine, kind: Kind, loglik_fn: LogLikFn,
+                 gen: torch.Generator | None, sharded: bool):
+        self.model, self.cand, self.cand_list = model, cand, list(cand.values())
+        self.engine, self.kind, self.loglik_fn, self.gen, self.sharded = engine, kind, loglik_fn, gen, sharded
+        self.device = self.cand_list[0].device
+        self.squares = {n: torch.zeros(full_shape(p), dtype=torch.float32, device=p.device) for n, p in cand.items()}
+        self.sums = {n: torch.zeros_like(s) for n, s in self.squares.items()}  # Σᵢ gᵢ, for the mean gradient
+        self.seen = 0  # samples added
+        self.probed: set[int] = set()  # batch sizes whose grouping the probe has checked
+        self.hooks = PerSampleHooks(model, cand) if engine != "loop" else None
+        missing = next((n for n in cand if n not in self.hooks.covered), None) if self.hooks is not None else None
+        if engine == "vectorized" and missing is not None:
+            self.hooks.close()
+            raise ValueError(f"engine='vectorized' cannot handle '{missing}' (no per-sample rule for its layer type in "
+                             "fish_tuning.grad_sample); use 'auto'")
+        self.hooked = self.hooks is not None and missing is None
+        self.name = "vectorized" if self.hooked else "loop"
+        if self.hooks is not None and not self.hooked:
+            logger.info("compute_fisher: exact per-sample loop: '%s' has no per-sample rule for its layer type", missing)
+            self.hooks.close()
+        if sharded and not self.hooked:
+            missing = next((n for n in cand if self.hooks is None or n not in self.hooks.covered), "")
+            raise ValueError(
+                "compute_fisher on an FSDP2-sharded model needs the per-sample hooks (engine='auto' or 'vectorized') "
+                f"and candidates with a per-sample rule only; '{missing or ''}' has none, or engine='loop' was asked. "
+                "The exact loop would run a different number of all-gathers on each rank. Compute the Fisher before "
+                "fully_shard, or restrict params= to nn.Linear weights (LoRA's A and B are)."
+            )
+
+    def add(self, chunk: dict, take: int, real: bool, samples: int) -> None:
+        """Add a batch of ``take`` rows holding ``samples`` labelled ones; ``real`` False: a sharded rank's padding
+        pass, run for its collectives and discarded."""
+        if samples == 0 and not self.sharded:  # every row unlabelled: no gradient (sharded ranks run every pass)
+            return
+        if not (self.hooked and self._hooked_pass(chunk, take, real)):
+            self._loop(chunk, take)
+        if real:
+            self.seen += samples
+
+    def _hooked_pass(self, chunk: dict, take: int, real: bool) -> bool:
+        """One batched pass through the hooks (probed at a new batch size), added if exact; False if the loop must
+        take this batch."""
+        hooks = self.hooks
+        probe = take >= 2 and take not in self.probed  # a new batch size: re-probe
+        if self.sharded:  # every rank runs the probe's passes (each all-gathers) if any rank probes
+            probe = not all_agree(not probe, self.device)
+        # Half precision is probed in float32 (its own batch pass): bf16 rounding would hide a coupling of a few %.
+        # Sharded models cannot be upcast; they piggyback on the real pass in their own precision.
+        upcast = probe and not self.sharded and low_precision(self.model, self.device)
+        why = None
+        if upcast:
+            with float32_probe(self.model):
+                why = probe_sample_grouping(self.model, self.cand, hooks, chunk, take, self.loglik_fn)
+        if why is None:
+            used: dict = {}
+            hooks.watch = probe_row(chunk["labels"], take) if probe and not upcast else None
+            grads = hooked_pass(self.model, hooks, dict(chunk), take, self.cand_list, self.kind, self.loglik_fn,
+                                self.gen, used)
+            # A pass that fails the summed-gradient check is left to that check (its own, plainer reason);
+            # sharded runs probe regardless, as every rank must run the probe's pass.
+            if hooks.watch is not None and (self.sharded or hooks.unbatched or accumulate_hooked(
+                    self.cand, hooks, grads, {}, take)):
+                why = probe_sample_grouping(self.model, self.cand, hooks, chunk, take, self.loglik_fn, used["labels"])
+            hooks.watch = None
+        if probe:
+            self.probed.add(take)
+            if self.sharded and not all_agree(why is None, self.device):
+                raise RuntimeError("compute_fisher on an FSDP2-sharded model: per-sample hooks are not exact "
+                                   f"on some rank ({why or 'another rank'}) and the exact per-sample loop is "
+                                   "not available under FSDP; compute the Fisher before fully_shard")
+            if why is not None:
+                if self.engine == "vectorized":
+                    raise RuntimeError(f"engine='vectorized' is not exact for this model: {why}; use 'auto'")
+                logger.warning("compute_fisher: using the exact per-sample loop (batch size %d): %s", take, why)
+                self._fall_back()
+                return False
+        done = not hooks.unbatched and (not real or accumulate_hooked(self.cand, hooks, grads, self.squares, take,
+                                                                       self.sums))
         hooks.clear()
-        hooks.watch = None
-        for mine, kept in zip((hooks.reduced, hooks.grad_sample, hooks.calls, hooks.live), saved):
-            mine.update(kept)
-    for n in names:
-        if got[n] is None and want[n] is None:
-            continue
-        if got[n] is None or want[n] is None:
-            return f"per-sample gradients of '{n}' do not group by sample (it gets a gradient only in one pass)"
-        err = float((got[n] - want[n]).abs().max())
-        scale = float(want[n].abs().max())
-        if err > rel[n] * scale + _TINY:  # relative only: an absolute floor hides small gradients
-            return (f"per-sample gradients of '{n}' do not group by sample (sample {k} of a batch of {rows} differs "
-                    f"from the same sample alone by {err / max(scale, _TINY):.2g} of its largest entry)")
-    return None
+        if self.sharded and not all_agree(done, self.device):
+            raise RuntimeError("compute_fisher on an FSDP2-sharded model: per-sample hook gradients "
+                               "disagree with autograd on some rank, and the exact per-sample loop is not "
+                               "available under FSDP; compute the Fisher before fully_shard")
+        if not done and self.engine == "vectorized":
+            raise RuntimeError("per-sample hook gradients disagree with autograd; use engine='loop'")
+        if not done:  # a weight used outside its module, an unsupported set-up, or not batch-first inputs
+            why = (f"'{sorted(hooks.unbatched)[0]}' saw inputs that are not batch-first" if hooks.unbatched
+                   else "hooked per-sample gradients do not sum to autograd's gradient (a weight used "
+                        "outside its module, or a layer set-up its rule does not cover)")
+            logger.info("compute_fisher: per-sample hooks are not exact here (%s); exact loop for the rest", why)
+            self._fall_back()
+        return done
 
+    def _fall_back(self) -> None:
+        """The exact loop for this batch and every later one."""
+        self.hooked, self.name = False, ("vectorized+loop" if self.seen else "loop")
+        self.hooks.clear()
+        self.hooks.close()
 
-def accumulate_hooked(cand, hooks: PerSampleHooks, grads, sums, rows: int, grad_sums=None) -> bool:
-    """Add the hooks' squared per-sample gradients to ``sums`` (and their plain sum to ``grad_sums``); False if any
-    disagrees with autograd's summed gradient.
-
-    All finiteness and agreement checks are reduced on the device and read back with a single sync per batch.
-    """
-    stats: dict[str, tuple[Tensor, Tensor | None]] = {}
-    finite, agree = [], []
-    for name, g in zip(cand, grads):
-        if name in hooks.reduced:
-            stats[name] = hooks.reduced[name]
-        elif name in hooks.grad_sample:
-            stats[name] = (hooks.grad_sample[name].sum(0), None)
-        if g is None and name not in stats:
-            continue
-        if g is None or name not in stats or stats[name][0].shape != g.shape:
-            return False
-        g = g.detach()
-        # Relative tolerance: float32 rounding of a sum of B terms; looser when autograd's gradient or the module's
-        # activations (autocast) are low precision.
-        # The scale is the candidate's own: |sum| plus sqrt(B * sum of squares) >= sum_i |g_i| (what rounding of a
-        # sum that cancels is relative to); no absolute floor, which would hide any error of small gradients.
-        rel = max(1e-5, 8 * torch.finfo(g.dtype).eps, 8 * hooks.eps.get(name, 0.0))
-        square = stats[name][1] if stats[name][1] is not None else hooks.grad_sample[name].float().square().sum(0)
-        tol = rel * (g.abs().max().float() + (square.max().float() * rows).sqrt()) + _TINY
-        finite.append(torch.isfinite(g).all())
-        agree.append((stats[name][0] - g.float()).abs().max() <= tol)
-    if finite:
-        flags = torch.stack(finite + agree).cpu()
-        if not bool(flags[: len(finite)].all()):
-            for name, g in zip(cand, grads):
+    def _loop(self, chunk: dict, take: int) -> None:
+        """One forward/backward per labelled row: always exact."""
+        labelled = labelled_rows(chunk["labels"])
+        for i in range(take):
+            if labelled is not None and not labelled[i]:  # no label, no gradient
+                continue
+            row = slice_batch(chunk, i, i + 1, take, self.device)
+            grads = torch.autograd.grad(loss_for(self.model, row, self.kind, self.loglik_fn, self.gen),
+                                        self.cand_list, allow_unused=True)
+            for (n, s), g in zip(self.squares.items(), grads):
                 if g is not None:
-                    check_finite(name, g)
-        if not bool(flags[len(finite):].all()):
-            return False
-    for name, s in sums.items():
-        if name in stats:
-            square = stats[name][1]
-            s.add_(square if square is not None else hooks.grad_sample[name].square().sum(0))
-            if grad_sums is not None:
-                grad_sums[name].add_(stats[name][0].float())
-    return True
+                    check_finite(n, g)
+                    s.add_(g.float().square())
+                    self.sums[n].add_(g.float())
+
+    def close(self) -> None:
+        if self.hooks is not None:
+            self.hooks.close()

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .checks import is_int
+from .dist import world_size
 from .guard import MaskGuard, optimizer_chain
 from .mask import FishMask
 
@@ -88,11 +89,12 @@ class MaskRefresher:
             raise ValueError("MaskRefresher needs an attached MaskGuard (its gradient hooks see the gradients)")
         guard.check_movable()
         self.guard, self.optimizer, self.schedule = guard, optimizer, schedule
-        self.by_name = {guard.names[p]: p for p in guard.kept if guard.names[p] in guard.mask.shapes}
+        names = guard.local_mask.names
+        self.by_name = {names[p]: p for p in guard.local_mask.entries if names[p] in guard.mask.shapes}
         self.step, self.history = 0, []
-        self.selected = {n: p.detach().reshape(-1)[guard.kept[p].long()].clone() for n, p in self.by_name.items()}
+        self.selected = {n: p.detach().reshape(-1)[guard.kept(p).long()].clone() for n, p in self.by_name.items()}
         self.ever = {n: self._flags(n) for n in self.by_name}
-        self.first = {n: guard.kept[p].long().cpu().clone() for n, p in self.by_name.items()}  # the selection
+        self.first = {n: guard.kept(p).long().cpu().clone() for n, p in self.by_name.items()}  # the selection
         self._buf: dict[str, Tensor] = {}  # this step's gradient (masked entries), during a window
         self._sums: dict[str, tuple[Tensor, Tensor]] = {}  # Σ g and Σ g² over the window's steps
         self._handles = [optimizer.register_step_post_hook(lambda *_: self.after_step()),
@@ -102,7 +104,7 @@ class MaskRefresher:
 
     def _flags(self, name: str) -> Tensor:
         flags = torch.zeros(self.by_name[name].numel(), dtype=torch.bool)
-        flags[self.guard.kept[self.by_name[name]].long().cpu()] = True
+        flags[self.guard.kept(self.by_name[name]).long().cpu()] = True
         return flags
 
     # ------------------------------------------------------------------ the step
@@ -110,7 +112,7 @@ class MaskRefresher:
         self.guard.set_tap(self._tap if self.schedule.observes(self.step + 1) else None)
 
     def _tap(self, p: Tensor, grad: Tensor) -> None:
-        name = self.guard.names.get(p)
+        name = self.guard.local_mask.names.get(p)
         if name not in self.by_name:
             return
         buf = self._buf.get(name)
@@ -130,10 +132,10 @@ class MaskRefresher:
 
     def _fold(self) -> None:
         names = list(self._buf)
-        if _world() > 1 and names:
+        if world_size() > 1 and names:
             flat = torch.cat([self._buf[n] for n in names])
             torch.distributed.all_reduce(flat)
-            flat /= _world()
+            flat /= world_size()
             for n, part in zip(names, torch.split(flat, [self._buf[n].numel() for n in names])):
                 self._buf[n].copy_(part)
         for n in names:
@@ -157,7 +159,7 @@ class MaskRefresher:
         frac = self.schedule.fraction_at(self.step)
         indices, dropped_total, regrown_total, changed = dict(self.guard.mask.indices), 0, 0, []
         for name, p in self.by_name.items():
-            idx = self.guard.kept[p].long()
+            idx = self.guard.kept(p).long()
             count = idx.numel()
             n = min(round(frac * count), p.numel() - count)
             if n <= 0 or name not in self._sums:
@@ -201,7 +203,7 @@ class MaskRefresher:
             state = getattr(opt, "state", {}).get(p)
             if not state:
                 continue
-            compact = getattr(opt, "_index", {}).get(p) is not None
+            compact = p in getattr(getattr(opt, "local_mask", None), "entries", ())  # SparseAdamW's k moments
             for key, t in state.items():
                 if not isinstance(t, Tensor) or t.dim() == 0:
                     continue
@@ -282,7 +284,3 @@ class MaskRefresher:
             handle.remove()
         self.guard.set_tap(None)
 
-
-def _world() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

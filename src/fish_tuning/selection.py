@@ -53,7 +53,7 @@ def select_mask(
     ``scores`` may be any per-entry score of the candidates (Fisher, or one of :mod:`fish_tuning.scores`). Ties go
     to the earlier position (candidate order, then flat index), so the same scores always give the same mask;
     scores are ranked in their own precision. Names matching ``exclude`` are not candidates and never train
-    (``mask.frozen``); names matching ``always_train`` leave the budget and train fully.
+    (``mask.excluded``); names matching ``always_train`` leave the budget and train fully.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -118,7 +118,7 @@ def select_mask(
     if allocation == "mass":
         meta["alpha"] = float(alpha)
     return FishMask(shapes=shapes, indices=indices, always_train=always_names, always_train_patterns=always,
-                    frozen=excluded, strategy=strategy, seed=int(seed) if strategy == "rand" else None, meta=meta)
+                    excluded=excluded, strategy=strategy, seed=int(seed) if strategy == "rand" else None, meta=meta)
 
 
 def _allocation_counts(allocation: object) -> Mapping[str, int] | None:

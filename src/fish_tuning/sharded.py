@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .dist import process_group_up
 from .zero3 import is_zero3
 
 try:  # torch >= 2.4
@@ -93,7 +94,7 @@ def local_indices(indices: Tensor, p: Tensor) -> Tensor:
 
 def all_agree(flag: bool, device: torch.device | str = "cpu") -> bool:
     """True only if ``flag`` is True on every rank (one all-reduce of an int): ranks must take the same path."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not process_group_up():
         return flag
     t = torch.tensor([0 if flag else 1], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(t)
@@ -102,7 +103,7 @@ def all_agree(flag: bool, device: torch.device | str = "cpu") -> bool:
 
 def pass_count(mine: int, device: torch.device | str = "cpu") -> int:
     """The largest number of passes any rank has (one all-reduce): the others pad up to it."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not process_group_up():
         return mine
     t = torch.tensor([mine], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
@@ -115,7 +116,7 @@ def check_same_mask(fingerprint: str, device: torch.device | str = "cpu") -> Non
     Each rank only ever sees its own shard, so masks computed separately per rank (e.g. Fisher with
     ``distributed=False``) would silently train a different selection on each shard: no rank could notice.
     """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not process_group_up():
         return
     value = int(fingerprint[:15], 16)  # 60 bits of the mask's hash, fits an int64
     t = torch.tensor([value, -value], dtype=torch.int64, device=device)

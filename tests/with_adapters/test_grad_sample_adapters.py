@@ -1,5 +1,5 @@
 """The vectorised Fisher engine on the ``adapters`` library: its LoRA (UniPELT's too) has a per-sample rule, and
-bottleneck adapters / prefix tables go through the nn.Linear / nn.Embedding rules. ``method="auto"`` must not fall
+bottleneck adapters / prefix tables go through the nn.Linear / nn.Embedding rules. ``engine="auto"`` must not fall
 back to the loop and must equal it (rtol 2e-4: float32 sums in another order). Runs in .venv-adapters."""
 
 import logging
@@ -42,7 +42,7 @@ def test_vectorised_equals_loop_without_falling_back(arch, method):
     assert lines[-1].startswith("compute_fisher: engine=vectorized "), lines
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loop = ft.compute_fisher(model, batches, num_samples=16, params=cand, method="loop", progress=False)
+        loop = ft.compute_fisher(model, batches, num_samples=16, params=cand, engine="loop", progress=False)
     for n in cand:
         torch.testing.assert_close(auto[n], loop[n], rtol=2e-4, atol=1e-10, msg=f"Fisher of {n}")
     assert all(bool(loop[n].any()) for n in cand if "lora" in n), "a LoRA factor scores zero: nothing tested"

@@ -11,6 +11,8 @@ adapters = pytest.importorskip("adapters")
 import fish_tuning as ft  # noqa: E402
 from conftest import cls_batches, lm_batches, tiny_bert, tiny_llama  # noqa: E402
 from fish_e2e import fish_train, minilm_path, outputs, real_sst2, trainable_numel  # noqa: E402
+from fish_tuning.methods import method_gates  # noqa: E402
+from fish_tuning.methods.baselines import baseline_budget, top_layers  # noqa: E402
 
 METHODS = ["seq_bn", "double_seq_bn", "prefix_tuning", "lora", "unipelt"]
 KIND = {  # parts of the candidates each method must contribute
@@ -44,7 +46,7 @@ def batches_for(arch, n=2):
 @pytest.mark.parametrize("method", METHODS)
 def test_fish_end_to_end(arch, method):
     model = build(arch, method)
-    cand, always, gates = ft.peft_candidates(model), ft.always_trainable(model), ft.method_gates(model)
+    cand, always, gates = ft.peft_candidates(model), ft.always_trainable(model), method_gates(model)
     assert {k for n in cand for k in KIND[method] if k in n} == set(KIND[method])
     assert not any(x in n for n in cand for x in NOT_A_CANDIDATE)
     assert set(gates) <= set(always)
@@ -92,16 +94,16 @@ def test_baseline_budget_equals_adapters_trainable_count(arch, method):
     model = build(arch, method)
     expected = trainable_numel(model, exclude=NOT_A_CANDIDATE)
     base = tiny_bert() if arch == "bert" else tiny_llama()
-    assert ft.baseline_budget(base, method) == expected
-    assert ft.baseline_budget(base, adapters.AdapterConfig.load(method)) == expected
-    assert ft.baseline_budget(model, method) == expected  # also from a model that already carries adapters
+    assert baseline_budget(base, method) == expected
+    assert baseline_budget(base, adapters.AdapterConfig.load(method)) == expected
+    assert baseline_budget(model, method) == expected  # also from a model that already carries adapters
     assert all(p.device.type == "cpu" for p in base.parameters())
 
 
 @pytest.mark.parametrize("method", ["seq_bn", "lora", "unipelt"])
 def test_top_layers_sets_leave_out(method):
     base = tiny_bert()
-    cfg = ft.top_layers(method, 1, model=base)
+    cfg = top_layers(method, 1, model=base)
     parts = cfg.configs if hasattr(cfg, "configs") else [cfg]
     assert all(list(c.leave_out) == [0] for c in parts)
     model = adapters.BertAdapterModel(base.config)
@@ -110,9 +112,9 @@ def test_top_layers_sets_leave_out(method):
     cand = ft.peft_candidates(model)
     per_layer = [n for n in cand if "prefix_tuning.pool" not in n]  # the prefix pool is stored once, at layer 0
     assert per_layer and all(".layer.1." in n for n in per_layer)
-    assert ft.baseline_budget(base, cfg) < ft.baseline_budget(base, method)
+    assert baseline_budget(base, cfg) < baseline_budget(base, method)
     if method != "unipelt":
-        assert 2 * ft.baseline_budget(base, cfg) == ft.baseline_budget(base, method)
+        assert 2 * baseline_budget(base, cfg) == baseline_budget(base, method)
 
 
 @pytest.mark.real
@@ -128,7 +130,7 @@ def test_real_minilm_sst2_unipelt():
     model.add_adapter("sst2", config="unipelt")
     model.train_adapter("sst2")
     model.eval()
-    k = ft.baseline_budget(model, ft.top_layers("seq_bn", 2, model=model))  # a 2-of-6-layer Adapter baseline
+    k = baseline_budget(model, top_layers("seq_bn", 2, model=model))  # a 2-of-6-layer Adapter baseline
     mask = fish_train(model, batches, budget=k, steps=3, lr=5e-3, num_samples=8)
     assert mask.num_selected == k
-    assert "classifier.weight" in ft.always_trainable(model) and ft.method_gates(model)
+    assert "classifier.weight" in ft.always_trainable(model) and method_gates(model)

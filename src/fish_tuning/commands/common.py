@@ -86,7 +86,8 @@ class PeftArguments:
     num_virtual_tokens: int = field(default=20, metadata={"help": "Prefix-Tuning: virtual tokens."})
 
 
-_RENAMED = {"seed": "fish_seed", "warmup_steps": "fish_warmup_steps"}  # TrainingArguments has the plain names
+# field -> flag: TrainingArguments has --seed / --warmup_steps; --fisher_method is the flag users already type
+_RENAMED = {"seed": "fish_seed", "warmup_steps": "fish_warmup_steps", "fisher_engine": "fisher_method"}
 
 
 def _fish_arguments() -> type:
@@ -112,7 +113,8 @@ def fish_config(fish: Any) -> FishConfig:
         config = FishConfig(**values)
         config.require_budget()
     except (TypeError, ValueError) as err:
-        raise CommandError(str(err).replace("keep=", "--keep").replace("budget=", "--budget")) from None
+        raise CommandError(str(err).replace("keep=", "--keep").replace("budget=", "--budget")
+                           .replace("fisher_engine", "--fisher_method")) from None
     return config
 
 

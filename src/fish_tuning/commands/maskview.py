@@ -13,25 +13,14 @@ from typing import Any
 
 import torch
 
-from ..mask import FishMask, atomic_write, layer_of
-
-
-def module_kind(name: str) -> str:
-    """Short module + parameter kind of a candidate, e.g. ``query.lora_A`` (the column of the grid); the adapter
-    name after a peft parameter (``lora_A.<adapter>.weight``) is dropped, whatever it is."""
-    parts = [p for p in name.split(".") if p not in ("weight", "base_layer") and not p.isdigit()]
-    for i, part in enumerate(parts):
-        if part.startswith(("lora_", "ia3_")):
-            return f"{parts[i - 1]}.{part}" if i else part
-    parts = [p for p in parts if p != "default"]
-    return ".".join(parts[-2:])
+from ..mask import FishMask, atomic_write, layer_of, module_of
 
 
 def grid(mask: FishMask) -> dict[str, Any]:
     """{"layers": [...], "kinds": [...], "kept": [[...]], "total": [[...]]}; layer None is shown as "-"."""
     cells: dict[tuple[int | None, str], list[int]] = {}
     for name, (kept, total) in mask.per_tensor().items():
-        acc = cells.setdefault((layer_of(name), module_kind(name)), [0, 0])
+        acc = cells.setdefault((layer_of(name), module_of(name)), [0, 0])
         acc[0] += kept
         acc[1] += total
     layers = sorted({k[0] for k in cells}, key=lambda v: (v is None, v or 0))
@@ -61,8 +50,8 @@ def summary_dict(mask: FishMask, model: Any = None) -> dict[str, Any]:
         "strategy": mask.strategy, "num_selected": k, "num_candidates": n, "keep": k / max(n, 1),
         "trainable": mask.trainable_count(model), "fingerprint": mask.fingerprint(),
         "per_layer": [["-" if lay is None else lay, kept, total] for lay, (kept, total) in mask.per_layer().items()],
-        "per_kind": {kind: [kept, total] for kind, (kept, total) in mask.per_kind().items()},
-        "grid": grid(mask), "always_train": list(mask.always_train), "frozen": list(mask.frozen),
+        "per_kind": {module: [kept, total] for module, (kept, total) in mask.per_module().items()},
+        "grid": grid(mask), "always_train": list(mask.always_train), "frozen": list(mask.excluded),
         "fish_config": mask.meta.get("fish_config"), "fisher": mask.meta.get("fisher"),
         "refresh": mask.meta.get("refresh"), "moved_grid": moved_grid(mask),
     }

@@ -45,7 +45,7 @@ from .preflight import (
     check_resume,
 )
 
-# transformers' 5e-5 leaves a 5%-FISH LoRA at chance for a hundred steps (issue 12); the compare harness uses 5e-4
+# transformers' 5e-5 leaves a 5%-FISH LoRA at chance for a hundred steps; the compare harness uses 5e-4
 DEFAULT_LR = 5e-4
 logger = logging.getLogger("fish_tuning")
 

@@ -19,7 +19,7 @@ def mask_record(mask: FishMask) -> dict:
     """Per-layer and per-kind kept / total counts and the concentration figure, as JSON-ready lists."""
     conc, even = concentration(mask)
     return {"per_layer": [[layer, kept, total] for layer, (kept, total) in mask.per_layer().items()],
-            "per_kind": [[kind, kept, total] for kind, (kept, total) in mask.per_kind().items()],
+            "per_kind": [[module, kept, total] for module, (kept, total) in mask.per_module().items()],
             "concentration_top8": conc, "concentration_top8_even": even}
 
 

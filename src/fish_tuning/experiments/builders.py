@@ -55,7 +55,8 @@ def default_targets(model: nn.Module) -> list[str]:
 
 
 def layer_indices(model: nn.Module, n: int | None) -> list[int] | None:
-    """Indices of the top ``n`` transformer layers (None: all layers), via :func:`fish_tuning.top_layers`."""
+    """Indices of the top ``n`` transformer layers (None: all layers), via
+    :func:`fish_tuning.methods.baselines.top_layers`."""
     if n is None:
         return None
     from ..methods import top_layers as layers_of

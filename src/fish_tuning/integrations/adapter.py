@@ -14,7 +14,6 @@ from torch import nn
 from ..mask import FishMask
 from ..names import adapter_of
 
-FISH_MASK_NAME = FishMask.FILE_NAME
 _ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 _CONFIG_NAME = "adapter_config.json"
 # A Trainer output_dir holds its checkpoints: their adapters are not the output_dir's own
@@ -54,7 +53,7 @@ def _save_with_digest(folder: str | os.PathLike, mask: FishMask, model: nn.Modul
     digest = adapter_digest(folder)
     if digest:
         mask = dataclasses.replace(mask, meta={**mask.meta, key: digest})
-    path = os.path.join(os.fspath(folder), FISH_MASK_NAME)
+    path = os.path.join(os.fspath(folder), FishMask.FILE_NAME)
     mask.save(path, model=model)
     return path
 
@@ -92,15 +91,15 @@ def check_adapter_digest(directory: str | os.PathLike, mask: FishMask) -> None:
     for rel, digest in (stale or {}).items():
         if found.get(rel) == digest:
             raise ValueError(
-                f"{os.path.join(directory, rel)} is older than the {FISH_MASK_NAME} beside it (the run that wrote "
-                "the mask ended before its adapter was saved, e.g. killed before trainer.save_model): save the "
+                f"{os.path.join(directory, rel)} is older than the {FishMask.FILE_NAME} beside it (the run that "
+                "wrote the mask ended before its adapter was saved, e.g. killed before trainer.save_model): save the "
                 "trained adapter and its mask with ft.save_adapter(model, mask, directory)")
     if not recorded:
         return
     for rel, digest in recorded.items():
         if found.get(rel) != digest:
             raise ValueError(
-                f"{os.path.join(directory, rel)} is not the adapter that {FISH_MASK_NAME} was saved with "
+                f"{os.path.join(directory, rel)} is not the adapter that {FishMask.FILE_NAME} was saved with "
                 "(the directory mixes two saves, e.g. an interrupted save_adapter): save the adapter and its mask "
                 "again with ft.save_adapter(model, mask, directory)"
             )
@@ -108,8 +107,8 @@ def check_adapter_digest(directory: str | os.PathLike, mask: FishMask) -> None:
     extra = sorted(rel for rel in found if rel not in recorded and os.path.dirname(rel) in folders)
     if extra:
         raise ValueError(
-            f"{os.path.join(directory, extra[0])} was not saved with {FISH_MASK_NAME} (a leftover of an older save "
-            "in the other format, which peft may load instead): remove it, or save the adapter and its mask again "
+            f"{os.path.join(directory, extra[0])} was not saved with {FishMask.FILE_NAME} (a leftover of an older "
+            "save in the other format, which peft may load instead): remove it, or save the adapter and its mask again "
             "with ft.save_adapter(model, mask, directory)")
 
 
@@ -137,9 +136,9 @@ def save_adapter(model: nn.Module, mask: FishMask, directory: str | os.PathLike,
         sub = name if name and name != "default" and os.path.isdir(os.path.join(staging, name)) else ""
         mask = without_digests(mask)
         mask = dataclasses.replace(mask, meta={**mask.meta, "adapter_files": adapter_digest(os.path.join(staging, sub))})
-        mask.save(os.path.join(staging, sub, FISH_MASK_NAME), model=model)
+        mask.save(os.path.join(staging, sub, FishMask.FILE_NAME), model=model)
         staged = [os.path.relpath(os.path.join(root, f), staging) for root, _, files in os.walk(staging) for f in files]
-        mask_rel = os.path.join(sub, FISH_MASK_NAME)
+        mask_rel = os.path.join(sub, FishMask.FILE_NAME)
         for rel in [r for r in staged if r != mask_rel]:
             os.makedirs(os.path.dirname(os.path.join(directory, rel)), exist_ok=True)
             os.replace(os.path.join(staging, rel), os.path.join(directory, rel))
@@ -150,14 +149,14 @@ def save_adapter(model: nn.Module, mask: FishMask, directory: str | os.PathLike,
         os.replace(os.path.join(staging, mask_rel), os.path.join(directory, mask_rel))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return os.path.join(directory, sub, FISH_MASK_NAME)
+    return os.path.join(directory, sub, FishMask.FILE_NAME)
 
 
 def _pair_folder(directory: str, adapter_name: str) -> str:
     """The folder holding both the adapter and its mask: ``directory``, ``directory/<adapter_name>`` (where peft
     saves a named adapter), or the only subfolder that holds both; ``directory`` when none does."""
     def pair(folder: str) -> bool:
-        return all(os.path.isfile(os.path.join(folder, f)) for f in (_CONFIG_NAME, FISH_MASK_NAME))
+        return all(os.path.isfile(os.path.join(folder, f)) for f in (_CONFIG_NAME, FishMask.FILE_NAME))
 
     if pair(directory) or not os.path.isdir(directory):
         return directory
@@ -182,10 +181,10 @@ def load_adapter(
         raise TypeError("load_adapter takes the base model, not a PeftModel (it adds the adapter itself): pass the "
                         "plain transformers model, e.g. AutoModelForSequenceClassification.from_pretrained(base)")
     directory = _pair_folder(os.fspath(directory), adapter_name)
-    path = os.path.join(directory, FISH_MASK_NAME)
+    path = os.path.join(directory, FishMask.FILE_NAME)
     if not os.path.exists(path):
         raise FileNotFoundError(
-            f"no {FISH_MASK_NAME} in {directory}: save with ft.save_adapter(model, mask, dir) (or train with "
+            f"no {FishMask.FILE_NAME} in {directory}: save with ft.save_adapter(model, mask, dir) (or train with "
             "FishCallback, which writes it into every checkpoint)"
         )
     mask = FishMask.load(path, adapter_name=adapter_name)

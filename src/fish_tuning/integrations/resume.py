@@ -16,7 +16,7 @@ from torch import nn
 from transformers import TrainerState, TrainingArguments
 
 from ..mask import FishMask
-from .adapter import FISH_MASK_NAME, check_adapter_digest
+from .adapter import check_adapter_digest
 
 MASK_GROUP_KEY = "fish_tuning_mask"
 # Our entry in TrainerState.stateful_callbacks, a plain dict saved with every trainer_state.json. Not a callback
@@ -80,7 +80,7 @@ def load_resumed(args: TrainingArguments, state: TrainerState, model: nn.Module,
     folders = list(dict.fromkeys(os.path.join(d, f"checkpoint-{step}")
                                  for d in (entry.get("output_dir"), os.path.abspath(args.output_dir)) if d))
     for folder in folders:  # save_only_model: the checkpoint's own folder is not known, its mask's fingerprint is
-        path = os.path.join(folder, FISH_MASK_NAME)
+        path = os.path.join(folder, FishMask.FILE_NAME)
         if os.path.exists(path):
             mask = FishMask.load(path, model)
             if mask.fingerprint() == wanted:

@@ -17,10 +17,9 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ..config import FishConfig
 from ..fisher import gradient_moments
 from ..guard import MaskGuard
-from ..loglik import per_sample_log_likelihood
+from ..loglik import LogLikFn, per_sample_log_likelihood
 from ..mask import FishMask
 from ..methods import peft_candidates
-from ..per_sample import LogLikFn
 from ..refresh import MaskRefresher
 from ..scores import score as score_of
 from ..selection import DEFAULT_ALPHA, select_mask
@@ -51,7 +50,7 @@ class FishCallback(TrainerCallback):
        Sharded models: under accelerate's FSDP2 the guard works on each rank's DTensor shards; under DeepSpeed
        ZeRO (1-3) it attaches to ZeRO's optimizer and keeps the fp32 master partitions (:mod:`fish_tuning.zero3`).
 
-    The guard is removed at train end (before the final mask is written), by :meth:`remove`, on leaving a
+    The guard is removed at train end (before the final mask is written), by :meth:`close`, on leaving a
     ``with callback:`` block (use one around ``trainer.train()`` to detach on an exception too), and when the
     Trainer's optimizer is garbage-collected; until then no other optimizer may step the guarded parameters.
     The output folder is checked for writing at train begin, before any work.
@@ -99,7 +98,7 @@ class FishCallback(TrainerCallback):
         exclude: str | Iterable[str] | None = None,
         batch_size: int | None = None,
         seed: int | None = None,
-        method: str = "auto",
+        engine: str = "auto",
         save_final_mask: bool = True,
         alpha: float = DEFAULT_ALPHA,
         config: FishConfig | None = None,
@@ -115,7 +114,7 @@ class FishCallback(TrainerCallback):
         named = "global" if self.allocation_mask is not None else allocation
         if config is None:
             config = FishConfig(keep=keep, budget=budget, strategy=strategy, alpha=alpha, num_samples=num_samples,
-                                fisher_kind=kind, fisher_method=method, exclude=exclude, always_train=always_train,
+                                fisher_kind=kind, fisher_engine=engine, exclude=exclude, always_train=always_train,
                                 seed=seed, allocation=named, score=score, warmup_steps=warmup_steps,
                                 refresh_every=refresh_every, refresh_fraction=refresh_fraction,
                                 refresh_until=refresh_until)
@@ -130,8 +129,8 @@ class FishCallback(TrainerCallback):
         c = config
         self.keep, self.budget, self.strategy, self.num_samples, self.kind = (c.keep, c.budget, c.strategy,
                                                                               c.num_samples, c.fisher_kind)
-        self.always_train, self.exclude, self.seed, self.method, self.alpha = (c.always_train, c.exclude, c.seed,
-                                                                               c.fisher_method, c.alpha)
+        self.always_train, self.exclude, self.seed, self.engine, self.alpha = (c.always_train, c.exclude, c.seed,
+                                                                               c.fisher_engine, c.alpha)
         self.given_mask = mask
         self.candidates, self.batch_size, self.save_final_mask = candidates, batch_size, save_final_mask
         if loglik_fn is not None and not callable(loglik_fn):
@@ -149,7 +148,7 @@ class FishCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
                        optimizer=None, train_dataloader=None, lr_scheduler=None, **kwargs):
         zero = check_supported(args, model, optimizer)
-        self.remove()
+        self.close()
         if args.should_save and (self.save_final_mask or args.save_strategy != "no"):
             check_writable(args.output_dir)
         # ZeRO: the torch optimizer that ZeRO wraps holds the param groups (and steps the fp32 masters)
@@ -248,7 +247,7 @@ class FishCallback(TrainerCallback):
                           "(save it yourself with mask.save(...))", stacklevel=2)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        self.remove()  # first: later training of this model is never masked by surprise, even if saving fails
+        self.close()  # first: later training of this model is never masked by surprise, even if saving fails
         if self._warm is not None:
             self._warm = None
             warnings.warn(f"FishCallback: training ended at step {state.global_step}, inside the warm-up of "
@@ -257,7 +256,7 @@ class FishCallback(TrainerCallback):
         if self.mask is not None and self.save_final_mask and args.should_save:
             save_mask_before_adapter(args.output_dir, self.mask, kwargs.get("model"))
 
-    def remove(self) -> None:
+    def close(self) -> None:
         """Detach the gradient and step hooks (done automatically at train end). Idempotent."""
         if self.refresher is not None:
             self.refresher.close()
@@ -268,7 +267,7 @@ class FishCallback(TrainerCallback):
 
     def reset(self) -> None:
         """Forget the mask selected in an earlier ``train()``: the next one selects afresh (or uses ``mask=``)."""
-        self.remove()
+        self.close()
         self.mask, self.source, self._trained, self._warm = self.given_mask, None, None, None
 
     def attach_to(self, trainer) -> FishCallback:
@@ -286,7 +285,7 @@ class FishCallback(TrainerCallback):
         return self
 
     def __exit__(self, *exc) -> None:
-        self.remove()
+        self.close()
 
     def _save_mask(self, folder: str, model: nn.Module | None) -> None:
         """The mask beside a checkpoint's adapter, with a digest of those adapter files (checked on resume)."""
@@ -312,7 +311,7 @@ class FishCallback(TrainerCallback):
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):  # belt and braces: training RNG untouched by the Fisher pass
                 moments = gradient_moments(model, loader, num_samples=self.num_samples, kind=self.kind, params=cands,
-                                       method=self.method, loglik_fn=self.loglik_fn, seed=seed,
+                                       engine=self.engine, loglik_fn=self.loglik_fn, seed=seed,
                                        progress=state.is_local_process_zero and not args.disable_tqdm)
         c = self.config
         scores = moments.fisher
@@ -328,7 +327,7 @@ class FishCallback(TrainerCallback):
     def _with_always_train(self, mask: FishMask, model: nn.Module, fisher: dict) -> FishMask:
         """Record the non-candidate trainable parameters that train fully (select_mask only sees scored ones)."""
         patterns = [self.always_train] if isinstance(self.always_train, str) else list(self.always_train or [])
-        skip = set(mask.shapes) | set(mask.frozen)
+        skip = set(mask.shapes) | set(mask.excluded)
         names = [n for n, p in model.named_parameters() if p.requires_grad and n not in skip
                  and (self.always_train is None or any(re.search(pat, n) for pat in patterns))]
         numel = sum(full_numel(p) for n, p in model.named_parameters() if n in set(names))

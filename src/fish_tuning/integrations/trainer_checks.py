@@ -64,7 +64,7 @@ def check_supported(args: TrainingArguments, model: nn.Module | None, optimizer=
 def check_kept_in_optimizer(mask: FishMask, guard: MaskGuard) -> None:
     """The Trainer steps one optimizer: a candidate with kept entries outside it (so outside the guard built on its
     tensors) would silently never train."""
-    guarded = set(guard.names.values())
+    guarded = set(guard.local_mask.names.values())
     for name in mask.names:
         if mask.indices[name].numel() and name not in guarded:
             raise ValueError(

@@ -3,9 +3,9 @@
 The paper compares e.g. LoRA on the top 1-4 layers ("Original") with FISH on the top 5 layers given exactly the
 same number of trainable entries, and (IA)³ on 3/5/8/10 layers with FISH over all 12. So:
 
-    base_cfg = ft.top_layers(LoraConfig(...), 4, model=model)       # the baseline
-    fish_cfg = ft.top_layers(LoraConfig(...), 5, model=model)       # where FISH may choose
-    k = ft.baseline_budget(model, base_cfg)                         # entries the baseline trains
+    base_cfg = top_layers(LoraConfig(...), 4, model=model)       # the baseline
+    fish_cfg = top_layers(LoraConfig(...), 5, model=model)       # where FISH may choose
+    k = baseline_budget(model, base_cfg)                         # entries the baseline trains
     mask = ft.select_mask(fisher, budget=k)                         # FISH trains exactly as many
 """
 
