@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--save-mask", help="write the mask to this .safetensors file")
     demo.set_defaults(func=_demo)
 
-    cmp_ = sub.add_parser("compare", help="Original PEFT vs FISH vs rand vs rev at equal budget (a preset or YAML)")
+    cmp_ = sub.add_parser("compare", help="Original PEFT vs FISH vs rand ... at equal budget: on your own data with "
+                          "train's flags (compare --help), or a paper preset / study YAML")
     cmp_.add_argument("config", help="a preset name (demo, glue6, gsm8k, ...) or a YAML study config file")
     cmp_.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0] train.epochs=1")
     cmp_.add_argument("--data-dir", help="folder with glue/ and gsm8k/ (same as data_dir=DIR)")
@@ -146,8 +147,24 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return args
 
 
+_STUDY_OPTIONS = ("--data-dir", "--out-dir", "--no-report")
+
+
+def own_data_compare(args: list[str]) -> bool:
+    """`fish-tune compare` has two forms: a preset / study YAML first (the paper's studies), or `fish-tune train`'s
+    flags (your own model and data). Flags first, other than the study form's own options, mean the second."""
+    if not args:
+        return False
+    first = args[0].split("=", 1)[0]
+    return first.startswith("-") and first not in _STUDY_OPTIONS
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compare"] and own_data_compare(argv[1:]):
+        from .commands import compare
+
+        return compare.main(argv[1:])
     if argv and argv[0] in HF_COMMANDS:
         import importlib
 
