@@ -34,14 +34,14 @@ $(ASTAMP): pyproject.toml
 	touch $(ASTAMP)
 
 demo: $(STAMP)
-	$(BIN)/fish-tune compare configs/demo.yaml $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
+	PYTHONPATH=lab $(BIN)/python -m fish_lab compare configs/demo.yaml $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
 test: $(STAMP) $(ASTAMP)
 	$(BIN)/python -m pytest -q -ra
 	$(ABIN)/python -m pytest -q -ra tests/with_adapters
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src lab tests benchmarks
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/perf.py

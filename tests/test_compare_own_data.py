@@ -186,3 +186,24 @@ def test_train_allocation_from_a_missing_mask_file_is_one_line(user, tmp_path, c
             "--allocation", str(tmp_path / "none.safetensors"), "--output_dir", str(tmp_path / "o")]
     assert main(argv) == 2
     assert "allocation mask file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_readme_compare_command_runs_as_written(user, tmp_path, monkeypatch, capsys):
+    """The README's `fish-tune compare` block on examples/data (the issue's "done when" command), with minilm
+    swapped for the tiny BERT, the output in a temp folder and a smaller calibration set."""
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text().split("`fish-tune compare` with train's flags", 1)[1]
+    cmd = shlex.split(text.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " "))
+    assert cmd[:2] == ["fish-tune", "compare"] and "--arms" in cmd and "--seeds" in cmd
+    argv = cmd[1:]
+    argv[argv.index("--model_name_or_path") + 1] = str(user["bert"])
+    argv[argv.index("--output_dir") + 1] = str(tmp_path / "cmp")
+    monkeypatch.chdir(root)  # the README's data paths are relative to the repository root
+    assert main([*argv, "--num_samples", "8", "--report_to", "none", "--disable_tqdm", "true"]) == 0
+    out = capsys.readouterr().out
+    assert "Paired over seeds" in out and "Recommendation:" in out and " on this data, **" in out
+    assert len(_records(tmp_path / "cmp")) == 6

@@ -8,7 +8,7 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 
-from ..commands.stats import fmt_paired, paired
+from fish_tuning.commands.stats import fmt_paired, paired
 
 
 def _scores(records: list[dict], value: str = "score") -> dict[tuple, dict[str, dict[int, float]]]:
