@@ -207,3 +207,18 @@ def test_the_readme_compare_command_runs_as_written(user, tmp_path, monkeypatch,
     out = capsys.readouterr().out
     assert "Paired over seeds" in out and "Recommendation:" in out and " on this data, **" in out
     assert len(_records(tmp_path / "cmp")) == 6
+
+
+def test_a_loss_only_report_ranks_lower_as_better():
+    """causal-LM runs have only eval_loss: lower is better in the means, the sign counts and the words."""
+    def rec(arm, seed, loss):
+        return {"key": f"{arm}/r1/s{seed}", "arm": arm, "budget": "r1", "seed": seed, "entries": 224, "lora_r": 8,
+                "task": "causal-lm", "wall_s": 1.0, "eval": {"eval_loss": loss}}
+
+    records = [rec("original", s, 3.0 + 0.01 * s) for s in range(3)] + [rec("fish", s, 2.9 + 0.01 * s)
+                                                                         for s in range(3)]
+    assert pick_metric(records) == ("eval_loss", False)
+    text = report(records)
+    assert "loss (lower is better)" in text and "trivial baseline" not in text
+    assert "| fish @ 224 − original (dense LoRA r1, 224 entries) | -0.1000 [" in text and "3/3 ahead" in text
+    assert "**fish** beats original by 0.1000 in loss" in text

@@ -88,6 +88,7 @@ def _runtime(runs: dict[int, dict]) -> str:
 
 def score_table(groups, metric, higher, base) -> list[str]:
     name = metric.removeprefix("eval_") + (" x100" if higher else " (lower is better)")
+    digits = 2 if higher else 4
     lines = [f"| arm | trainable PEFT entries | seeds | {name}: mean ± std | wall s per run |", "|---|---|---|---|---|"]
     if base is not None:
         lines.append(f"| trivial baseline (majority class / constant) | 0 | - | {base:.2f} | - |")
@@ -97,7 +98,7 @@ def score_table(groups, metric, higher, base) -> list[str]:
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
         entries = next(iter(runs.values())).get("entries")
         lines.append(f"| {_label(*key, runs)} | {f'{entries:,}' if entries else '-'} | {len(vals)} | "
-                     f"{statistics.fmean(vals):.2f} ± {sd:.2f} | {_runtime(runs)} |")
+                     f"{statistics.fmean(vals):.{digits}f} ± {sd:.{digits}f} | {_runtime(runs)} |")
     return lines
 
 
@@ -140,9 +141,10 @@ def recommendation(groups, metric, higher, base) -> list[str]:
             verdict = ("significant (the 95 % interval excludes 0)" if significant(p) else
                        "not significant (the 95 % interval includes 0)" if p["lo"] is not None else
                        "one seed only: no interval; run more seeds")
-            gap = abs(p["mean"]) >= 0.005
-            what = f"beats {other[0]} by {abs(p['mean']):.2f} {unit}" if gap else f"ties with {other[0]}"
-            out.append(f"- {where} on this data, **{best[0]}** {what} ({fmt_paired(p)}); {verdict}.")
+            digits = 2 if higher else 4
+            gap = round(abs(p["mean"]), digits) > 0
+            what = f"beats {other[0]} by {abs(p['mean']):.{digits}f} {unit}" if gap else f"ties with {other[0]}"
+            out.append(f"- {where} on this data, **{best[0]}** {what} ({fmt_paired(p, digits)}); {verdict}.")
         if base is not None and higher and mean[best] - base < 1.0:
             out.append(f"- the best arm is within 1 point of the trivial baseline ({base:.2f}): nothing learned "
                        "much here; train longer (--max_steps / --num_train_epochs) or raise --learning_rate.")
