@@ -3,6 +3,7 @@
     python -m fish_lab compare configs/glue6.yaml seeds=[0,1,2]   # a study preset or YAML, resumable
     python -m fish_lab report benchmarks/results/glue6.jsonl       # its table and plots from the results file
     python -m fish_lab demo                                        # the old short demo (keep 5 %)
+    python -m fish_lab data sst2 data/sst2                         # a task as files for fish-tune compare / train
 
 Your own data goes through `fish-tune compare` with `fish-tune train`'s flags instead.
 """
@@ -91,6 +92,17 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data(args: argparse.Namespace) -> int:
+    from .export import export_task
+
+    paths = export_task(args.task, args.out, args.data_dir, args.train_examples, args.dev_examples)
+    columns = "" if args.task == "gsm8k" else " --label_column label"
+    print(f"train: {paths['train']}\ndev:   {paths['dev']}\nthen: fish-tune compare --model_name_or_path minilm "
+          f"--train_file {paths['train']} --validation_file {paths['dev']}{columns} --arms original,fish,rand "
+          "--seeds 0,1,2 --output_dir cmp")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fish_lab", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--no-report", action="store_true",
                       help="write only the results file (jobs that share a study: run report once after)")
     cmp_.set_defaults(func=_compare)
+
+    data = sub.add_parser("data", help="write a GLUE task (CSV) or GSM8K (prompt/completion JSONL) as files for "
+                          "fish-tune train / compare")
+    data.add_argument("task", help="cola, sst2, mrpc, rte, stsb, wnli or gsm8k")
+    data.add_argument("out", help="folder for train.* and dev.*")
+    data.add_argument("--data-dir", help="folder with glue/ and gsm8k/ (default: $FISH_DATA_DIR or ../shared/data)")
+    data.add_argument("--train-examples", type=int, help="a subset of train, drawn as the studies draw it "
+                      "(GLUE: seeded random rows; GSM8K: the first rows; default: every row)")
+    data.add_argument("--dev-examples", type=int, help="a subset of dev, drawn the same way (default: every row)")
+    data.set_defaults(func=_data)
 
     rep = sub.add_parser("report", help="rebuild the markdown table and plots from a results .jsonl file")
     rep.add_argument("results", help="results file written by compare")

@@ -87,7 +87,8 @@ def _runtime(runs: dict[int, dict]) -> str:
 
 
 def score_table(groups, metric, higher, base) -> list[str]:
-    name = metric.removeprefix("eval_") + (" x100" if higher else " (lower is better)")
+    name = {"eval_score": "score (the task's headline metric)"}.get(metric, metric.removeprefix("eval_"))
+    name += " x100" if higher else " (lower is better)"
     digits = 2 if higher else 4
     lines = [f"| arm | trainable PEFT entries | seeds | {name}: mean ± std | wall s per run |", "|---|---|---|---|---|"]
     if base is not None:
