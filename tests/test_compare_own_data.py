@@ -127,6 +127,8 @@ def test_holdout_scores_on_part_of_train_never_the_validation_data(user, tmp_pat
     (["--arms", "shuffled"], "add fish to --arms"),
     (["--strategy", "rand"], "--strategy is set per arm"),
     (["--budgets", "r0"], "--budgets item 'r0'"),
+    (["--budgets", "2.5"], "--budgets item '2.5'"),
+    (["--budgets", "0"], "--budgets item '0'"),
     (["--budgets", "r1", "--keep", "0.1"], "not both"),
     (["--budgets", "999999"], "more than the --lora_r 8 pool"),
     (["--seeds", "0,0"], "names an item twice"),
@@ -222,3 +224,17 @@ def test_a_loss_only_report_ranks_lower_as_better():
     assert "loss (lower is better)" in text and "trivial baseline" not in text
     assert "| fish @ 224 − original (dense LoRA r1, 224 entries) | -0.1000 [" in text and "3/3 ahead" in text
     assert "**fish** beats original by 0.1000 in loss" in text
+
+
+def test_budget_tokens_are_ranks_counts_or_fractions(monkeypatch):
+    """"1" is one entry, "1.0" the whole pool, "r2" dense LoRA rank 2's count; --budget N is N entries."""
+    from fish_tuning.commands.common import PeftArguments
+
+    monkeypatch.setattr(compare, "lora_count", lambda path, task, peft, rank: 100 * rank)
+    budgets = compare.parse_budgets(compare.CompareArguments(budgets="r2,1,1.0,0.25,50"), None, None)
+    assert [b.rank for b in budgets] == [2, None, None, None, None]
+    counts = compare.budget_counts("m", "classification", PeftArguments(lora_r=8), budgets)
+    assert counts == {"r2": 200, "1": 1, "1.0": 800, "0.25": 200, "50": 50}
+    only = compare.parse_budgets(compare.CompareArguments(), None, 1)
+    assert compare.budget_counts("m", "classification", PeftArguments(lora_r=8), only) == {"1": 1}
+    assert compare.parse_budgets(compare.CompareArguments(), None, None) == [compare.Budget("r1", 1)]

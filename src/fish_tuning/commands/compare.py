@@ -1,5 +1,5 @@
 """`fish-tune compare` on your own data: does FISH (or another selection) beat plain LoRA at my budget, on my data?
-(A preset or study YAML first runs the paper's studies instead: ``fish-tune compare demo``.)
+(The paper's study presets are the lab's, outside the package: ``python -m fish_lab compare demo``.)
 
     fish-tune compare --model_name_or_path minilm --train_file train.csv --validation_file dev.csv \\
         --text_column review --label_column sentiment --arms original,fish,rand --seeds 0,1 --max_steps 50
@@ -124,9 +124,9 @@ def parse_budgets(cmp: CompareArguments, keep: float | None, budget: int | None)
             value = float(token)
         except ValueError:
             value = -1.0
-        if not (0 < value <= 1 or (value > 1 and value.is_integer())):
+        if not ((token.isdigit() and int(token) > 0) or (not token.isdigit() and 0 < value <= 1)):
             raise CommandError(f"--budgets item {token!r}: use rN (dense LoRA rank N's count), an entry count or a "
-                               "fraction in (0, 1]")
+                               "fraction in (0, 1] written with a point (0.05, 1.0)")
         out.append(Budget(token, None))
     return out
 
@@ -272,13 +272,12 @@ def budget_counts(path: str, task: str, peft_args, budgets: list[Budget]) -> dic
     pool = lora_count(path, task, peft_args, peft_args.lora_r) if peft_args.peft in ("lora", "dora") else None
     counts: dict[str, int | None] = {}
     for b in budgets:
-        value = None if b.rank else float(b.label)
         if b.rank:
             counts[b.label] = lora_count(path, task, peft_args, b.rank)
-        elif value > 1:
-            counts[b.label] = int(value)
-        else:
-            counts[b.label] = None if pool is None else max(1, round(value * pool))
+        elif b.label.isdigit():  # an entry count
+            counts[b.label] = int(b.label)
+        else:  # a fraction of the pool
+            counts[b.label] = None if pool is None else max(1, round(float(b.label) * pool))
         if pool is not None and counts[b.label] is not None and counts[b.label] > pool:
             raise CommandError(f"budget {b.label} is {counts[b.label]:,} entries, more than the --lora_r "
                                f"{peft_args.lora_r} pool ({pool:,}); raise --lora_r or lower the budget")
