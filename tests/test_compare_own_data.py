@@ -67,6 +67,8 @@ def test_compare_on_a_user_csv_pairs_equal_budget_arms_and_resumes(user, tmp_pat
     original = next(r for r in records if r["arm"] == "original")
     r1 = original["entries"]  # dense LoRA r1 trains every entry of its adapter: the default budget
     assert original["candidates"] == r1 and r1 > 0
+    config = json.loads((out_dir / "runs" / "original_r1_s0" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (1, 2)  # the pool's scale 16 / 8, not 16 / 1
     for r in records:
         assert r["entries"] == r1, r["key"]  # equal budgets: exactly that many entries of the r8 pool
         assert "eval_accuracy" in r["eval"] and r["wall_s"] > 0

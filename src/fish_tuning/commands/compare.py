@@ -217,6 +217,7 @@ class Study:
     scored: str
     trivial: float | None
     lora_r: int
+    lora_alpha: int
     learning_rate: float
 
     @property
@@ -306,7 +307,7 @@ def prepare(argv: list[str]) -> Study:
     info = infer_task(model_args, data_args, data["train"])
     counts = budget_counts(path, info["task"], peft_args, budgets)
     study = Study(arms, seeds, budgets, counts, forwarded, out, info, scored, trivial_fallback(data, info),
-                  peft_args.lora_r, targs.learning_rate)
+                  peft_args.lora_r, peft_args.lora_alpha, targs.learning_rate)
     other = [r for r in read_records(out / "results.jsonl") if r.get("study") != study.tag]
     if other:
         raise CommandError(f"{out / 'results.jsonl'} holds runs made with other flags ({other[0].get('key')}); use "
@@ -314,11 +315,18 @@ def prepare(argv: list[str]) -> Study:
     return study
 
 
+def original_alpha(study: Study, rank: int) -> int:
+    """The original's lora_alpha at the pool's scale alpha / r: a fixed alpha would give rank 1 an update scale
+    --lora_r times the pool's (at 16 / 1 vs 16 / 8, in effect an 8x higher learning rate), not an equal footing."""
+    return max(1, round(study.lora_alpha * rank / study.lora_r))
+
+
 def run_flags(study: Study, arm: str, b: Budget, seed: int, folder: Path) -> list[str]:
     """The per-run `fish-tune train` flags after the shared ones (argparse: the last value of a flag wins)."""
     flags = ["--seed", str(seed), "--output_dir", str(folder)]
     if arm == "original":  # dense LoRA: the mask keeps every entry (its 1-sample Fisher pass decides nothing)
-        return flags + ["--lora_r", str(b.rank), "--keep", "1.0", "--num_samples", "1", "--strategy", "fish"]
+        return flags + ["--lora_r", str(b.rank), "--lora_alpha", str(original_alpha(study, b.rank)), "--keep", "1.0",
+                        "--num_samples", "1", "--strategy", "fish"]
     count = study.counts[b.label]
     flags += ["--budget", str(count)] if count is not None else ["--keep", b.label]
     for name, value in ARMS[arm].items():
@@ -339,7 +347,9 @@ def run_one(study: Study, arm: str, b: Budget, seed: int) -> dict:
         raise CommandError(f"run {key} failed (exit {rc}); its output is in {folder}")
     summary = _json(folder / "fish_mask.json")
     return {"key": key, "study": study.tag, "arm": arm, "budget": b.label, "seed": seed,
-            "lora_r": b.rank if arm == "original" else study.lora_r, "task": study.info["task"],
+            "lora_r": b.rank if arm == "original" else study.lora_r,
+            "lora_alpha": original_alpha(study, b.rank) if arm == "original" else study.lora_alpha,
+            "task": study.info["task"],
             "entries": summary.get("num_selected"), "candidates": summary.get("num_candidates"),
             "trainable": summary.get("trainable"), "per_layer": summary.get("per_layer"),
             "eval": _json(folder / "eval_results.json"), "train": _json(folder / "train_results.json"),

@@ -162,11 +162,13 @@ def report(records: list[dict]) -> str:
     groups = _group(records)
     base = trivial(records, metric, higher)
     first = records[0]
-    pool = next((r.get("lora_r") for r in records if r["arm"] != "original"), None)
+    pool = next((r for r in records if r["arm"] != "original"), {})
+    scales = sorted({f"{r['lora_alpha']}/{r['lora_r']}" for r in records if r.get("lora_alpha")})
     lines = ["# fish-tune compare", "",
              f"{first['task']}, scored on {first.get('scored_on', 'the validation data')}; every arm at learning "
-             f"rate {first.get('learning_rate')}; masked arms select from the rank-{pool} adapter's entries "
-             "(the classifier head, if any, trains fully in every arm and is not counted).", "",
+             f"rate {first.get('learning_rate')}; masked arms select from the rank-{pool.get('lora_r')} adapter's "
+             f"entries; LoRA scale alpha/r {' and '.join(scales) or '-'} (the original keeps the pool's scale); the "
+             "classifier head, if any, trains fully in every arm and is not counted.", "",
              *score_table(groups, metric, higher, base), "",
              "Paired over seeds (a − b, 95 % t interval, seeds where a is ahead):", "",
              "| a − b | difference |", "|---|---|"]
