@@ -35,7 +35,7 @@ $(ASTAMP): pyproject.toml
 	touch $(ASTAMP)
 
 demo: $(STAMP)
-	$(BIN)/fish-tune compare configs/demo.yaml $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
+	PYTHONPATH=lab $(BIN)/python -m fish_lab compare configs/demo.yaml $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
 # Both suites always run; the target fails if either fails (pytest's 5, no test collected, is a failure too).
 test: $(STAMP) $(ASTAMP)
@@ -46,7 +46,7 @@ test: $(STAMP) $(ASTAMP)
 	[ $$main -eq 0 ] && [ $$adapters -eq 0 ]
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src lab tests benchmarks
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/perf.py

@@ -35,12 +35,14 @@ from pathlib import Path
 
 import torch
 
-import fish_tuning as ft
-from fish_tuning.adafish import make_adafish
-from fish_tuning.experiments.builders import METHODS, PeftSpec
-from fish_tuning.experiments.tasks import glue_batches, load_glue, task_spec
-from fish_tuning.experiments.train import evaluate, linear_schedule
-from fish_tuning.models import load_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lab"))  # the lab: outside the package
+
+import fish_tuning as ft  # noqa: E402
+from fish_lab.builders import METHODS, PeftSpec  # noqa: E402
+from fish_lab.tasks import glue_batches, load_glue, task_spec  # noqa: E402
+from fish_lab.train import evaluate, linear_schedule  # noqa: E402
+from fish_tuning.adafish import make_adafish  # noqa: E402
+from fish_tuning.models import load_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adafish_report import BUDGETS, OPTIMIZERS, chosen_lr  # noqa: E402  (the selection rule lives with the report)

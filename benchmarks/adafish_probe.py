@@ -20,13 +20,16 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import torch
 
-from fish_tuning.adafish import lora_factors, make_adafish
-from fish_tuning.experiments.tasks import glue_batches, load_glue
-from fish_tuning.models import load_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lab"))  # the lab: outside the package
+
+from fish_lab.tasks import glue_batches, load_glue  # noqa: E402
+from fish_tuning.adafish import lora_factors, make_adafish  # noqa: E402
+from fish_tuning.models import load_model  # noqa: E402
 
 VARIANTS = {"adamw": None, "fisher": dict(variant="fisher", damping=0.1),
             "fisher_ps": dict(variant="fisher", fisher="per_sample", damping=0.1),

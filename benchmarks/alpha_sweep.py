@@ -1,9 +1,9 @@
-"""Choose fish_balanced's alpha on held-out train (issue 16): one `fish-tune compare` results file per alpha.
+"""Choose fish_balanced's alpha on held-out train (issue 16): one `python -m fish_lab compare` results file per alpha.
 
 Each file holds fish_balanced runs of configs/equal_budget.yaml scored on 1,000 held-out train examples
 (`train.holdout_examples=1000`), never on dev. One command per alpha and seed made them (alpha 0, 0.5, 1; seeds 0, 1):
 
-    fish-tune compare --no-report configs/equal_budget.yaml name=fish_balanced_alpha_a0.5 "tasks=[stsb,sst2]" \\
+    python -m fish_lab compare --no-report configs/equal_budget.yaml name=fish_balanced_alpha_a0.5 "tasks=[stsb,sst2]" \\
         "seeds=[0]" "strategies=[fish_balanced]" train.holdout_examples=1000 "select_kwargs={fish_balanced: {alpha: 0.5}}"
     python benchmarks/alpha_sweep.py            # the table and the choice
 

@@ -7,7 +7,7 @@ else the part ``base`` has. Seeds may then come from different machines; each pa
 
     python benchmarks/fill_blocks.py benchmarks/results/equal_budget_gpu.jsonl \
         benchmarks/results/equal_budget_cpu_blocks.jsonl --out benchmarks/results/equal_budget_5seeds.jsonl
-    fish-tune report benchmarks/results/equal_budget_5seeds.jsonl
+    python -m fish_lab report benchmarks/results/equal_budget_5seeds.jsonl
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from pathlib import Path
 
 
 def load(path: str) -> list[dict]:
-    """The records of a `fish-tune compare` results file; anything else is refused with its name."""
+    """The records of a `python -m fish_lab compare` results file; anything else is refused with its name."""
     try:
         records = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
     except (OSError, ValueError) as err:
         raise SystemExit(f"{path}: not a readable JSONL results file ({err})") from None
     keys = {"task", "method", "mode", "budget", "seed", "strategy", "config"}
     if not records or any(not keys <= set(r) for r in records):
-        raise SystemExit(f"{path}: not a `fish-tune compare` results file (each line needs {sorted(keys)})")
+        raise SystemExit(f"{path}: not a `python -m fish_lab compare` results file (each line needs {sorted(keys)})")
     return records
 
 

@@ -1,7 +1,7 @@
 """The studies that need a GPU, run in one device lease: a priority queue of resumable jobs, stopped at a deadline.
 
 A lease is short (minutes) and MiniLM is small, so one process cannot fill the GPU: ``--slots`` processes share it
-(under CUDA MPS when it starts), each running one job -- a (task, seed) of a ``fish-tune compare`` study or one arm of
+(under CUDA MPS when it starts), each running one job -- a (task, seed) of a ``python -m fish_lab compare`` study or one arm of
 the AdaFish half-budget study -- into its own JSONL file. Jobs are interleaved by priority, so whatever the deadline
 cuts off is the least important; every finished run is kept (results.tar is refreshed every 30 s and at the end).
 
@@ -41,7 +41,7 @@ STUDIES = {"eb": "equal_budget_gpu", "dora": "equal_budget_dora_gpu", "alpha": "
 
 
 def compare_job(label: str, config: str, res: Path, device: str, *overrides: str) -> tuple[str, list[str]]:
-    return label, [sys.executable, "-m", "fish_tuning", "compare", "--no-report", config, f"name={label}", f"out_dir={res}",
+    return label, [sys.executable, "-m", "fish_lab", "compare", "--no-report", config, f"name={label}", f"out_dir={res}",
                    f"device={device}", f"model={MODEL}", *overrides]
 
 
@@ -101,7 +101,7 @@ def prepare() -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from fish_tuning.experiments.tasks import local_data_dir
+    from fish_lab.tasks import local_data_dir
     from fish_tuning.models import resolve_model
 
     src, dst = Path(resolve_model("minilm")), ROOT / MODEL
@@ -182,7 +182,8 @@ def run(args) -> int:
     for d in (out, res, logs):
         d.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)}
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), str(ROOT / "lab"), os.environ.get("PYTHONPATH"))
+                                         if p)}
     data = CARRY / "data"
     if not data.is_dir():
         data.mkdir()

@@ -1,4 +1,4 @@
-"""How far the same run lands on two machines: runs of two `fish-tune compare` results files with the same id.
+"""How far the same run lands on two machines: runs of two `python -m fish_lab compare` results files with the same id.
 
 The GPU study (`equal_budget_gpu.jsonl`, an H200, MiniLM's weights rounded to float16) and the CPU study
 (`equal_budget.jsonl`, float32) share their run ids. Same seed, data order, mask rule and lr: what differs is float

@@ -38,14 +38,14 @@ CONTROLS = ("original", "rand", "shuffled", "fish")  # never "the best arm" them
 # files).
 PARTS = {"a": ["sst2"], "b": ["stsb"]}
 TASKS = [t for tasks in PARTS.values() for t in tasks]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "lab")]
 
-from fish_tuning.experiments.stats import fmt_paired, paired  # noqa: E402
+from fish_lab.stats import fmt_paired, paired  # noqa: E402
 
 
 def _compare(name: str, tasks: list[str], *overrides: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [str(ROOT / ".venv/bin/fish-tune"), "compare", str(CONFIG), f"name={name}", f"tasks=[{','.join(tasks)}]",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'lab'}"}
+    cmd = [str(ROOT / ".venv/bin/python"), "-m", "fish_lab", "compare", str(CONFIG), f"name={name}", f"tasks=[{','.join(tasks)}]",
            *overrides]
     return subprocess.Popen(cmd, env=env, cwd=ROOT)
 

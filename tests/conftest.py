@@ -12,6 +12,12 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# the paper's lab (lab/fish_lab) is not in the package: put it on the path of the processes tests start too
+# (pyproject's pytest `pythonpath` covers this process; a dev install's .pth covers both)
+_LAB = str(Path(__file__).resolve().parents[1] / "lab")
+if _LAB not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_LAB, os.environ.get("PYTHONPATH")) if p)
+
 VOCAB = 64
 
 

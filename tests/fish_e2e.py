@@ -70,7 +70,7 @@ def trainable_numel(model, exclude=()):
 
 def real_sst2(tokenizer, n_train=16, batch_size=8):
     """A few SST-2 batches from ../shared/data, or skip when the data or the task loader is missing."""
-    from fish_tuning.experiments.tasks import glue_batches, load_glue
+    from fish_lab.tasks import glue_batches, load_glue
 
     try:
         train = load_glue("sst2", "train", limit=n_train, seed=0)

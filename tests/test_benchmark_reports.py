@@ -61,7 +61,7 @@ def test_fill_blocks_refuses_to_overwrite_an_input(tmp_path, monkeypatch, capsys
     assert src.read_text() == '{"x": 1}\n'
     out = tmp_path / "out.jsonl"
     monkeypatch.setattr("sys.argv", ["fill_blocks", str(src), str(src), "--out", str(out)])
-    with pytest.raises(SystemExit, match="not a `fish-tune compare` results file"):
+    with pytest.raises(SystemExit, match="not a `python -m fish_lab compare` results file"):
         fill_blocks.main()
     assert not out.exists()
 
@@ -81,7 +81,7 @@ def _tables(markdown: str) -> list[list[str]]:
 def test_equal_budget_tables_in_benchmarks_are_what_the_saved_results_give(results, tmp_path):
     """The score table and the paired-difference table that BENCHMARKS.md quotes come out of `fish-tune report`
     on the saved results file as they stand there, row for row."""
-    from fish_tuning.experiments.report import write_report
+    from fish_lab.report import write_report
 
     md = write_report(ROOT / "benchmarks" / "results" / results, tmp_path)["table"].read_text()
     tables = _tables(md)

@@ -96,9 +96,8 @@ def test_report_draws_the_per_layer_mask_summary_of_each_run(tmp_path):
     """`fish-tune report` turns the per-layer summary each compare record carries into a heat map."""
     from pathlib import Path
 
-    from fish_tuning.commands.maskview import draw_run_layers
-    from fish_tuning.experiments.report import write_report
-    from fish_tuning.experiments.results import read_results
+    from fish_lab.report import draw_run_layers, write_report
+    from fish_lab.results import read_results
 
     demo = Path(__file__).resolve().parents[1] / "docs" / "demo" / "demo.jsonl"
     records = read_results(demo)
@@ -113,7 +112,9 @@ def test_report_draws_the_per_layer_mask_summary_of_each_run(tmp_path):
     paths = write_report(results)
     assert paths["mask_plot"] == tmp_path / "study_mask_layers.png"
     assert paths["mask_plot"].read_bytes()[:8] == PNG_MAGIC
-    assert main(["report", str(results)]) == 0
+    from fish_lab.cli import main as lab_main
+
+    assert lab_main(["report", str(results)]) == 0
 
 
 def test_mask_outputs_never_overwrite_the_training_data(tiny, tmp_path, capsys):  # noqa: F811

@@ -11,10 +11,10 @@ import yaml
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from conftest import VOCAB, tiny_llama
-from fish_tuning.cli import main
-from fish_tuning.experiments.config import apply_overrides, load_config
-from fish_tuning.experiments.gsm8k import final_number, lm_batches
-from fish_tuning.experiments.runner import Study, plan_runs, read_results
+from fish_lab.cli import main
+from fish_lab.config import apply_overrides, load_config
+from fish_lab.gsm8k import final_number, lm_batches
+from fish_lab.runner import Study, plan_runs, read_results
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = [f"w{i}" for i in range(VOCAB - len(SPECIAL))]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fish_tuning.experiments import arms as arms_mod
-from fish_tuning.experiments.config import load_config
-from fish_tuning.experiments.runner import Study
+from fish_lab import arms as arms_mod
+from fish_lab.config import load_config
+from fish_lab.runner import Study
 from test_compare import _config, workspace  # noqa: F401  (workspace is a pytest fixture)
 
 ARMS = {"shuffled": {"strategy": "rand", "allocation": "fish"},

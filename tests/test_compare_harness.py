@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fish_tuning.cli import build_parser, main, parse_args
-from fish_tuning.experiments import runner
-from fish_tuning.experiments.config import load_config
-from fish_tuning.experiments.results import append_record, read_results
-from fish_tuning.experiments.runner import Study, plan_runs
+from fish_lab import runner
+from fish_lab.cli import build_parser, main, parse_args
+from fish_lab.config import load_config
+from fish_lab.results import append_record, read_results
+from fish_lab.runner import Study, plan_runs
 from test_compare import _config, workspace  # noqa: F401  (workspace is a pytest fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def test_bad_value_is_a_one_line_error(workspace, tmp_path, capsys, no_model_loa
     path.write_text(yaml.safe_dump(_bad(workspace, tmp_path, change)))
     assert main(["compare", str(path), *overrides]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("fish-tune: error: ") and expect in err and err.count("\n") == 1, err
+    assert err.startswith("fish_lab: error: ") and expect in err and err.count("\n") == 1, err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
@@ -102,7 +102,7 @@ def test_malformed_and_empty_config_files(tmp_path, capsys, no_model_load):
     bad.write_text("tasks: [sst2\nseeds: [0]\n")
     assert main(["compare", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("fish-tune: error: config file") and "not valid YAML" in err and "line" in err
+    assert err.startswith("fish_lab: error: config file") and "not valid YAML" in err and "line" in err
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing but a comment\n")
     assert main(["compare", str(empty)]) == 2
@@ -115,7 +115,7 @@ def test_unloadable_model_is_a_config_error(workspace, tmp_path, capsys, no_mode
     path.write_text(yaml.safe_dump(_bad(workspace, tmp_path, {"model": str(tmp_path / "not_a_model")})))
     assert main(["compare", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("fish-tune: error: config field 'model': cannot load") and "Traceback" not in err
+    assert err.startswith("fish_lab: error: config field 'model': cannot load") and "Traceback" not in err
 
 
 def test_unwritable_out_dir_fails_before_any_model_loads(workspace, tmp_path, capsys, no_model_load):  # noqa: F811
@@ -125,7 +125,7 @@ def test_unwritable_out_dir_fails_before_any_model_loads(workspace, tmp_path, ca
     path.write_text(yaml.safe_dump(_bad(workspace, tmp_path, {"out_dir": str(blocker / "out")})))
     assert main(["compare", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("fish-tune: error: config field 'out_dir': cannot write results to") and "--out-dir" in err
+    assert err.startswith("fish_lab: error: config field 'out_dir': cannot write results to") and "--out-dir" in err
 
 
 def test_overrides_may_follow_options():
@@ -165,8 +165,8 @@ def test_report_of_only_junk_is_an_error(tmp_path, capsys):
 
 
 def test_report_module_does_not_import_the_runner():
-    code = ("import sys, fish_tuning.experiments.report; "
-            "assert 'fish_tuning.experiments.runner' not in sys.modules")
+    code = ("import sys, fish_lab.report; "
+            "assert 'fish_lab.runner' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -177,8 +177,8 @@ def test_kill_mid_study_then_resume(workspace, tmp_path):  # noqa: F811
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
     results = tmp_path / "out" / "tiny.jsonl"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "fish_tuning.cli", "compare", str(path)], cwd=tmp_path, env=env,
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "lab")])}
+    proc = subprocess.Popen([sys.executable, "-m", "fish_lab", "compare", str(path)], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300

@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from fish_tuning.cli import main
-from fish_tuning.experiments.stats import comparisons, fmt_paired, paired
+from fish_lab.cli import main
+from fish_lab.stats import comparisons, fmt_paired, paired
 
 
 def _rec(task: str, budget: int, strategy: str, seed: int, score: float, rank: int) -> dict:

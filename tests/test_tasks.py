@@ -1,8 +1,8 @@
 import pytest
 
 from conftest import shared_data_dir
-from fish_tuning.experiments import tasks
-from fish_tuning.experiments.metrics import glue_score
+from fish_lab import tasks
+from fish_lab.metrics import glue_score
 
 ROWS = {"cola": (8551, 1043), "sst2": (67349, 872), "mrpc": (3668, 408), "rte": (2490, 277), "stsb": (5749, 1500),
         "wnli": (635, 71)}  # the counts in ../shared/data/README.md

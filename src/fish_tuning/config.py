@@ -4,6 +4,7 @@ and the compare harness, and saved in the mask file's metadata."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 from .checks import is_int, positive_int, unit_interval
@@ -29,7 +30,9 @@ class FishConfig:
                 "controls; fish_balanced / fish_rank1 = allocation-aware variants."})
     allocation: str = field(default="global", metadata={
         "help": "How many entries each tensor gets: global (the paper: one ranking over all tensors), uniform "
-                "(the same density in every tensor) or mass (~ score mass^alpha); strategy then picks inside."})
+                "(the same density in every tensor), mass (~ score mass^alpha), or a mask file (.safetensors) "
+                "whose per-tensor counts are kept (with strategy rand: the shuffled control of that mask); "
+                "strategy then picks inside."})
     score: str = field(default="fisher", metadata={
         "help": "What is ranked: fisher (the paper), normalized (row/column-normalised Fisher), consistency "
                 "(|mean g| - 1.65 SE) or snr ((mean g)^2 / Fisher); all from the same pass."})
@@ -65,9 +68,12 @@ class FishConfig:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         self.alpha = unit_interval(self.alpha, "alpha (the mass allocation's exponent)")
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {ALLOCATIONS} (or a FishMask, given to FishCallback or "
-                             f"select_mask), got {self.allocation!r}")
+        if self.allocation_file() is not None:
+            if not os.path.isfile(self.allocation):
+                raise ValueError(f"allocation mask file {self.allocation} not found")
+        elif self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, a mask file (.safetensors) or a FishMask "
+                             f"(given to FishCallback or select_mask), got {self.allocation!r}")
         if (self.strategy, self.allocation) in (("fish_balanced", "uniform"), ("fish_rank1", "uniform"),
                                                 ("fish_rank1", "mass")):
             raise ValueError(f"strategy={self.strategy!r} fixes its own allocation; use strategy='fish' with "
@@ -88,6 +94,10 @@ class FishConfig:
             raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
         self.exclude = _patterns(self.exclude, "exclude") or None
         self.always_train = _patterns(self.always_train, "always_train") or None
+
+    def allocation_file(self) -> str | None:
+        """The mask file whose per-tensor counts ``allocation`` names, or None for a named allocation."""
+        return self.allocation if str(self.allocation).endswith(".safetensors") else None
 
     def refresh(self) -> RefreshSchedule | None:
         """The refresh schedule these settings ask for (None: a fixed mask)."""

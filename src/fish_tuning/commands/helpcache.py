@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
-_SOURCES = [_HERE / "common.py", _HERE / "train.py", _HERE / "mask.py", _HERE.parent / "config.py"]
+_SOURCES = [*sorted(_HERE.glob("*.py")), _HERE.parent / "config.py"]  # every flag definition, whichever file
 
 
 def _key(command: str) -> str:

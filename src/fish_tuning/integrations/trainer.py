@@ -125,6 +125,8 @@ class FishCallback(TrainerCallback):
             raise ValueError("FishCallback: give either mask= or keep=/budget=, not both")
         if mask is None and self.allocation_mask is None and (config.keep is None) == (config.budget is None):
             raise ValueError("FishCallback needs exactly one of keep= (fraction) or budget= (entries), or mask=")
+        if self.allocation_mask is None and config.allocation_file() is not None:
+            self.allocation_mask = FishMask.load(config.allocation_file())  # its per-tensor counts, not positions
         self.config = config
         c = config
         self.keep, self.budget, self.strategy, self.num_samples, self.kind = (c.keep, c.budget, c.strategy,

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from ..selection import STRATEGIES as MASK_STRATEGIES
+from fish_tuning.selection import STRATEGIES as MASK_STRATEGIES
+
 from .tasks import GLUE_TASKS, task_spec
 
 MODES = ("fixed_layers", "fixed_proportion")
@@ -277,7 +278,8 @@ def validate(cfg: CompareConfig) -> None:
         raise ValueError("config field 'train.holdout_examples' is for GLUE tasks; set it to null for gsm8k")
     _check_optimizer_kwargs(cfg)
     # data and model names are checked here too, so a typo never costs a training run
-    from ..models import resolve_model
+    from fish_tuning.models import resolve_model
+
     from .tasks import local_data_dir
 
     try:
@@ -317,7 +319,7 @@ def _check_device(device: object) -> None:
 def _check_select_kwargs(cfg: CompareConfig) -> None:
     """``select_kwargs: {fish_balanced: {alpha: 0.5}}``: each key a masked strategy of the study, each value a mapping
     of arguments that ``fish_tuning.select_mask`` accepts."""
-    from ..selection import select_mask
+    from fish_tuning.selection import select_mask
 
     sk = cfg.select_kwargs
     if not isinstance(sk, dict):
@@ -354,10 +356,10 @@ def _optimizer_signatures(cfg: CompareConfig) -> list[tuple[str, object]]:
     import torch
 
     if cfg.train.optimizer == "adafish":
-        from ..adafish import AdaFish
+        from fish_tuning.adafish import AdaFish
 
         return [("AdaFish", AdaFish.__init__)]
-    from ..optim import make_optimizer
+    from fish_tuning.optim import make_optimizer
 
     out = []
     if any(s != "original" for s in cfg.strategies):

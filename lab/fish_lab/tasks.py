@@ -93,8 +93,6 @@ def load_glue(task: str, split: str = "train", data_dir: str | os.PathLike | Non
         raise ValueError(f"split must be 'train' or 'dev', got {split!r}")
     local = local_data_dir(data_dir)
     if local is None:  # nothing given and no shared/data folder: the same task from the hub (needs internet)
-        from .hub import glue_from_hub
-
         return _subset(glue_from_hub(spec, split), limit, seed)
     path = local / "glue" / spec.folder / (spec.train_file if split == "train" else spec.dev_file)
     if not path.is_file():
@@ -139,8 +137,6 @@ def load_gsm8k(split: str = "train", data_dir: str | os.PathLike | None = None, 
         raise ValueError(f"GSM8K split must be 'train' or 'test', got {split!r}")
     local = local_data_dir(data_dir)
     if local is None:
-        from .hub import gsm8k_from_hub
-
         items = gsm8k_from_hub(split)
     else:
         path = local / "gsm8k" / f"{split}.jsonl"
@@ -187,3 +183,34 @@ def glue_batches(examples: list[dict], tokenizer, batch_size: int = 32, max_leng
         batch["labels"] = torch.tensor(labels, dtype=dtype)
         batches.append(batch)
     return batches
+
+
+# ---- the same tasks from the Hugging Face hub through `datasets`, for users online without a local data folder
+GLUE_HUB = "nyu-mll/glue"
+GSM8K_HUB = ("openai/gsm8k", "main")
+_TEXT_FIELDS = {"cola": ("sentence", None), "sst2": ("sentence", None)}  # the rest use sentence1 / sentence2
+
+
+def _load_dataset():
+    try:
+        from datasets import load_dataset
+    except ImportError as err:
+        raise FileNotFoundError(
+            "no local data dir and the `datasets` package is missing: pass --data-dir DIR (or set $FISH_DATA_DIR), "
+            "or pip install 'fish-tuning[hub]' to load the tasks from the Hugging Face hub"
+        ) from err
+    return load_dataset
+
+
+def glue_from_hub(spec: GlueTask, split: str) -> list[dict]:
+    """Rows of ``nyu-mll/glue`` in the local reader's format; labels match the local files (RTE: 0 = entailment)."""
+    rows = _load_dataset()(GLUE_HUB, spec.name, split="train" if split == "train" else "validation")
+    a, b = _TEXT_FIELDS.get(spec.name, ("sentence1", "sentence2"))
+    cast = float if spec.num_labels == 1 else int
+    return [{"text_a": r[a], "text_b": r[b] if b else None, "label": cast(r["label"])} for r in rows]
+
+
+def gsm8k_from_hub(split: str) -> list[dict]:
+    """``openai/gsm8k`` (config ``main``) rows as ``{"question", "answer"}``."""
+    name, config = GSM8K_HUB
+    return [{"question": r["question"], "answer": r["answer"]} for r in _load_dataset()(name, config, split=split)]

@@ -7,7 +7,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from ..files import atomic_write, atomic_write_text
+from fish_tuning.files import atomic_write, atomic_write_text
+
 from .results import read_results
 from .stats import mask_table, paired_table
 
@@ -254,8 +255,48 @@ def write_report(results: str | os.PathLike, out_dir: str | os.PathLike | None =
     atomic_write_text(paths["table"], text)
     plot_score_vs_proportion(records, paths["proportion_plot"])
     plot_epochs(records, paths["epoch_plot"])
-    from ..commands.maskview import draw_run_layers  # each run's recorded per-layer mask summary
-
     if draw_run_layers(records, out / f"{results.stem}_mask_layers.png"):
         paths["mask_plot"] = mask_plot
     return paths
+
+
+def draw_run_layers(records: list[dict], path: str | os.PathLike) -> str | None:
+    """`report`: the per-layer summary each compare run recorded (``record["mask"]["per_layer"]``) as a
+    heat map, one row per task / method / budget / strategy (mean over seeds), one column per layer; colour and
+    text = the share of the run's kept entries in that layer. None (nothing drawn) when no run has a mask."""
+    groups: dict[str, list[dict[str, float]]] = {}
+    for r in records:
+        per_layer = (r.get("mask") or {}).get("per_layer")
+        if not per_layer:
+            continue
+        k = sum(kept for _, kept, _ in per_layer) or 1
+        label = f"{r.get('task')} {r.get('method')} {r.get('strategy')} {r.get('budget'):g}"
+        groups.setdefault(label, []).append({"-" if lay is None else str(lay): kept / k for lay, kept, _ in per_layer})
+    if not groups:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers = sorted({lay for runs in groups.values() for run in runs for lay in run},
+                    key=lambda v: (v == "-", int(v) if v != "-" else 0))
+    share = np.array([[float(np.mean([run.get(lay, 0.0) for run in runs])) for lay in layers]
+                      for runs in groups.values()])
+    fig, ax = plt.subplots(figsize=(2.5 + 0.6 * len(layers), 1.0 + 0.32 * len(groups)))
+    im = ax.imshow(share, cmap="viridis", aspect="auto", vmin=0)
+    ax.set_xticks(range(len(layers)), layers)
+    ax.set_yticks(range(len(groups)), list(groups), fontsize=7)
+    ax.set_xlabel("layer")
+    for i in range(share.shape[0]):
+        for j in range(share.shape[1]):
+            ax.text(j, i, f"{100 * share[i, j]:.0f}", ha="center", va="center", fontsize=6,
+                    color="white" if share[i, j] < 0.6 * share.max() else "black")
+    fig.colorbar(im, ax=ax, label="share of kept entries (%, mean over seeds)")
+    ax.set_title("Where each run's mask put its budget, per layer", fontsize=9)
+    fig.tight_layout()
+    path = os.fspath(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path

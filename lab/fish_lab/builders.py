@@ -59,7 +59,7 @@ def layer_indices(model: nn.Module, n: int | None) -> list[int] | None:
     :func:`fish_tuning.methods.baselines.top_layers`."""
     if n is None:
         return None
-    from ..methods import top_layers as layers_of
+    from fish_tuning.methods import top_layers as layers_of
 
     try:
         return layers_of(model, n)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ..mask import FishMask
+from fish_tuning.mask import FishMask
+
 from .metrics import glue_score
 
 TOP_LINES = 8  # concentration: share of a tensor's kept entries in its 8 most-kept rows / columns

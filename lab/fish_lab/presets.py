@@ -1,7 +1,6 @@
-"""Study presets (``configs/*.yaml``) addressable by name: ``fish-tune compare demo``.
+"""Study presets (``configs/*.yaml`` of the repository) addressable by name: ``python -m fish_lab compare demo``.
 
-The wheel carries them as ``fish_tuning/presets/*.yaml`` (hatch ``force-include`` of ``configs/``); a source
-checkout or an editable install reads them from ``configs/`` at the repository root, so there is one copy.
+The lab runs from a source checkout, so the presets are read where they are: one copy, in ``configs/``.
 """
 
 from __future__ import annotations
@@ -9,12 +8,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-_PACKAGE_DIR = Path(__file__).resolve().parents[1]
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def preset_dirs() -> list[Path]:
-    """Folders searched for presets: the installed package data first, then a source checkout's configs/."""
-    return [d for d in (_PACKAGE_DIR / "presets", _PACKAGE_DIR.parents[1] / "configs") if d.is_dir()]
+    """Folders searched for presets: the repository's configs/."""
+    return [CONFIGS] if CONFIGS.is_dir() else []
 
 
 def list_presets() -> list[str]:

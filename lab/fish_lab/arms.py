@@ -22,12 +22,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..fisher import GradientMoments
-from ..integrations.warmup import WarmUp
-from ..mask import FishMask
-from ..refresh import RefreshSchedule
-from ..scores import SCORES, score
-from ..selection import ALLOCATIONS, STRATEGIES, select_mask
+from fish_tuning.fisher import GradientMoments
+from fish_tuning.integrations.warmup import WarmUp
+from fish_tuning.mask import FishMask
+from fish_tuning.refresh import RefreshSchedule
+from fish_tuning.scores import SCORES, score
+from fish_tuning.selection import ALLOCATIONS, STRATEGIES, select_mask
 
 ARM_ALLOCATIONS = (*ALLOCATIONS, "fish")
 ARM_FIELDS = ("strategy", "allocation", "score", "warmup_steps", "alpha", "refresh_every", "refresh_fraction",

@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import FishMask, always_trainable, peft_candidates
-from ..fisher import GradientMoments, gradient_moments
-from ..models import load_model
-from ..optim import make_optimizer as masked_optimizer
+from fish_tuning import FishMask, always_trainable, peft_candidates
+from fish_tuning.fisher import GradientMoments, gradient_moments
+from fish_tuning.models import load_model
+from fish_tuning.optim import make_optimizer as masked_optimizer
+
 from .analysis import mask_record, trivial_baseline
 from .arms import Arm, arm_of, jaccard, parse_arm, select_for_arm, warm_up
 from .builders import METHODS, PeftSpec, default_targets, layer_indices
@@ -38,7 +39,7 @@ from .results import append_record, check_writable, read_results
 from .tasks import GLUE_TASKS, glue_batches, load_glue, load_gsm8k, local_data_dir
 from .train import evaluate, train
 
-logger = logging.getLogger("fish_tuning.experiments")  # progress lines; `fish-tune compare` shows them on stdout
+logger = logging.getLogger("fish_lab")  # progress lines; `python -m fish_lab compare` shows them on stdout
 ModelFactory = Callable[[str, int], tuple]  # (task kind "seq-cls" / "causal-lm", num_labels) -> (model, tokenizer)
 DATA_SEED = 1234  # the train subset is the same for every seed: seeds vary init, Fisher sample and order
 
@@ -104,7 +105,7 @@ def optimizer_for_run(model: torch.nn.Module, mask: FishMask | None, cfg: Compar
     t = cfg.train
     lr = t.lr if lr is None else lr
     if t.optimizer == "adafish":
-        from ..adafish import make_adafish  # optional module; validate() already checked it imports
+        from fish_tuning.adafish import make_adafish  # optional module; validate() already checked it imports
 
         return make_adafish(model, mask=mask, lr=lr, weight_decay=t.weight_decay, **t.optimizer_kwargs)
     if mask is not None:

@@ -7,8 +7,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import FishMask, always_trainable, compute_fisher, make_optimizer, peft_candidates, select_mask
-from ..models import load_model
+from fish_tuning import (
+    FishMask,
+    always_trainable,
+    compute_fisher,
+    make_optimizer,
+    peft_candidates,
+    select_mask,
+)
+from fish_tuning.models import load_model
+
 from .builders import METHODS, PeftSpec
 from .tasks import glue_batches, load_glue, local_data_dir
 from .train import evaluate, train

@@ -1,1 +1,0 @@
-"""Experiments: tasks (GLUE-6, GSM8K), metrics, the compare runner and its report."""
