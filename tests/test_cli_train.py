@@ -258,7 +258,7 @@ def test_config_yaml_gives_defaults_and_flags_win(tiny, tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"model_name_or_path: {tiny['bert']}\ntrain_file: {tiny['csv']}\nkeep: 0.2\nlora_r: 4\n"
                    "learning_rate: 1.0e-3\n")
-    model_args, data_args, peft_args, fish_args, targs = train.parser().parse(
+    model_args, data_args, peft_args, fish_args, _quant, targs = train.parser().parse(
         ["--config", str(cfg), "--keep", "0.1", "--output_dir", str(tmp_path)])
     assert str(model_args.model_name_or_path) == str(tiny["bert"]) and data_args.train_file == str(tiny["csv"])
     assert fish_args.keep == 0.1 and peft_args.lora_r == 4 and targs.learning_rate == 1e-3

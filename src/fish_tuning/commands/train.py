@@ -34,6 +34,7 @@ from .common import (
 )
 from .metrics import TaskMetrics
 from .outputs import eval_line, final_evaluation, train_metrics
+from .quant_args import QuantArguments, check_quant_args
 
 # transformers' 5e-5 leaves a 5%-FISH LoRA at chance for a hundred steps (issue 12); the compare harness uses 5e-4
 DEFAULT_LR = 5e-4
@@ -44,7 +45,7 @@ def parser() -> Parser:
     from transformers import TrainingArguments
 
     return Parser("fish-tune train", __doc__.split("\n\n")[0],
-                  [ModelArguments, DataArguments, PeftArguments, FishArguments, TrainingArguments],
+                  [ModelArguments, DataArguments, PeftArguments, FishArguments, QuantArguments, TrainingArguments],
                   defaults={"learning_rate": DEFAULT_LR})
 
 
@@ -64,7 +65,7 @@ def _report_callback(fish):
 
 
 def run(argv: list[str]) -> int:
-    model_args, data_args, peft_args, fish_args, targs = parser().parse(argv)
+    model_args, data_args, peft_args, fish_args, quant, targs = parser().parse(argv)
     config = fish_config(fish_args)
     check_peft_args(peft_args)
     check_model_args(model_args)
@@ -73,6 +74,7 @@ def run(argv: list[str]) -> int:
     if config.warmup_steps and 0 < targs.max_steps <= config.warmup_steps:
         raise CommandError(f"--max_steps {targs.max_steps} ends inside --fish_warmup_steps {config.warmup_steps}: "
                            "no mask would ever train; lower the warm-up or train longer")
+    check_quant_args(quant, peft_args, targs.output_dir, targs.resume_from_checkpoint)
     check_folder_free(targs.output_dir)  # before any model loads: a folder in use is refused at once
     path = resolve_model_path(model_args.model_name_or_path)
     data = load_data(data_args)
@@ -80,6 +82,9 @@ def run(argv: list[str]) -> int:
     from .build import build_trainer, check_task_requirements
 
     check_task_requirements(info["task"])
+    if quant.quantized and info["task"] != "causal-lm":
+        raise CommandError("--load_in_4bit / --load_in_8bit are for causal-LM SFT (a quantized classifier's head "
+                           "would be quantized too); train classifiers in full precision")
     # ---- nothing above loads model weights; everything below may take a while
     from .. import FishCallback
     from ..integrations.adapter import save_mask_beside_adapter
@@ -88,7 +93,7 @@ def run(argv: list[str]) -> int:
 
     fish = _timed(FishCallback)(config=config)
     trainer = build_trainer(model_args, data_args, peft_args, info, path, data, targs,
-                            [fish, _report_callback(fish)])
+                            [fish, _report_callback(fish)], quant=quant)
     attach_log_bridge(trainer, fish)  # fish/* figures reach --report_to reporters
     print(f"fish-tune train: {info['task']} with {peft_args.peft} + FISH {config.strategy} "
           f"({'keep ' + str(config.keep) if config.keep is not None else 'budget ' + str(config.budget)}) "
