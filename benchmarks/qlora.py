@@ -9,12 +9,12 @@ Parts (one jsonl record each; `key` says which):
 - peak: a fresh process per base (fp32, 4-bit) loads the model and adds LoRA r8 (resident memory above the
   process's start), then runs one forward + backward (batch 4 x <=128 tokens; the peak resident memory, counter
   reset after the load); and the model's own bytes (transformers' get_memory_footprint).
-- fisher_cost: on the 4-bit QPiSSA model, compute_fisher over 32 samples (batches of 4, vectorised engine and
-  the exact loop) against 8 batched forward + backward passes over the same batches; and the overlap of the mask
+- fisher_cost: on the 4-bit QPiSSA model, compute_fisher over 32 samples (batches of 4, vectorised engine; the
+  exact loop on 8 of them) against the batched forward + backward passes over the same batches; and the overlap of the mask
   selected on the fp32 PiSSA model with the one selected on the 4-bit QPiSSA model (the same A, B).
 - sft: a short GSM8K SFT at equal trainable count (115,200 entries): QLoRA dense r1, QPiSSA + FISH r8 at 1/8,
   QPiSSA + uniform allocation r8 at 1/8, LoftQ + FISH r8 at 1/8; bnb AdamW8bit; seeds 0-2. Dev loss on the
-  answer tokens of the first DEV GSM8K test problems, before and after training.
+  answer tokens of the first SFT['dev'] GSM8K test problems that fit, before and after training.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 ARMS = ("qlora_r1", "qpissa_fish", "qpissa_uniform", "loftq_fish")
 SEEDS = (0, 1, 2)
-SFT = {"steps": 32, "batch_size": 4, "max_length": 128, "dev": 48, "fisher_samples": 32, "keep": 1 / 8,
+SFT = {"steps": 32, "batch_size": 4, "max_length": 128, "dev": 32, "fisher_samples": 16, "keep": 1 / 8,
        "lr_dense": 5e-4, "lr_sparse": 2e-3, "rank": 8}
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -366,8 +366,10 @@ def report(recs: list[dict] | None = None) -> str:
         out.append("")
     f = by.get("fisher_cost")
     if f:
-        out += ["| Fisher on the 4-bit QPiSSA model (32 samples, batches of 4) | value |", "|---|---|",
-                f"| vectorised Fisher pass / 8 batched fwd+bwd | {f['fisher_s']:.1f} s / {f['fwd_bwd_s']:.1f} s "
+        out += [f"| Fisher on the 4-bit QPiSSA model ({f['samples']} samples, batches of {f['batch_size']}) | value |",
+                "|---|---|",
+                f"| vectorised Fisher pass / {f['samples'] // f['batch_size']} batched fwd+bwd | {f['fisher_s']:.1f} s / "
+                f"{f['fwd_bwd_s']:.1f} s "
                 f"= **{f['ratio']:.2f}** |",
                 f"| exact per-sample loop (extrapolated from 8 samples) | {f['loop_s_extrapolated']:.1f} s |",
                 f"| loop vs vectorised, max relative difference | {f['loop_vs_vectorized_max_rel']:.1e} |",

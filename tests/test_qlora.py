@@ -363,3 +363,33 @@ def test_gsm8k_preset_gets_past_the_model_package_check():
     cfg = load_config(ROOT / "configs/gsm8k.yaml")
     model, tokenizer = load_model(cfg.model, task="causal-lm")
     assert type(model).__name__ == "LlamaForCausalLM" and tokenizer.eos_token
+
+
+def test_benchmarks_tables_are_what_the_saved_results_give():
+    """`python benchmarks/qlora.py --report` rebuilds BENCHMARKS.md's "QLoRA + FISH" tables row for row."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_qlora", ROOT / "benchmarks" / "qlora.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [line for line in module.report().splitlines() if line.startswith("|")]
+    assert len(rows) >= 12, rows  # quantization error, memory, Fisher cost and SFT tables
+    doc = (ROOT / "BENCHMARKS.md").read_text().splitlines()
+    assert [r for r in rows if r not in doc] == []
+
+
+def test_resume_reuses_the_runs_qpissa_base(cli_model, tmp_path, capsys):
+    pytest.importorskip("trl")
+    from fish_tuning.cli import main
+
+    out = tmp_path / "o"
+    argv = ["train", "--model_name_or_path", str(cli_model), "--train_file", str(ROOT / "examples/data/sft.jsonl"),
+            "--keep", "0.1", "--load_in_4bit", "--output_dir", str(out), "--num_samples", "8", "--save_strategy",
+            "steps", "--save_steps", "1", "--report_to", "none", "--disable_tqdm", "true",
+            "--per_device_train_batch_size", "4"]
+    assert main(argv + ["--max_steps", "1"]) == 0, capsys.readouterr().err[-1500:]
+    base_files = sorted(p.name for p in (out / "qpissa_base").iterdir())
+    first = ft.FishMask.load(out / "checkpoint-1" / ft.FISH_MASK_NAME)
+    assert main(argv + ["--max_steps", "2", "--resume_from_checkpoint", "true"]) == 0, capsys.readouterr().err[-1500:]
+    assert sorted(p.name for p in (out / "qpissa_base").iterdir()) == base_files
+    assert ft.FishMask.load(out / ft.FISH_MASK_NAME).fingerprint() == first.fingerprint()
