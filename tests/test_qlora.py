@@ -393,3 +393,19 @@ def test_resume_reuses_the_runs_qpissa_base(cli_model, tmp_path, capsys):
     assert main(argv + ["--max_steps", "2", "--resume_from_checkpoint", "true"]) == 0, capsys.readouterr().err[-1500:]
     assert sorted(p.name for p in (out / "qpissa_base").iterdir()) == base_files
     assert ft.FishMask.load(out / ft.FISH_MASK_NAME).fingerprint() == first.fingerprint()
+
+
+def test_load_in_8bit_trains_a_qpissa_adapter_from_the_command_line(cli_model, tmp_path, capsys):
+    pytest.importorskip("trl")
+    from fish_tuning.cli import main
+
+    out = tmp_path / "o8"
+    assert main(["train", "--model_name_or_path", str(cli_model), "--train_file", str(ROOT / "examples/data/sft.jsonl"),
+                 "--keep", "0.1", "--load_in_8bit", "--output_dir", str(out), "--num_samples", "8", "--max_steps", "1",
+                 "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"]) == 0, \
+        capsys.readouterr().err[-1500:]
+    from transformers import BitsAndBytesConfig
+
+    base = load_quantized(out / "qpissa_base", BitsAndBytesConfig(load_in_8bit=True))
+    model, mask = ft.load_adapter(base, out)
+    assert quantized_bits(model) == 8 and mask.num_selected == round(0.1 * mask.num_candidates)
