@@ -35,8 +35,8 @@ DATA = Path(os.environ.get("FISH_DATA_DIR", ROOT.parent / "shared/data")) / "gsm
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 ARMS = ("qlora_r1", "qpissa_fish", "qpissa_uniform", "loftq_fish")
-# seed-0 diagnostics of qpissa_fish: the same arm with 32-bit torch AdamW, and with AdamW8bit at the dense rate
-DIAGNOSTICS = ("qpissa_fish_adamw32", "qpissa_fish_lr5e-4")
+# diagnostics of qpissa_fish: the same arm with 32-bit torch AdamW, and with AdamW8bit at lower rates
+DIAGNOSTICS = ("qpissa_fish_adamw32", "qpissa_fish_lr5e-4", "qpissa_fish_lr5e-5")
 SEEDS = (0, 1, 2)
 REPEATS = 3
 SFT = {"steps": 24, "batch_size": 4, "max_length": 128, "dev": 32, "fisher_samples": 16, "keep": 1 / 8,
@@ -319,7 +319,7 @@ def sft(arm: str, seed: int) -> None:
         fisher_s = time.perf_counter() - t
         allocation = "uniform" if arm == "qpissa_uniform" else "global"
         mask = ft.select_mask(scores, keep=c["keep"], strategy="fish", allocation=allocation, seed=seed)
-        lr = c["lr_dense"] if arm == "qpissa_fish_lr5e-4" else c["lr_sparse"]
+        lr = {"qpissa_fish_lr5e-4": 5e-4, "qpissa_fish_lr5e-5": 5e-5}.get(arm, c["lr_sparse"])
         inner = (torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if arm == "qpissa_fish_adamw32"
                  else bnb.optim.AdamW8bit(params, lr=lr, weight_decay=0.0))
         opt = ft.MaskedOptimizer(inner, mask, model)
@@ -359,11 +359,11 @@ def reference() -> None:
     append({"key": "reference", "dev_loss_fp32": answer_loss(model, dev), "dev": SFT["dev"]})
 
 
-def run(parts: list[str], arms: list[str]) -> None:
+def run(parts: list[str], arms: list[str], seeds: list[int]) -> None:
     """``parts`` in order (each skipped when its record exists); sft runs seed by seed over ``arms``."""
     for part in parts:
         if part == "sft":
-            for seed in SEEDS:
+            for seed in seeds:
                 for arm in arms:
                     sft(arm, seed)
         else:
@@ -417,15 +417,16 @@ def report(recs: list[dict] | None = None) -> str:
     if ref:
         out += [f"Dev loss of the full-precision model (no adapter): {ref['dev_loss_fp32']:.4f}.", ""]
     if runs:
-        out += ["| arm | trainable | seeds | dev loss before | dev loss after (mean ± sd) | per seed | "
-                "Fisher (s) | train (s) |", "|---|---|---|---|---|---|---|---|"]
+        out += ["| arm | optimizer, lr | trainable | seeds | dev loss before | dev loss after (mean ± sd) | per seed | "
+                "Fisher (s) | train (s) |", "|---|---|---|---|---|---|---|---|---|"]
         for arm in ARMS + DIAGNOSTICS:
             rs = sorted((r for r in runs if r["arm"] == arm), key=lambda r: r["seed"])
             if not rs:
                 continue
             after = [r["dev_loss"] for r in rs]
             sd = st.stdev(after) if len(after) > 1 else 0.0
-            out.append(f"| {arm} | {rs[0]['trainable']:,} | {len(rs)} | {st.mean(r['dev_loss_init'] for r in rs):.4f} "
+            lr = rs[0].get("lr", rs[0]["config"]["lr_dense" if arm == "qlora_r1" else "lr_sparse"])
+            out.append(f"| {arm} | {rs[0].get('optimizer', 'AdamW8bit')}, {lr:g} | {rs[0]['trainable']:,} | {len(rs)} | {st.mean(r['dev_loss_init'] for r in rs):.4f} "
                        f"| {st.mean(after):.4f} ± {sd:.4f} | {', '.join(f'{a:.4f}' for a in after)} | "
                        f"{st.mean(r['fisher_s'] for r in rs):.0f} | {st.mean(r['train_s'] for r in rs):.0f} |")
         out.append("")
@@ -441,11 +442,12 @@ def main(argv: list[str]) -> int:
                         choices=["quant_error", "memory", "fisher_cost", "reference", "sft"])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS + DIAGNOSTICS,
                         help="sft arms, in this order (two processes can split them)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     args = parser.parse_args(argv)
     if args.what == "_memory":
         _memory_child(args.mode)
     elif args.what == "run":
-        run(args.parts, args.arms)
+        run(args.parts, args.arms, args.seeds)
     if args.report or args.what is None:
         print(report())
     return 0
