@@ -409,3 +409,38 @@ def test_load_in_8bit_trains_a_qpissa_adapter_from_the_command_line(cli_model, t
     base = load_quantized(out / "qpissa_base", BitsAndBytesConfig(load_in_8bit=True))
     model, mask = ft.load_adapter(base, out)
     assert quantized_bits(model) == 8 and mask.num_selected == round(0.1 * mask.num_candidates)
+
+
+def _lora_grads(model, batch):
+    model.train()
+    model.zero_grad()
+    model(**batch).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_gradients_stay_exact_after_an_eval_forward_on_cpu(base_dir, tmp_path):
+    """bitsandbytes 0.50 repacks a 4-bit weight for its CPU inference kernel at the first eval-mode forward (AVX512-
+    bf16 CPUs) and its backward is wrong after that; the Fisher pass and a validation pass run in eval mode."""
+    from fish_tuning.methods.quantized import keep_cpu_4bit_trainable
+
+    model = quantized_qpissa(base_dir, tmp_path)  # load_quantized turns the repacking off
+    batch = batches(1)[0]
+    before = _lora_grads(model, batch)
+    model.eval()
+    with torch.no_grad():
+        model(**batch)
+    ft.compute_fisher(model, [batch], num_samples=4, progress=False)
+    after = _lora_grads(model, batch)
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-bf16: bitsandbytes never repacks here")
+    plain = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir, quantization_config=bnb_4bit_config()),
+                           lora_config(True))
+    plain.eval()
+    with torch.no_grad():
+        plain(**batch)  # repacked now
+    with pytest.raises(ValueError, match="repacked by bitsandbytes"):
+        keep_cpu_4bit_trainable(plain)
