@@ -10,13 +10,14 @@ Parts (one jsonl record each; `key` says which):
 - peak: a fresh process per base (fp32, 4-bit) loads the model and adds LoRA r8 (resident memory above the
   process's start), then runs one forward + backward (batch 4 x <=128 tokens; the peak resident memory, counter
   reset after the load); and the model's own bytes (transformers' get_memory_footprint).
-- fisher_cost: on the 4-bit QPiSSA model, compute_fisher over 32 samples (batches of 4, vectorised engine; the
+- fisher_cost: on the 4-bit QPiSSA model, compute_fisher over SFT["fisher_samples"] samples (batches of 4; the
   exact loop on 4 of them) against the batched forward + backward passes over the same batches (eval mode, as the
   Fisher pass), alternated REPEATS times, the fastest of each; and the overlap of the mask
   selected on the fp32 PiSSA model with the one selected on the 4-bit QPiSSA model (the same A, B).
 - sft: a short GSM8K SFT at equal trainable count (115,200 entries): QLoRA dense r1, QPiSSA + FISH r8 at 1/8,
   QPiSSA + uniform allocation r8 at 1/8, LoftQ + FISH r8 at 1/8; bnb AdamW8bit; seeds 0-2. Dev loss on the
   answer tokens of the first SFT['dev'] GSM8K test problems that fit, before and after training.
+- reference: the dev loss of the full-precision model.
 """
 
 from __future__ import annotations
@@ -35,8 +36,6 @@ DATA = Path(os.environ.get("FISH_DATA_DIR", ROOT.parent / "shared/data")) / "gsm
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 ARMS = ("qlora_r1", "qpissa_fish", "qpissa_uniform", "loftq_fish")
-# diagnostics of qpissa_fish: the same arm with 32-bit torch AdamW, and with AdamW8bit at lower rates
-DIAGNOSTICS = ("qpissa_fish_adamw32", "qpissa_fish_lr5e-4", "qpissa_fish_lr5e-5")
 SEEDS = (0, 1, 2)
 REPEATS = 3
 SFT = {"steps": 24, "batch_size": 4, "max_length": 128, "dev": 32, "fisher_samples": 16, "keep": 1 / 8,
@@ -319,10 +318,7 @@ def sft(arm: str, seed: int) -> None:
         fisher_s = time.perf_counter() - t
         allocation = "uniform" if arm == "qpissa_uniform" else "global"
         mask = ft.select_mask(scores, keep=c["keep"], strategy="fish", allocation=allocation, seed=seed)
-        lr = {"qpissa_fish_lr5e-4": 5e-4, "qpissa_fish_lr5e-5": 5e-5}.get(arm, c["lr_sparse"])
-        inner = (torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if arm == "qpissa_fish_adamw32"
-                 else bnb.optim.AdamW8bit(params, lr=lr, weight_decay=0.0))
-        opt = ft.MaskedOptimizer(inner, mask, model)
+        opt = ft.MaskedOptimizer(bnb.optim.AdamW8bit(params, lr=c["lr_sparse"], weight_decay=0.0), mask, model)
         trained = mask.num_selected
     model.train()
     t = time.perf_counter()
@@ -419,7 +415,7 @@ def report(recs: list[dict] | None = None) -> str:
     if runs:
         out += ["| arm | optimizer, lr | trainable | seeds | dev loss before | dev loss after (mean ± sd) | per seed | "
                 "Fisher (s) | train (s) |", "|---|---|---|---|---|---|---|---|---|"]
-        for arm in ARMS + DIAGNOSTICS:
+        for arm in ARMS:
             rs = sorted((r for r in runs if r["arm"] == arm), key=lambda r: r["seed"])
             if not rs:
                 continue
@@ -440,7 +436,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--report", action="store_true", help="print the tables from the saved results")
     parser.add_argument("--parts", nargs="+", default=["quant_error", "memory", "fisher_cost", "reference", "sft"],
                         choices=["quant_error", "memory", "fisher_cost", "reference", "sft"])
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS + DIAGNOSTICS,
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS,
                         help="sft arms, in this order (two processes can split them)")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     args = parser.parse_args(argv)
