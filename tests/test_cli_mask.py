@@ -93,7 +93,7 @@ def test_grid_columns_drop_any_adapter_name():
 
 
 def test_report_draws_the_per_layer_mask_summary_of_each_run(tmp_path):
-    """`fish-tune report` turns the per-layer summary each compare record carries into a heat map."""
+    """`python -m fish_lab report` turns the per-layer summary each compare record carries into a heat map."""
     from pathlib import Path
 
     from fish_lab.report import draw_run_layers, write_report

@@ -258,12 +258,12 @@ def test_config_yaml_gives_defaults_and_flags_win(tiny, tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"model_name_or_path: {tiny['bert']}\ntrain_file: {tiny['csv']}\nkeep: 0.2\nlora_r: 4\n"
                    "learning_rate: 1.0e-3\n")
-    model_args, data_args, peft_args, fish_args, targs, _ = train.parser().parse(
+    model_args, data_args, peft_args, fish_args, targs, _, _quant = train.parser().parse(
         ["--config", str(cfg), "--keep", "0.1", "--output_dir", str(tmp_path)])
     assert str(model_args.model_name_or_path) == str(tiny["bert"]) and data_args.train_file == str(tiny["csv"])
     assert fish_args.keep == 0.1 and peft_args.lora_r == 4 and targs.learning_rate == 1e-3
     # without a config or flag, the FISH-sized default learning rate (transformers' 5e-5 barely moves a mask)
-    *_, targs, _ = train.parser().parse(["--model_name_or_path", "x", "--output_dir", str(tmp_path)])
+    *_, targs, _, _ = train.parser().parse(["--model_name_or_path", "x", "--output_dir", str(tmp_path)])
     assert targs.learning_rate == train.DEFAULT_LR == 5e-4
     cfg.write_text("kepp: 0.1\n")
     with pytest.raises(ValueError, match="unknown field 'kepp'"):

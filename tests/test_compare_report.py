@@ -1,4 +1,4 @@
-"""`fish-tune report` for equal-budget studies: trivial baseline row, average without excluded tasks, paired
+"""`python -m fish_lab report` for equal-budget studies: trivial baseline row, average without excluded tasks, paired
 differences over seeds with t intervals and sign counts, where the masks put the budget."""
 
 from __future__ import annotations

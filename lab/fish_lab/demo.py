@@ -1,4 +1,4 @@
-"""`fish-tune demo`: MiniLM + LoRA (PiSSA) on SST-2, Fisher from 128 train sentences, keep 5%, short masked run."""
+"""`python -m fish_lab demo`: MiniLM + LoRA (PiSSA) on SST-2, Fisher from 128 train sentences, keep 5%, short masked run."""
 
 from __future__ import annotations
 

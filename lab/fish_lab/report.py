@@ -1,4 +1,4 @@
-"""`fish-tune report`: the paper-style table and plots, rebuilt from a results.jsonl file alone."""
+"""`python -m fish_lab report`: the paper-style table and plots, rebuilt from a results.jsonl file alone."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The results file of `fish-tune compare`: one JSON record per finished run, one per line.
 
-Light on purpose (json / os only): `fish-tune report` reads results through this module without importing torch,
+Light on purpose (json / os only): `python -m fish_lab report` reads results through this module without importing torch,
 peft or the runner.
 """
 

@@ -1,6 +1,6 @@
 """Paired comparisons over seeds (FISH - Original, FISH - rand, ...) and where the masks put the budget.
 
-Pure Python (statistics only): `fish-tune report` builds these tables from the results file alone.
+Pure Python (statistics only): `python -m fish_lab report` builds these tables from the results file alone.
 """
 
 from __future__ import annotations

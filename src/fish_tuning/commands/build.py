@@ -45,7 +45,7 @@ def limit(ds, n: int | None):
 
 
 def build_trainer(model_args: ModelArguments, data_args: DataArguments, peft_args: PeftArguments, info: dict,
-                  path: str, data: dict, targs, callbacks: list) -> Any:
+                  path: str, data: dict, targs, callbacks: list, quant=None) -> Any:
     """The trainer for ``info["task"]``, with the PEFT model built from ``peft_args`` and ``callbacks`` added."""
     from transformers import AutoTokenizer, set_seed
 
@@ -57,7 +57,8 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, peft_arg
     train = limit(data["train"], data_args.max_train_samples)
     val = limit(data["validation"], data_args.max_eval_samples)
     if info["task"] == "causal-lm":
-        return _sft_trainer(model_args, data_args, peft_args, info, path, tokenizer, train, val, targs, callbacks)
+        return _sft_trainer(model_args, data_args, peft_args, info, path, tokenizer, train, val, targs, callbacks,
+                            quant)
     trainer = _cls_trainer(model_args, peft_args, info, path, tokenizer, train, val, targs, callbacks)
     trainer.fish_test_dataset = _test_set(data.get("test"), info, tokenizer, model_args.max_length)
     return trainer
@@ -138,10 +139,11 @@ def _encoder(info: dict, tokenizer, max_length: int, split: str, with_labels: bo
     return encode
 
 
-def _sft_trainer(model_args, data_args, peft_args, info, path, tokenizer, train, val, targs, callbacks):
-    from peft import get_peft_model
+def _sft_trainer(model_args, data_args, peft_args, info, path, tokenizer, train, val, targs, callbacks, quant=None):
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
+
+    from .quant_args import build_peft_model
 
     fmt = info["sft_format"]
     columns = {"messages": {data_args.messages_column: "messages"},
@@ -164,10 +166,10 @@ def _sft_trainer(model_args, data_args, peft_args, info, path, tokenizer, train,
         raise CommandError("causal-LM SFT needs a tokenizer with an eos token; this model's tokenizer has none")
     init = {f.name: getattr(targs, f.name) for f in dataclasses.fields(targs) if f.init}
     sft_args = SFTConfig(**init, max_length=model_args.max_length, dataset_text_field="text")
-    model = AutoModelForCausalLM.from_pretrained(path)
+    model = build_peft_model(quant, AutoModelForCausalLM, path, peft_config(peft_args, "CAUSAL_LM"),  # 4-bit: QPiSSA
+                             targs.output_dir, peft_args.init_lora_weights)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model = get_peft_model(model, peft_config(peft_args, "CAUSAL_LM"))
     return SFTTrainer(model=model, args=sft_args, train_dataset=prepare(train), eval_dataset=prepare(val),
                       processing_class=tokenizer, callbacks=callbacks)
 

@@ -23,7 +23,7 @@ from ..config import FishConfig
 PEFT_METHODS = ("lora", "dora", "ia3", "prefix")
 TASKS = ("auto", "classification", "regression", "causal-lm")
 EXTENSIONS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-LORA_INITS = ("pissa", "default", "gaussian", "olora", "false")
+LORA_INITS = ("pissa", "default", "gaussian", "olora", "false", "loftq")  # loftq: --load_in_4bit only
 TEXT_NAMES = ("text", "sentence", "sentence1", "question", "content")
 LABEL_NAMES = ("label", "labels", "score")
 
@@ -312,7 +312,7 @@ def peft_config(peft: PeftArguments, task_type: str):
                                "with --peft_kwargs") from None
     if peft.peft in ("lora", "dora"):
         init = peft.init_lora_weights.lower()
-        init = True if init == "default" else False if init == "false" else init
+        init = True if init in ("default", "loftq") else False if init == "false" else init  # loftq: quant_args
         return LoraConfig(r=peft.lora_r, lora_alpha=peft.lora_alpha, lora_dropout=peft.lora_dropout,
                           target_modules=peft.target_modules, init_lora_weights=init,
                           use_dora=peft.peft == "dora", task_type=task_type)

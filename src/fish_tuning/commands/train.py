@@ -44,6 +44,7 @@ from .preflight import (
     check_reporters,
     check_resume,
 )
+from .quant_args import QuantArguments, check_quant_args
 
 # transformers' 5e-5 leaves a 5%-FISH LoRA at chance for a hundred steps; the compare harness uses 5e-4
 DEFAULT_LR = 5e-4
@@ -63,7 +64,8 @@ def parser() -> Parser:
     from transformers import TrainingArguments
 
     return Parser("fish-tune train", __doc__.split("\n\n")[0],
-                  [ModelArguments, DataArguments, PeftArguments, FishArguments, TrainingArguments, RunArguments],
+                  [ModelArguments, DataArguments, PeftArguments, FishArguments, TrainingArguments, RunArguments,
+                   QuantArguments],
                   defaults={"learning_rate": DEFAULT_LR})
 
 
@@ -105,12 +107,13 @@ def _checks(fish_args, run_args: RunArguments, targs, data_args) -> Any:
 
 
 def run(argv: list[str]) -> int:
-    model_args, data_args, peft_args, fish_args, targs, run_args = parser().parse(argv)
+    model_args, data_args, peft_args, fish_args, targs, run_args, quant = parser().parse(argv)
     config = _checks(fish_args, run_args, targs, data_args)
     check_peft_args(peft_args)
     check_model_args(model_args)
     check_data_args(data_args)
     check_output_dir(targs.output_dir)
+    check_quant_args(quant, peft_args, targs.output_dir, targs.resume_from_checkpoint)
     check_folder_free(targs.output_dir)  # before any model loads: a folder in use is refused at once
     path = resolve_model_path(model_args.model_name_or_path)
     data = load_data(data_args)
@@ -124,6 +127,9 @@ def run(argv: list[str]) -> int:
     from .build import build_trainer, check_task_requirements
 
     check_task_requirements(info["task"])
+    if quant.quantized and info["task"] != "causal-lm":
+        raise CommandError("--load_in_4bit / --load_in_8bit are for causal-LM SFT (a quantized classifier's head "
+                           "would be quantized too); train classifiers in full precision")
     check_outputs_spare_inputs(targs.output_dir, path, {"--train_file": data_args.train_file, "--validation_file":
                                data_args.validation_file, "--test_file": run_args.test_file})
     check_reporters(targs.report_to)
@@ -135,7 +141,7 @@ def run(argv: list[str]) -> int:
 
     fish = _fish_callback(FishCallback, dense=config.keep == 1.0)(config=config)
     trainer = build_trainer(model_args, data_args, peft_args, info, path, data, targs,
-                            [fish, _report_callback(fish)])
+                            [fish, _report_callback(fish)], quant=quant)
     from .logs import attach_log_bridge
 
     attach_log_bridge(trainer, fish)  # fish/* figures reach --report_to reporters
