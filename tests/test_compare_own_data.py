@@ -99,6 +99,29 @@ def test_compare_on_a_user_csv_pairs_equal_budget_arms_and_resumes(user, tmp_pat
     assert len(ran) == 1 and sorted(r["key"] for r in _records_ok(out_dir)) == sorted(r["key"] for r in records)
 
 
+@pytest.mark.slow
+def test_each_arm_at_its_own_learning_rate(user, tmp_path, capsys, monkeypatch):
+    """--arm_learning_rates: the named arms train at their rate (the run's TrainingArguments say so), the others at
+    --learning_rate; the records and the report's header name each rate; other rates are another study."""
+    out_dir = tmp_path / "rates"
+    argv = _argv(user, out_dir, "--arms", "original,fish,rand", "--seeds", "0", "--learning_rate", "0.001",
+                 "--arm_learning_rates", "original=0.05,fish=0.002")
+    ran = []
+    real = train.run
+    monkeypatch.setattr(train, "run", lambda a: ran.append(a) or real(a))
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    rates = {r["arm"]: r["learning_rate"] for r in _records(out_dir)}
+    assert rates == {"original": 0.05, "fish": 0.002, "rand": 0.001}
+    for arm, rate in rates.items():
+        args = torch.load(out_dir / "runs" / f"{arm}_r1_s0" / "training_args.bin", weights_only=False)
+        assert args.learning_rate == rate, arm
+    assert "learning rate per arm: original 0.05, fish 0.002, rand 0.001" in text
+    assert "Each arm ran at one --learning_rate" not in text
+    assert main([*argv[:-1], "original=0.05,fish=0.003"]) == 2  # the same folder with other rates: refused
+    assert "holds runs made with other flags" in capsys.readouterr().err
+
+
 def _records_ok(out_dir):
     return compare.read_records(out_dir / "results.jsonl")
 
@@ -135,6 +158,9 @@ def test_holdout_scores_on_part_of_train_never_the_validation_data(user, tmp_pat
     (["--budgets", "999999"], "more than the --lora_r 8 pool"),
     (["--seeds", "0,0"], "names an item twice"),
     (["--holdout", "0"], "--holdout 0"),
+    (["--arm_learning_rates", "fish=0"], "--arm_learning_rates item 'fish=0'"),
+    (["--arm_learning_rates", "rev=1e-3"], "--arm_learning_rates item 'rev=1e-3'"),  # rev is not in --arms
+    (["--arm_learning_rates", "fish"], "--arm_learning_rates item 'fish'"),
 ])
 def test_bad_input_is_one_line_before_any_model_loads(user, tmp_path, monkeypatch, capsys, extra, message):
     from transformers import AutoModelForSequenceClassification

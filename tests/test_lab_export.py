@@ -7,7 +7,8 @@ import json
 
 from fish_lab.cli import main
 from fish_lab.tasks import load_glue, load_gsm8k
-from fish_tuning.commands.common import DataArguments, ModelArguments, infer_task, load_data
+from fish_tuning.commands.columns import infer_task
+from fish_tuning.commands.common import DataArguments, ModelArguments, load_data
 from test_compare import workspace  # noqa: F401  (a pytest fixture: tiny SST-2 and GSM8K files)
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..files import atomic_write
+from .columns import infer_task
 from .common import (
     CommandError,
     Parser,
@@ -31,7 +32,6 @@ from .common import (
     check_output_dir,
     check_peft_args,
     fish_config,
-    infer_task,
     load_data,
     resolve_model_path,
 )
@@ -69,6 +69,10 @@ class CompareArguments:
     holdout: float | None = field(default=None, metadata={
         "help": "Score on a seeded part of train (a fraction < 1 or a row count) instead of the validation data: "
                 "for choosing (rates, arms) without touching the validation set."})
+    arm_learning_rates: str | None = field(default=None, metadata={
+        "help": "Comma list arm=rate (e.g. original=1e-2,fish=3e-3): each named arm at its own learning rate, "
+                "chosen with --holdout; the other arms use --learning_rate. Sparse masks often want 3-10x the "
+                "dense adapter's rate."})
 
 
 def parser() -> Parser:
@@ -219,12 +223,17 @@ class Study:
     lora_r: int
     lora_alpha: int
     learning_rate: float
+    rates: dict[str, float] = field(default_factory=dict)  # arm -> its own learning rate (--arm_learning_rates)
 
     @property
     def tag(self) -> str:
         """Fingerprint of the shared flags: results of other flags are never mixed into one file (arms, seeds
         and budgets may grow: only the new runs run)."""
-        return hashlib.sha256(json.dumps(self.forwarded).encode()).hexdigest()[:12]
+        shared = json.dumps([self.forwarded, sorted(self.rates.items())] if self.rates else self.forwarded)
+        return hashlib.sha256(shared.encode()).hexdigest()[:12]
+
+    def rate(self, arm: str) -> float:
+        return self.rates.get(arm, self.learning_rate)
 
     def plan(self) -> list[tuple[str, Budget, int]]:
         originals = sorted({b.rank for b in self.budgets if b.rank}) or [1]
@@ -239,7 +248,8 @@ class Study:
 def check_flags(argv: list[str]) -> tuple:
     """Parse and check every flag (no data read): the train flag groups, the compare flags, the shared argv."""
     model_args, data_args, peft_args, fish_args, cmp, targs = parser().parse(argv)
-    given, forwarded = split_argv(argv, ("arms", "seeds", "budgets", "holdout", "config", *SET_PER_RUN))
+    given, forwarded = split_argv(argv, ("arms", "seeds", "budgets", "holdout", "arm_learning_rates", "config",
+                                         *SET_PER_RUN))
     if "config" in given:
         raise CommandError("fish-tune compare takes flags on the command line, not --config (a study YAML goes "
                            "first: fish-tune compare CONFIG.yaml)")
@@ -264,8 +274,25 @@ def check_flags(argv: list[str]) -> tuple:
     if peft_args.peft not in ("lora", "dora") and ("original" in arms or any(b.rank for b in budgets)):
         raise CommandError(f"the original arm and rN budgets are dense LoRA / DoRA; with --peft {peft_args.peft} "
                            "give --budgets as entry counts or fractions and leave original out")
+    rates = parse_rates(cmp.arm_learning_rates, arms)
     arms = sorted(arms, key=list(ARMS).index)  # fish runs before shuffled, which reads its mask
-    return model_args, data_args, peft_args, cmp, targs, arms, seeds, budgets, forwarded
+    return model_args, data_args, peft_args, cmp, targs, arms, seeds, budgets, forwarded, rates
+
+
+def parse_rates(text: str | None, arms: list[str]) -> dict[str, float]:
+    """``arm=rate,...`` -> {arm: rate}; every arm must be one of --arms and every rate a positive number."""
+    rates: dict[str, float] = {}
+    for item in parse_list(text, "--arm_learning_rates") if text is not None else []:
+        arm, _, value = item.partition("=")
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = -1.0
+        if arm.strip() not in arms or not rate > 0 or arm.strip() in rates:
+            raise CommandError(f"--arm_learning_rates item {item!r}: write arm=rate with an arm of --arms "
+                               f"({', '.join(arms)}), each once, and a positive rate (fish=3e-3)")
+        rates[arm.strip()] = rate
+    return rates
 
 
 def budget_counts(path: str, task: str, peft_args, budgets: list[Budget]) -> dict[str, int | None]:
@@ -289,7 +316,7 @@ def prepare(argv: list[str]) -> Study:
     """Every check that needs no model weights: flags, data, columns, budgets, the results file."""
     if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv):
         argv = [*argv, "--output_dir", "fish-compare"]
-    model_args, data_args, peft_args, cmp, targs, arms, seeds, budgets, forwarded = check_flags(argv)
+    model_args, data_args, peft_args, cmp, targs, arms, seeds, budgets, forwarded, rates = check_flags(argv)
     path = resolve_model_path(model_args.model_name_or_path)
     out = Path(targs.output_dir)
     data = load_data(data_args if cmp.holdout is None else dataclasses.replace(data_args, validation_file=None))
@@ -307,7 +334,7 @@ def prepare(argv: list[str]) -> Study:
     info = infer_task(model_args, data_args, data["train"])
     counts = budget_counts(path, info["task"], peft_args, budgets)
     study = Study(arms, seeds, budgets, counts, forwarded, out, info, scored, trivial_fallback(data, info),
-                  peft_args.lora_r, peft_args.lora_alpha, targs.learning_rate)
+                  peft_args.lora_r, peft_args.lora_alpha, targs.learning_rate, rates)
     other = [r for r in read_records(out / "results.jsonl") if r.get("study") != study.tag]
     if other:
         raise CommandError(f"{out / 'results.jsonl'} holds runs made with other flags ({other[0].get('key')}); use "
@@ -324,6 +351,8 @@ def original_alpha(study: Study, rank: int) -> int:
 def run_flags(study: Study, arm: str, b: Budget, seed: int, folder: Path) -> list[str]:
     """The per-run `fish-tune train` flags after the shared ones (argparse: the last value of a flag wins)."""
     flags = ["--seed", str(seed), "--output_dir", str(folder)]
+    if arm in study.rates:
+        flags += ["--learning_rate", str(study.rates[arm])]
     if arm == "original":  # dense LoRA: the mask keeps every entry (its 1-sample Fisher pass decides nothing)
         return flags + ["--lora_r", str(b.rank), "--lora_alpha", str(original_alpha(study, b.rank)), "--keep", "1.0",
                         "--num_samples", "1", "--strategy", "fish"]
@@ -354,7 +383,7 @@ def run_one(study: Study, arm: str, b: Budget, seed: int) -> dict:
             "trainable": summary.get("trainable"), "per_layer": summary.get("per_layer"),
             "eval": _json(folder / "eval_results.json"), "train": _json(folder / "train_results.json"),
             "wall_s": round(time.perf_counter() - start, 2), "trivial_fallback": study.trivial,
-            "learning_rate": study.learning_rate, "scored_on": study.scored}
+            "learning_rate": study.rate(arm), "scored_on": study.scored}
 
 
 def run(argv: list[str]) -> int:

@@ -121,7 +121,7 @@ def placement_table(groups) -> list[str]:
     return lines
 
 
-def recommendation(groups, metric, higher, base) -> list[str]:
+def recommendation(groups, metric, higher, base, one_rate: bool = True) -> list[str]:
     """Per budget: the best arm against the runner-up and against plain LoRA, in words."""
     out = []
     unit = "points" if higher else "in loss"
@@ -149,10 +149,19 @@ def recommendation(groups, metric, higher, base) -> list[str]:
         if base is not None and higher and mean[best] - base < 1.0:
             out.append(f"- the best arm is within 1 point of the trivial baseline ({base:.2f}): nothing learned "
                        "much here; train longer (--max_steps / --num_train_epochs) or raise --learning_rate.")
-    out.append("- Each arm ran at one --learning_rate; sparse masks often want 3-10x the dense adapter's rate, so "
-               "before trusting a gap, compare at each arm's own rate chosen with --holdout (never on the "
-               "validation data).")
+    if one_rate:
+        out.append("- Each arm ran at one --learning_rate; sparse masks often want 3-10x the dense adapter's rate, "
+                   "so before trusting a gap, compare at each arm's own rate (--arm_learning_rates) chosen with "
+                   "--holdout (never on the validation data).")
     return out
+
+
+def rates_words(records: list[dict]) -> str:
+    """'every arm at learning rate 0.01', or each arm's own rate."""
+    rates = {r["arm"]: r.get("learning_rate") for r in records}
+    if len(set(rates.values())) == 1:
+        return f"every arm at learning rate {next(iter(rates.values()))}"
+    return "learning rate per arm: " + ", ".join(f"{arm} {rate}" for arm, rate in rates.items())
 
 
 def report(records: list[dict]) -> str:
@@ -165,8 +174,8 @@ def report(records: list[dict]) -> str:
     pool = next((r for r in records if r["arm"] != "original"), {})
     scales = sorted({f"{r['lora_alpha']}/{r['lora_r']}" for r in records if r.get("lora_alpha")})
     lines = ["# fish-tune compare", "",
-             f"{first['task']}, scored on {first.get('scored_on', 'the validation data')}; every arm at learning "
-             f"rate {first.get('learning_rate')}; masked arms select from the rank-{pool.get('lora_r')} adapter's "
+             f"{first['task']}, scored on {first.get('scored_on', 'the validation data')}; {rates_words(records)}; "
+             f"masked arms select from the rank-{pool.get('lora_r')} adapter's "
              f"entries; LoRA scale alpha/r {' and '.join(scales) or '-'} (the original keeps the pool's scale); the "
              "classifier head, if any, trains fully in every arm and is not counted.", "",
              *score_table(groups, metric, higher, base), "",
@@ -179,5 +188,6 @@ def report(records: list[dict]) -> str:
     if placement:
         lines += ["", "Where each mask put its budget (share of kept entries per layer, mean over seeds):", "",
                   *placement]
-    lines += ["", "Recommendation:", "", *recommendation(groups, metric, higher, base)]
+    lines += ["", "Recommendation:", "", *recommendation(groups, metric, higher, base,
+                                                                   len({r.get("learning_rate") for r in records}) == 1)]
     return "\n".join(lines) + "\n"
