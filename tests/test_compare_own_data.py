@@ -12,7 +12,7 @@ import torch
 
 import fish_tuning as ft
 from fish_tuning.cli import main
-from fish_tuning.commands import compare, train
+from fish_tuning.commands import compare, compare_args, train
 from fish_tuning.commands.compare_report import pick_metric, report
 from test_cli_train import save_tiny_models, write_sentiment_csv
 
@@ -259,10 +259,10 @@ def test_budget_tokens_are_ranks_counts_or_fractions(monkeypatch):
     from fish_tuning.commands.common import PeftArguments
 
     monkeypatch.setattr(compare, "lora_count", lambda path, task, peft, rank: 100 * rank)
-    budgets = compare.parse_budgets(compare.CompareArguments(budgets="r2,1,1.0,0.25,50"), None, None)
+    budgets = compare_args.parse_budgets(compare_args.CompareArguments(budgets="r2,1,1.0,0.25,50"), None, None)
     assert [b.rank for b in budgets] == [2, None, None, None, None]
     counts = compare.budget_counts("m", "classification", PeftArguments(lora_r=8), budgets)
     assert counts == {"r2": 200, "1": 1, "1.0": 800, "0.25": 200, "50": 50}
-    only = compare.parse_budgets(compare.CompareArguments(), None, 1)
+    only = compare_args.parse_budgets(compare_args.CompareArguments(), None, 1)
     assert compare.budget_counts("m", "classification", PeftArguments(lora_r=8), only) == {"1": 1}
-    assert compare.parse_budgets(compare.CompareArguments(), None, None) == [compare.Budget("r1", 1)]
+    assert compare_args.parse_budgets(compare_args.CompareArguments(), None, None) == [compare_args.Budget("r1", 1)]

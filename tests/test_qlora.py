@@ -444,3 +444,41 @@ def test_gradients_stay_exact_after_an_eval_forward_on_cpu(base_dir, tmp_path):
         plain(**batch)  # repacked now
     with pytest.raises(ValueError, match="repacked by bitsandbytes"):
         keep_cpu_4bit_trainable(plain)
+
+
+def _hand_loaded(base_dir):
+    """A 4-bit peft model loaded the usual way (not through load_quantized), B non-zero so both factors have
+    gradients."""
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir, quantization_config=bnb_4bit_config()),
+                           lora_config(True))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def test_fisher_and_fish_callback_keep_a_hand_loaded_4bit_model_trainable(base_dir):
+    """A 4-bit model loaded by hand on an AVX512-bf16 CPU: the Fisher pass (eval mode) and a validation pass after
+    it leave the training gradients exact (compute_fisher turns the repacking off first); a model repacked before
+    is refused by compute_fisher, never scored with wrong gradients."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-bf16: bitsandbytes never repacks here")
+    batch = batches(1)[0]
+    model = _hand_loaded(base_dir)
+    before = _lora_grads(model, batch)
+    ft.compute_fisher(model, [batch], num_samples=4, progress=False)
+    model.eval()
+    with torch.no_grad():
+        model(**batch)  # a validation pass
+    after = _lora_grads(model, batch)
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+    repacked = _hand_loaded(base_dir)
+    repacked.eval()
+    with torch.no_grad():
+        repacked(**batch)
+    with pytest.raises(ValueError, match="repacked by bitsandbytes"):
+        ft.compute_fisher(repacked, [batch], num_samples=4, progress=False)

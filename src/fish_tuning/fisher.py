@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .batches import batch_size_of, labelled_rows, slice_batch
 from .checks import positive_int
+from .compat import keep_cpu_4bit_trainable
 from .dist import dist_rank_world, sum_over_ranks
 from .loglik import Kind, LogLikFn, ModelLogLik, per_sample_log_likelihood, sample_labels
 from .per_sample import Engine, PerSampleEngine
@@ -146,6 +147,7 @@ def gradient_moments(
     quota = num_samples // world + int(rank < num_samples % world)  # this rank's share of the global count
     device = next(iter(cand.values())).device
     gen = torch.Generator(device=device).manual_seed(seed + rank) if kind == "expected" else None
+    keep_cpu_4bit_trainable(model)  # the pass runs in eval mode: a 4-bit CPU layer would repack, its backward wrong
     saved_flags = {n: p.requires_grad for n, p in named.items()}
     was_training = model.training
     passes = PerSampleEngine(model, cand, engine, kind, loglik_fn, gen, sharded)

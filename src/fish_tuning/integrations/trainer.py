@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..compat import keep_cpu_4bit_trainable
 from ..config import FishConfig
 from ..fisher import gradient_moments
 from ..guard import MaskGuard
@@ -150,6 +151,8 @@ class FishCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
                        optimizer=None, train_dataloader=None, lr_scheduler=None, **kwargs):
         zero = check_supported(args, model, optimizer)
+        if model is not None:  # a 4-bit CPU layer repacks at the first eval forward, and its backward is then wrong
+            keep_cpu_4bit_trainable(model)
         self.close()
         if args.should_save and (self.save_final_mask or args.save_strategy != "no"):
             check_writable(args.output_dir)

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..mask import layer_of
 from .adapters import is_adapters_config, meta_skeleton, with_leave_out
+from .candidates import peft_candidates
 
 
 def num_layers_of(model: nn.Module) -> int:
@@ -129,8 +130,6 @@ def baseline_budget(model: nn.Module, config: Any) -> int:
     so this costs no memory and leaves ``model`` untouched. Give the result to ``select_mask(scores, budget=...)``
     so the FISH mask trains exactly as many entries as the baseline (heads / gates are always trainable in both).
     """
-    from . import peft_candidates
-
     if is_adapters_config(config):
         skeleton = meta_skeleton(model, config)
     else:

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compat import keep_cpu_4bit_trainable
+
 QLORA_EXTRA = "pip install 'fish-tuning[qlora]'"
 PISSA_INITS = ("pissa",)
 
@@ -98,31 +100,6 @@ def load_quantized(path: str | os.PathLike, quantization_config, auto_class=None
     model = auto_class.from_pretrained(os.fspath(path), quantization_config=quantization_config, **kwargs)
     keep_cpu_4bit_trainable(model)
     return model
-
-
-def keep_cpu_4bit_trainable(model: nn.Module) -> None:
-    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights; refuse a model already repacked.
-
-    On a CPU with AVX512-bf16, bitsandbytes 0.50 repacks a ``Linear4bit`` weight for its inference kernel the first
-    time the layer runs in eval mode on an input without grad, and every backward after that gives wrong input
-    gradients (measured: 115 % relative error in the LoRA gradients against the dequantised model). The Fisher
-    pass runs in eval mode and a validation pass precedes training, so both would then be wrong. Call this on any
-    4-bit model you load yourself before a Fisher pass or training on a CPU; :func:`load_quantized`, :func:`qpissa`,
-    :func:`loftq_model` and ``fish-tune train --load_in_4bit`` do. bitsandbytes' own inverse of the repacking does
-    not give the same gradients back (10 % off, measured), so a repacked model is refused: reload it.
-    """
-    repacked = []
-    for name, module in model.named_modules():
-        if type(module).__name__ != "Linear4bit" or not type(module).__module__.startswith("bitsandbytes"):
-            continue
-        module.support_avx512bf16_for_cpu = False
-        if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
-            repacked.append(name)
-    if repacked:
-        raise ValueError(f"{len(repacked)} 4-bit layer(s) (e.g. {repacked[0]}) were repacked by bitsandbytes for CPU "
-                         "inference (an eval-mode forward ran), after which their backward is wrong; reload the "
-                         "model and call keep_cpu_4bit_trainable(model) (or load it with load_quantized) before "
-                         "any forward")
 
 
 def _plain_init(lora_config):
