@@ -301,6 +301,29 @@ def test_readme_qlora_commands_run_and_the_adapter_loads_onto_its_4bit_base(cli_
     assert ft.FishMask.load(loftq_out / ft.FishMask.FILE_NAME).num_selected == 100
 
 
+def test_fish_tune_mask_on_the_4bit_base_writes_the_mask_training_selects(cli_model, tmp_path, capsys):
+    """`fish-tune mask --load_in_4bit` scores the QPiSSA 4-bit model that `fish-tune train --load_in_4bit` trains
+    (same flags and seed: the same mask), not the full-precision one; a bad quantization flag is one line."""
+    pytest.importorskip("trl")
+    from fish_tuning.cli import main
+
+    common = ["--model_name_or_path", str(cli_model), "--train_file", str(ROOT / "examples/data/sft.jsonl"),
+              "--budget", "100", "--num_samples", "8", "--max_length", "64", "--load_in_4bit"]
+    assert main(["mask", *common, "--output", str(tmp_path / "m.safetensors"), "--png", "none"]) == 0, \
+        capsys.readouterr().err[-1500:]
+    assert main(["train", *common, "--max_steps", "1", "--save_strategy", "no", "--report_to", "none",
+                 "--disable_tqdm", "true", "--output_dir", str(tmp_path / "t")]) == 0, capsys.readouterr().err[-1500:]
+    shown, trained = ft.FishMask.load(tmp_path / "m.safetensors"), ft.FishMask.load(tmp_path / "t" / "fish_mask.safetensors")
+    assert shown.num_selected == trained.num_selected == 100
+    assert all(torch.equal(shown.indices[n], trained.indices[n]) for n in trained.names)
+    assert main(["mask", *common[:-1], "--output", str(tmp_path / "f.safetensors"), "--png", "none"]) == 0
+    full = ft.FishMask.load(tmp_path / "f.safetensors")  # the full-precision PiSSA model scores otherwise
+    assert any(not torch.equal(full.indices[n], trained.indices[n]) for n in trained.names)
+    capsys.readouterr()
+    assert main(["mask", *common, "--peft", "ia3", "--output", str(tmp_path / "x.safetensors")]) == 2
+    assert "--load_in_4bit works with --peft lora or dora" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--load_in_4bit", "--peft", "ia3"], "--load_in_4bit works with --peft lora or dora"),
     (["--init_lora_weights", "loftq"], "--init_lora_weights loftq needs --load_in_4bit"),

@@ -33,6 +33,7 @@ from .common import (
     load_data,
     resolve_model_path,
 )
+from .quant_args import QuantArguments, check_quant_args, check_quant_task
 
 
 @dataclass
@@ -117,7 +118,7 @@ def _show(mask, out: OutputArguments, mask_path: str, model=None, flag: str = "-
 
 def parser() -> Parser:
     return Parser("fish-tune mask", __doc__.split("\n\n")[0],
-                  [ModelArguments, DataArguments, PeftArguments, FishArguments, OutputArguments])
+                  [ModelArguments, DataArguments, PeftArguments, FishArguments, OutputArguments, QuantArguments])
 
 
 def show(argv: list[str]) -> int:
@@ -135,7 +136,7 @@ def show(argv: list[str]) -> int:
 
 
 def compute(argv: list[str]) -> int:
-    model_args, data_args, peft_args, fish_args, out = parser().parse(argv)
+    model_args, data_args, peft_args, fish_args, out, quant = parser().parse(argv)
     config = fish_config(fish_args)
     if config.warmup_steps or config.refresh_every:
         raise CommandError("--fish_warmup_steps and --refresh_every act during training; fish-tune mask selects at "
@@ -144,6 +145,7 @@ def compute(argv: list[str]) -> int:
     check_model_args(model_args)
     check_data_args(data_args)
     check_output_dir(os.path.dirname(os.path.abspath(out.output)))
+    check_quant_args(quant, peft_args, None, None)  # the QPiSSA base is built in a temporary folder, then dropped
     json_path, png = _paths(out, out.output)
     for flag, target in (("--output", out.output), ("--summary_json", json_path), ("--png", png)):
         if target:
@@ -165,6 +167,7 @@ def compute(argv: list[str]) -> int:
     from .preflight import check_budget
 
     check_task_requirements(info["task"])
+    check_quant_task(quant, info["task"])
     check_budget(config, path, info, peft_args, len(info["label_list"] or [None]))
     # ---- nothing above loads model weights
     import torch
@@ -176,7 +179,7 @@ def compute(argv: list[str]) -> int:
         targs = TrainingArguments(output_dir=tmp, per_device_train_batch_size=out.per_device_train_batch_size,
                                   seed=out.seed, report_to="none", save_strategy="no")
         data["validation"] = None
-        trainer = build_trainer(model_args, data_args, peft_args, info, path, data, targs, [])
+        trainer = build_trainer(model_args, data_args, peft_args, info, path, data, targs, [], quant=quant)
         model = trainer.model
         fish = FishCallback(config=config, save_final_mask=False)
         # the callback's own selection (candidates, always-train heads, seeded calibration subset); its guard is

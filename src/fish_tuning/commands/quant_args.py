@@ -37,8 +37,9 @@ class QuantArguments:
         return self.load_in_4bit or self.load_in_8bit
 
 
-def check_quant_args(quant: QuantArguments, peft_args, output_dir: str, resume) -> None:
-    """Flag combinations and the bitsandbytes install, before any model loads."""
+def check_quant_args(quant: QuantArguments, peft_args, output_dir: str | None, resume) -> None:
+    """Flag combinations and the bitsandbytes install, before any model loads; ``output_dir`` None: the run keeps
+    no QPiSSA base (fish-tune mask builds it in a temporary folder)."""
     init = peft_args.init_lora_weights.lower()
     if init == "loftq" and not quant.load_in_4bit:
         raise CommandError("--init_lora_weights loftq needs --load_in_4bit (LoftQ fits the adapter to a 4-bit "
@@ -62,10 +63,16 @@ def check_quant_args(quant: QuantArguments, peft_args, output_dir: str, resume) 
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise CommandError(f"{flag} needs bitsandbytes: pip install 'fish-tuning[qlora]'") from None
-    residual = Path(output_dir) / RESIDUAL_DIR
-    if init.startswith("pissa") and residual.exists() and not resume:
+    residual = Path(output_dir) / RESIDUAL_DIR if output_dir is not None else None
+    if init.startswith("pissa") and residual is not None and residual.exists() and not resume:
         raise CommandError(f"{residual} holds the QPiSSA base of an earlier run; resume it "
                            "(--resume_from_checkpoint) or choose a new --output_dir")
+
+
+def check_quant_task(quant: QuantArguments, task: str) -> None:
+    if quant.quantized and task != "causal-lm":
+        raise CommandError("--load_in_4bit / --load_in_8bit are for causal-LM SFT (a quantized classifier's head "
+                           "would be quantized too); train classifiers in full precision")
 
 
 def quantization_config(quant: QuantArguments):

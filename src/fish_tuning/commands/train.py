@@ -44,7 +44,7 @@ from .preflight import (
     check_reporters,
     check_resume,
 )
-from .quant_args import QuantArguments, check_quant_args
+from .quant_args import QuantArguments, check_quant_args, check_quant_task
 
 # transformers' 5e-5 leaves a 5%-FISH LoRA at chance for a hundred steps; the compare harness uses 5e-4
 DEFAULT_LR = 5e-4
@@ -127,9 +127,7 @@ def run(argv: list[str]) -> int:
     from .build import build_trainer, check_task_requirements
 
     check_task_requirements(info["task"])
-    if quant.quantized and info["task"] != "causal-lm":
-        raise CommandError("--load_in_4bit / --load_in_8bit are for causal-LM SFT (a quantized classifier's head "
-                           "would be quantized too); train classifiers in full precision")
+    check_quant_task(quant, info["task"])
     check_outputs_spare_inputs(targs.output_dir, path, {"--train_file": data_args.train_file, "--validation_file":
                                data_args.validation_file, "--test_file": run_args.test_file})
     check_reporters(targs.report_to)
