@@ -109,3 +109,23 @@ def test_selection_study_report_is_in_benchmarks_and_the_demo_uses_the_screened_
     demo = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
     for arm, by_budget in demo["lr_by_arm"].items():
         assert by_budget == {b: rates[arm][b] for b in by_budget}, arm
+
+
+@pytest.mark.parametrize("results, section", [
+    ("compare_sst2_demo_5seeds.jsonl", "## `make demo` on five seeds"),
+    ("compare_sst2_own_path.jsonl", "## `fish-tune compare` on the user's path"),
+])
+def test_compare_sections_are_what_the_saved_compare_records_give(results, section):
+    """Every mean ± std and every paired interval that the `fish-tune compare` report of a saved results file prints
+    (`python benchmarks/compare_report.py FILE`) is in its BENCHMARKS.md section."""
+    import re
+
+    from fish_tuning.commands.compare import read_records
+    from fish_tuning.commands.compare_report import report
+
+    out = report(read_records(ROOT / "benchmarks" / "results" / results))
+    text = (ROOT / "BENCHMARKS.md").read_text().split(section, 1)[1].split("\n## ", 1)[0]
+    figures = re.findall(r"\d+\.\d+ ± \d+\.\d+|[+-]\d+\.\d+ \[[+-]\d+\.\d+, [+-]\d+\.\d+\]", out)
+    assert len(figures) >= 6, out
+    missing = [f for f in figures if f.replace("-", "−") not in text and f not in text]
+    assert not missing, missing

@@ -315,7 +315,7 @@ class FishCallback(TrainerCallback):
                                     seed=seed)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):  # belt and braces: training RNG untouched by the Fisher pass
-                moments = gradient_moments(model, loader, num_samples=self.num_samples, kind=self.kind, params=cands,
+            moments = gradient_moments(model, loader, num_samples=self.num_samples, kind=self.kind, params=cands,
                                        engine=self.engine, loglik_fn=self.loglik_fn, seed=seed,
                                        progress=state.is_local_process_zero and not args.disable_tqdm)
         c = self.config
