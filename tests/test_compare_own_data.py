@@ -161,6 +161,8 @@ def test_holdout_scores_on_part_of_train_never_the_validation_data(user, tmp_pat
     (["--arm_learning_rates", "fish=0"], "--arm_learning_rates item 'fish=0'"),
     (["--arm_learning_rates", "rev=1e-3"], "--arm_learning_rates item 'rev=1e-3'"),  # rev is not in --arms
     (["--arm_learning_rates", "fish"], "--arm_learning_rates item 'fish'"),
+    (["--load_in_4bit", "--peft", "ia3"], "--load_in_4bit works with --peft lora or dora"),
+    (["--load_in_4bit"], "are for causal-LM SFT"),  # this CSV is a classification task
 ])
 def test_bad_input_is_one_line_before_any_model_loads(user, tmp_path, monkeypatch, capsys, extra, message):
     from transformers import AutoModelForSequenceClassification

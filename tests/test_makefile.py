@@ -58,7 +58,7 @@ def test_make_demo_runs_the_users_path_with_flags_compare_accepts(tmp_path):
     assert run.returncode == 0 and len(lines) == 2, run.stdout + run.stderr
     assert "-m fish_lab data sst2" in lines[0] and "fish-tune compare" in lines[1]
     argv = lines[1].split("fish-tune compare", 1)[1].split()
-    arms, seeds, budgets, forwarded, rates = compare.check_flags(argv)[5:]
+    arms, seeds, budgets, forwarded, rates = compare.check_flags(argv)[5:10]
     assert "original" in arms and "fish" in arms and "rand" in arms and "shuffled" in arms
     assert set(rates) == set(arms) and len(seeds) >= 1
     assert ["--validation_file", f"{tmp_path / 'd'}/sst2/dev.csv"] == forwarded[forwarded.index("--validation_file"):][:2]

@@ -324,6 +324,27 @@ def test_fish_tune_mask_on_the_4bit_base_writes_the_mask_training_selects(cli_mo
     assert "--load_in_4bit works with --peft lora or dora" in capsys.readouterr().err
 
 
+def test_compare_on_a_4bit_base_runs_each_arm_as_a_4bit_train_run(cli_model, tmp_path, capsys):
+    """`fish-tune compare --load_in_4bit`: every arm is a `fish-tune train --load_in_4bit` run (QPiSSA base in its
+    own folder), the masked arm keeps dense QLoRA r1's count, and the report compares their losses."""
+    pytest.importorskip("trl")
+    from fish_tuning.cli import main
+
+    out = tmp_path / "cmp4"
+    argv = ["compare", "--model_name_or_path", str(cli_model), "--train_file", str(ROOT / "examples/data/sft.jsonl"),
+            "--holdout", "4", "--load_in_4bit", "--arms", "original,fish", "--seeds", "0", "--max_steps", "1",
+            "--num_samples", "8", "--max_length", "64", "--save_strategy", "no", "--report_to", "none",
+            "--disable_tqdm", "true", "--output_dir", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err[-1500:]
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["arm"] for r in records} == {"original", "fish"} and len({r["entries"] for r in records}) == 1
+    for arm in ("original", "fish"):
+        run = out / "runs" / f"{arm}_r1_s0"
+        assert (run / "qpissa_base" / "config.json").is_file()
+        assert quantized_bits(ft.load_adapter(load_quantized(run / "qpissa_base", bnb_4bit_config()), run)[0]) == 4
+    assert "eval_loss" in records[0]["eval"] and "Recommendation:" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--load_in_4bit", "--peft", "ia3"], "--load_in_4bit works with --peft lora or dora"),
     (["--init_lora_weights", "loftq"], "--init_lora_weights loftq needs --load_in_4bit"),

@@ -35,6 +35,7 @@ from .common import (
     resolve_model_path,
 )
 from .compare_args import ARMS, Budget, CompareArguments, parse_budgets, parse_list, parse_rates, split_argv
+from .quant_args import check_quant_args, check_quant_task
 
 SET_PER_RUN = ("seed", "output_dir", "keep", "budget", "strategy", "allocation", "score")
 HOLDOUT_REPLACES = ("train_file", "validation_file", "dataset_name", "dataset_config_name", "train_split",
@@ -45,11 +46,12 @@ def parser() -> Parser:
     from transformers import TrainingArguments
 
     from .common import DataArguments, FishArguments, ModelArguments, PeftArguments
+    from .quant_args import QuantArguments
     from .train import DEFAULT_LR
 
     return Parser("fish-tune compare", __doc__.split("\n\n")[0],
-                  [ModelArguments, DataArguments, PeftArguments, FishArguments, CompareArguments, TrainingArguments],
-                  defaults={"learning_rate": DEFAULT_LR})
+                  [ModelArguments, DataArguments, PeftArguments, FishArguments, CompareArguments, TrainingArguments,
+                   QuantArguments], defaults={"learning_rate": DEFAULT_LR})
 
 
 def lora_count(path: str, task: str, peft_args, rank: int) -> int:
@@ -164,7 +166,7 @@ class Study:
 
 def check_flags(argv: list[str]) -> tuple:
     """Parse and check every flag (no data read): the train flag groups, the compare flags, the shared argv."""
-    model_args, data_args, peft_args, fish_args, cmp, targs = parser().parse(argv)
+    model_args, data_args, peft_args, fish_args, cmp, targs, quant = parser().parse(argv)
     given, forwarded = split_argv(argv, ("arms", "seeds", "budgets", "holdout", "arm_learning_rates", "config",
                                          *SET_PER_RUN))
     if "config" in given:
@@ -188,12 +190,13 @@ def check_flags(argv: list[str]) -> tuple:
     check_model_args(model_args)
     check_data_args(data_args)
     check_output_dir(targs.output_dir)
+    check_quant_args(quant, peft_args, None, None)  # each run keeps its QPiSSA base in its own folder
     if peft_args.peft not in ("lora", "dora") and ("original" in arms or any(b.rank for b in budgets)):
         raise CommandError(f"the original arm and rN budgets are dense LoRA / DoRA; with --peft {peft_args.peft} "
                            "give --budgets as entry counts or fractions and leave original out")
     rates = parse_rates(cmp.arm_learning_rates, arms)
     arms = sorted(arms, key=list(ARMS).index)  # fish runs before shuffled, which reads its mask
-    return model_args, data_args, peft_args, cmp, targs, arms, seeds, budgets, forwarded, rates
+    return model_args, data_args, peft_args, cmp, targs, arms, seeds, budgets, forwarded, rates, quant
 
 
 def budget_counts(path: str, task: str, peft_args, budgets: list[Budget]) -> dict[str, int | None]:
@@ -217,7 +220,7 @@ def prepare(argv: list[str]) -> Study:
     """Every check that needs no model weights: flags, data, columns, budgets, the results file."""
     if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv):
         argv = [*argv, "--output_dir", "fish-compare"]
-    model_args, data_args, peft_args, cmp, targs, arms, seeds, budgets, forwarded, rates = check_flags(argv)
+    model_args, data_args, peft_args, cmp, targs, arms, seeds, budgets, forwarded, rates, quant = check_flags(argv)
     path = resolve_model_path(model_args.model_name_or_path)
     out = Path(targs.output_dir)
     data = load_data(data_args if cmp.holdout is None else dataclasses.replace(data_args, validation_file=None))
@@ -233,6 +236,7 @@ def prepare(argv: list[str]) -> Study:
     else:
         scored = "the validation data"
     info = infer_task(model_args, data_args, data["train"])
+    check_quant_task(quant, info["task"])
     counts = budget_counts(path, info["task"], peft_args, budgets)
     study = Study(arms, seeds, budgets, counts, forwarded, out, info, scored, trivial_fallback(data, info),
                   peft_args.lora_r, peft_args.lora_alpha, targs.learning_rate, rates)
