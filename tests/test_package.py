@@ -230,3 +230,17 @@ def test_the_import_graph_has_no_circle():
     assert "fish_tuning.commands.maskview" not in graph["fish_lab.report"]  # the lab reads records, not CLI views
     fake = {**graph, "fish_lab.hub": {"fish_lab.tasks"}, "fish_lab.tasks": graph["fish_lab.tasks"] | {"fish_lab.hub"}}
     assert {"fish_lab.hub", "fish_lab.tasks"} in _cycles(fake)  # the check sees the circle that was there
+
+
+def test_the_cli_drops_bitsandbytes_kernel_hub_line_only():
+    """`fish-tune` runs without bitsandbytes' import-time line about a hub kernel it could not fetch (printed on every
+    command on AVX512-bf16 CPUs, 4-bit or not); other bitsandbytes warnings still show."""
+    pytest.importorskip("bitsandbytes")
+    code = ("import logging, sys\nfrom fish_tuning.cli import main\n"
+            "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+            "import bitsandbytes\n"  # logs the line at import on an AVX512-bf16 CPU
+            "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('another bitsandbytes warning')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert run.returncode == 0, run.stderr
+    assert "gemm_4bit_forward" not in run.stderr and "another bitsandbytes warning" in run.stderr
