@@ -113,6 +113,7 @@ def test_selection_study_report_is_in_benchmarks_and_the_demo_uses_the_screened_
 
 @pytest.mark.parametrize("results, section", [
     ("compare_sst2_demo_5seeds.jsonl", "## `make demo` on five seeds"),
+    ("compare_stsb_5seeds.jsonl", "## The same on STS-B: five seeds"),
     ("compare_sst2_own_path.jsonl", "## `fish-tune compare` on the user's path"),
 ])
 def test_compare_sections_are_what_the_saved_compare_records_give(results, section):
