@@ -69,11 +69,15 @@ def trainable_numel(model, exclude=()):
 
 
 def real_sst2(tokenizer, n_train=16, batch_size=8):
-    """A few SST-2 batches from ../shared/data, or skip when the data or the task loader is missing."""
+    """A few SST-2 batches from ../shared/data, or skip when the data or the task loader is missing (never from the
+    hub: a test does not reach the network, and an offline machine with `datasets` installed would fail there)."""
+    from conftest import shared_data_dir
     from fish_lab.tasks import glue_batches, load_glue
 
+    if shared_data_dir() is None:
+        pytest.skip("../shared/data not found (set FISH_DATA_DIR)")
     try:
-        train = load_glue("sst2", "train", limit=n_train, seed=0)
+        train = load_glue("sst2", "train", data_dir=shared_data_dir(), limit=n_train, seed=0)
     except FileNotFoundError as err:
         pytest.skip(f"SST-2 data not found: {err}")
     return glue_batches(train, tokenizer, batch_size=batch_size, max_length=48)
