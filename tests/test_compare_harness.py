@@ -16,8 +16,9 @@ import yaml
 from fish_lab import runner
 from fish_lab.cli import build_parser, main, parse_args
 from fish_lab.config import load_config
-from fish_lab.results import append_record, read_results
+from fish_lab.results import read_results
 from fish_lab.runner import Study, plan_runs
+from fish_tuning.files import append_record
 from test_compare import _config, workspace  # noqa: F401  (workspace is a pytest fixture)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -65,22 +65,6 @@ def read_results(path: str | os.PathLike) -> list[dict]:
     return out
 
 
-def append_record(path: str | os.PathLike, record: dict) -> None:
-    """Append one complete line, flushed and fsynced. If the file ends without a newline (a write torn by a kill),
-    a newline goes first, so the new record never joins the torn line."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record) + "\n"
-    with open(path, "a+b") as f:
-        if f.tell() > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                line = "\n" + line
-        f.write(line.encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def check_writable(folder: str | os.PathLike, results: str | os.PathLike | None = None) -> None:
     """Probe that ``folder`` can hold the results (a temp folder is made and removed in ``folder``, or in its nearest
     existing parent when ``folder`` does not exist yet: nothing is left behind); raise ValueError naming the folder

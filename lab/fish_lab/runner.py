@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fish_tuning import FishMask, always_trainable, peft_candidates
+from fish_tuning.files import append_record
 from fish_tuning.fisher import GradientMoments, gradient_moments
 from fish_tuning.models import load_model
 from fish_tuning.optim import make_optimizer as masked_optimizer
@@ -35,7 +36,7 @@ from .analysis import mask_record, trivial_baseline
 from .arms import Arm, arm_of, jaccard, parse_arm, select_for_arm, warm_up
 from .builders import METHODS, PeftSpec, default_targets, layer_indices
 from .config import CompareConfig
-from .results import append_record, check_writable, read_results
+from .results import check_writable, read_results
 from .tasks import GLUE_TASKS, glue_batches, load_glue, load_gsm8k, local_data_dir
 from .train import evaluate, train
 

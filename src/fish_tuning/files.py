@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -35,6 +36,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> str:
             f.write(text)
 
     return atomic_write(path, write)
+
+
+def append_record(path: str | os.PathLike, record: dict) -> None:
+    """Append ``record`` as one JSON line, flushed and fsynced. If the file ends without a newline (a write torn by a
+    kill), a newline goes first, so the new record never joins the torn line (which a reader then skips)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    line = json.dumps(record) + "\n"
+    with open(path, "a+b") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = "\n" + line
+        f.write(line.encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @contextmanager

@@ -14,14 +14,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..files import atomic_write
+from ..files import append_record, atomic_write
 from .columns import infer_task
 from .common import (
     CommandError,
@@ -110,16 +109,6 @@ def read_records(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue  # a line torn by a kill mid-write; that run runs again
     return out
-
-
-def append_record(path: Path, record: dict) -> None:
-    text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    with open(path, "a", encoding="utf-8") as f:
-        if text and not text.endswith("\n"):
-            f.write("\n")  # a torn last line stays alone
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _json(path: Path) -> dict:
