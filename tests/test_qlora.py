@@ -260,7 +260,7 @@ def _lora_grads(model, batch):
 def test_gradients_stay_exact_after_an_eval_forward_on_cpu(base_dir, tmp_path):
     """bitsandbytes 0.50 repacks a 4-bit weight for its CPU inference kernel at the first eval-mode forward (AVX512-
     bf16 CPUs) and its backward is wrong after that; the Fisher pass and a validation pass run in eval mode."""
-    from fish_tuning.methods.quantized import keep_cpu_4bit_trainable
+    from fish_tuning.compat import keep_cpu_4bit_trainable
 
     model = quantized_qpissa(base_dir, tmp_path)  # load_quantized turns the repacking off
     batch = batches(1)[0]

@@ -132,7 +132,6 @@ class MaskedOptimizer(torch.optim.Optimizer):
         """Remove the masking hooks (also done when this optimizer is garbage-collected)."""
         self._guard.close()
 
-
     def __repr__(self) -> str:
         return f"MaskedOptimizer(k={self.mask.num_selected:,}, {self.optimizer!r})"
 
@@ -191,7 +190,7 @@ class SparseAdamW(torch.optim.Optimizer):
     def __init__(self, params: nn.Module | Iterable, mask: FishMask, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  mask_grads: bool = True, model: nn.Module | None = None, refresh: RefreshSchedule | None = None):
-        lr = float(lr) if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr  # read once, as torch's AdamW
+        lr = _scalar_lr(lr)
         _check_hyper({"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         if isinstance(params, nn.Module):  # SparseAdamW(model, mask): every trainable parameter, one group
             model, groups = params, None
@@ -206,9 +205,8 @@ class SparseAdamW(torch.optim.Optimizer):
                 groups = [{"params": groups}]
             groups = [{**g, "params": list(g["params"])} for g in groups]
             for g in groups:
-                if isinstance(g.get("lr"), torch.Tensor) and g["lr"].numel() == 1:
-                    g["lr"] = float(g["lr"])
-            for g in groups:
+                if "lr" in g:
+                    g["lr"] = _scalar_lr(g["lr"])
                 _check_hyper(g)
         self.mask = mask
         name_of = {id(p): n for n, p in model.named_parameters()}
@@ -363,7 +361,6 @@ class SparseAdamW(torch.optim.Optimizer):
         if self._guard is not None:
             self._guard.close()
 
-
     def __repr__(self) -> str:
         return f"SparseAdamW(k={self.mask.num_selected:,}, defaults={self.defaults})"
 
@@ -371,6 +368,11 @@ class SparseAdamW(torch.optim.Optimizer):
 # torch.optim.AdamW options SparseAdamW does not implement, with the only value it supports
 _UNSUPPORTED = {"maximize": False, "amsgrad": False, "capturable": False, "differentiable": False,
                 "decoupled_weight_decay": True}
+
+
+def _scalar_lr(lr):
+    """A one-element tensor learning rate read once as a float (as torch's AdamW does); anything else as given."""
+    return float(lr) if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
 
 
 def _check_hyper(group: dict) -> None:

@@ -55,20 +55,9 @@ def parser() -> Parser:
 
 def lora_count(path: str, task: str, peft_args, rank: int) -> int:
     """Entries of LoRA rank ``rank`` on the targeted modules, counted on a meta-device model (no weights load)."""
-    import torch
-    from peft import get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from .preflight import candidate_sizes
 
-    from ..methods import peft_candidates
-    from .common import peft_config
-
-    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-    args = dataclasses.replace(peft_args, lora_r=rank, init_lora_weights="default")  # PiSSA needs real weights
-    with torch.device("meta"):
-        model = get_peft_model(auto.from_config(AutoConfig.from_pretrained(path)),
-                               peft_config(args, "CAUSAL_LM" if task == "causal-lm" else "SEQ_CLS"))
-    named = dict(model.named_parameters())
-    return sum(named[n].numel() for n in peft_candidates(model))
+    return sum(candidate_sizes(path, task, dataclasses.replace(peft_args, lora_r=rank)).values())
 
 
 def write_holdout(data: dict, share: float, folder: Path) -> tuple[str, str, int]:

@@ -156,9 +156,8 @@ def recommendation(groups, metric, higher, base, one_rate: bool = True) -> list[
     return out
 
 
-def rates_words(records: list[dict]) -> str:
-    """'every arm at learning rate 0.01', or each arm's own rate."""
-    rates = {r["arm"]: r.get("learning_rate") for r in records}
+def rates_words(rates: dict[str, float]) -> str:
+    """'every arm at learning rate 0.01', or each arm's own rate (``rates``: arm -> its rate)."""
     if len(set(rates.values())) == 1:
         return f"every arm at learning rate {next(iter(rates.values()))}"
     return "learning rate per arm: " + ", ".join(f"{arm} {rate}" for arm, rate in rates.items())
@@ -171,10 +170,11 @@ def report(records: list[dict]) -> str:
     groups = _group(records)
     base = trivial(records, metric, higher)
     first = records[0]
+    rates = {r["arm"]: r.get("learning_rate") for r in records}
     pool = next((r for r in records if r["arm"] != "original"), {})
     scales = sorted({f"{r['lora_alpha']}/{r['lora_r']}" for r in records if r.get("lora_alpha")})
     lines = ["# fish-tune compare", "",
-             f"{first['task']}, scored on {first.get('scored_on', 'the validation data')}; {rates_words(records)}; "
+             f"{first['task']}, scored on {first.get('scored_on', 'the validation data')}; {rates_words(rates)}; "
              f"masked arms select from the rank-{pool.get('lora_r')} adapter's "
              f"entries; LoRA scale alpha/r {' and '.join(scales) or '-'} (the original keeps the pool's scale); the "
              "classifier head, if any, trains fully in every arm and is not counted.", "",
@@ -188,6 +188,6 @@ def report(records: list[dict]) -> str:
     if placement:
         lines += ["", "Where each mask put its budget (share of kept entries per layer, mean over seeds):", "",
                   *placement]
-    lines += ["", "Recommendation:", "", *recommendation(groups, metric, higher, base,
-                                                                   len({r.get("learning_rate") for r in records}) == 1)]
+    one_rate = len(set(rates.values())) == 1
+    lines += ["", "Recommendation:", "", *recommendation(groups, metric, higher, base, one_rate)]
     return "\n".join(lines) + "\n"

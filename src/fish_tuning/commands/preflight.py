@@ -176,33 +176,37 @@ def check_budget(config: Any, path: str, info: dict, peft: Any, num_labels: int)
 
 
 def _candidate_count(path: str, info: dict, peft: Any, num_labels: int, exclude) -> int | None:
-    import dataclasses
-    import warnings
-
     try:
-        import torch
-        from peft import get_peft_model
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-        from ..methods import peft_candidates
-        from .common import peft_config
-
-        config = AutoConfig.from_pretrained(path)
-        if info["task"] != "causal-lm":
-            config.num_labels = num_labels
-        auto = AutoModelForCausalLM if info["task"] == "causal-lm" else AutoModelForSequenceClassification
-        flags = dataclasses.replace(peft, init_lora_weights="default")  # PiSSA's SVD needs values
-        with warnings.catch_warnings(), torch.device("meta"):
-            warnings.simplefilter("ignore")
-            model = get_peft_model(auto.from_config(config),
-                                   peft_config(flags, "CAUSAL_LM" if info["task"] == "causal-lm" else "SEQ_CLS"))
-        params = dict(model.named_parameters())
-        names = peft_candidates(model)
+        sizes = candidate_sizes(path, info["task"], peft, num_labels)
     except Exception:  # an architecture that does not build on meta: the selection checks it later
         return None
     patterns = list(exclude or [])
-    return sum(params[n].numel() for n in names if not any(re.search(p, n) for p in patterns))
+    return sum(n for name, n in sizes.items() if not any(re.search(p, name) for p in patterns))
 
+
+def candidate_sizes(path: str, task: str, peft: Any, num_labels: int | None = None) -> dict[str, int]:
+    """Entries of each PEFT candidate, counted on the peft model built on the meta device (shapes, no weights)."""
+    import dataclasses
+    import warnings
+
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from ..methods import peft_candidates
+    from .common import peft_config
+
+    config = AutoConfig.from_pretrained(path)
+    if task != "causal-lm" and num_labels is not None:
+        config.num_labels = num_labels
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    flags = dataclasses.replace(peft, init_lora_weights="default")  # PiSSA's SVD needs values
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        model = get_peft_model(auto.from_config(config),
+                               peft_config(flags, "CAUSAL_LM" if task == "causal-lm" else "SEQ_CLS"))
+    params = dict(model.named_parameters())
+    return {n: params[n].numel() for n in peft_candidates(model)}
 
 
 # --------------------------------------------------------------------------- outputs that would replace inputs
